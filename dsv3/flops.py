@@ -1,0 +1,240 @@
+"""Parameter, FLOP and KV-cache byte counts of a ModelConfig.
+
+Framework-free (imports neither torch nor jax). Used by ``dsv3 bench`` to turn
+measured step times into model-FLOPs utilisation (MFU), and by ``dsv3 info``.
+
+Conventions (the documented formula)
+------------------------------------
+* A matmul of an ``[n, k]`` input by a ``[k, m]`` weight costs ``2·n·k·m``
+  FLOPs (one multiply and one add per MAC). Element-wise work (norms, RoPE,
+  SiLU, softmax, the router's sigmoid and top-k, the loss) is not counted: it
+  is a few percent at most and is not what a matmul peak measures.
+* **Matmul parameters** are the weights used as a matmul per token: every
+  linear layer, the router ``gate`` and the output ``head``. The embedding is a
+  lookup, norms are element-wise, the router bias is a selection offset: none
+  is a matmul parameter.
+* **Active** means what one token touches: the ``K`` routed experts it is sent
+  to plus the shared experts, not all ``E`` experts.
+* **Forward FLOPs per token** = ``2 · active matmul parameters`` + attention,
+  where attention per layer and token is ``2·H·(qk_head_dim + v_head_dim)·n``
+  (scores ``q·kᵀ`` and the weighted sum ``p·v``) with ``n`` the number of keys
+  the token attends to. Causal training over a window of ``T`` tokens attends
+  on average to ``n = (T + 1) / 2`` keys (position i sees i + 1 keys); this is
+  counted exactly, not the ``T`` of non-causal formulas (PaLM's ``12·L·H·Q·T``
+  counts ``n = T`` for fwd+bwd).
+* **Training** = forward + backward = ``3 ×`` forward (backward computes the
+  gradients of the activations and of the weights: two matmuls per forward
+  matmul). The optimizer and the router-bias update are not counted.
+* **MTP** (REFERENCE §6): each depth runs ``eh_proj`` (``2D → D``), one MoE
+  decoder layer with its own causal attention, and the shared ``head`` once
+  more, over all ``T`` positions (the last ``k`` targets are masked, but the
+  positions are computed).
+* **KV cache bytes per token** (REFERENCE §2.1), over the main model's layers:
+  ``latent`` = ``(kv_lora_rank + qk_rope_head_dim)·L`` values (the absorbed
+  path's normalised ``c_kv`` and rotated ``k_pe``); ``naive`` = the expanded
+  ``K [H, qk_nope + qk_rope]`` and ``V [H, v]`` per layer, i.e. ``H·(qk_head_dim
+  + v_head_dim)·L``, which is exactly a standard multi-head cache of the same
+  head shapes; ``mha`` = the Paper's Table 1 multi-head baseline
+  ``2·H·d_h·L`` with ``d_h = v_head_dim`` (no decoupled rope key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+
+from dsv3.config import ModelConfig
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1}
+
+
+def _bytes(dtype: str | int) -> int:
+    if isinstance(dtype, int):
+        return dtype
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+# ----------------------------------------------------------------- parameters
+def attention_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of one MLA block, split into matmul weights and norm weights."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    if cfg.q_lora_rank is None:
+        q_mm, q_norm = D * H * cfg.qk_head_dim, 0
+    else:
+        q_mm = D * cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim
+        q_norm = cfg.q_lora_rank
+    kv_mm = D * (C + R) + C * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    o_mm = H * cfg.v_head_dim * D
+    return {"matmul": q_mm + kv_mm + o_mm, "norm": q_norm + C}
+
+
+def dense_ffn_params(cfg: ModelConfig) -> int:
+    return 3 * cfg.hidden_size * cfg.intermediate_size
+
+
+def moe_params(cfg: ModelConfig) -> dict[str, int]:
+    """One MoE layer: router, all routed experts, shared experts; and per-token active."""
+    D, E, F, K = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    S = cfg.n_shared_experts * F
+    expert = 3 * D * F
+    return {
+        "router": E * D,
+        "router_bias": E,
+        "routed": E * expert,
+        "shared": 3 * D * S,
+        "total": E * D + E + E * expert + 3 * D * S,
+        "active_matmul": E * D + K * expert + 3 * D * S,
+    }
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts. ``total`` equals the sum of ``checkpoint.canonical_shapes``."""
+
+    total: int  # every canonical tensor, MTP included (router biases included)
+    main: int  # without the MTP modules
+    mtp: int  # the MTP modules' own tensors (they share embed and head)
+    embedding: int
+    head: int
+    active_per_token: int  # main model, embedding included (the Paper's "37B activated")
+    active_matmul_per_token: int  # main model, matmul weights only (drives the FLOPs)
+    mtp_active_matmul_per_token: int  # one pass through all MTP depths, head included
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    att = attention_params(cfg)
+    moe = moe_params(cfg)
+    n_dense, n_moe = cfg.first_k_dense_replace, cfg.n_moe_layers
+    block_common = att["matmul"] + att["norm"] + 2 * D  # attn + its norms + attn_norm, ffn_norm
+    layers = L * block_common + n_dense * dense_ffn_params(cfg) + n_moe * moe["total"]
+    main = V * D + layers + D + V * D  # embed, layers, final norm, head
+    mtp_one = 2 * D + 2 * D * D + D + block_common + moe["total"]  # enorm hnorm, eh_proj, norm, block
+    mtp = cfg.num_nextn_predict_layers * mtp_one
+
+    act_layers = (L * att["matmul"] + n_dense * dense_ffn_params(cfg) + n_moe * moe["active_matmul"])
+    active_matmul = act_layers + V * D  # + head
+    active = active_matmul + V * D + L * (att["norm"] + 2 * D) + D + n_moe * moe["router_bias"]
+    mtp_active = cfg.num_nextn_predict_layers * (2 * D * D + att["matmul"] + moe["active_matmul"] + V * D)
+    return ParamCounts(total=main + mtp, main=main, mtp=mtp, embedding=V * D, head=V * D,
+                       active_per_token=active, active_matmul_per_token=active_matmul,
+                       mtp_active_matmul_per_token=mtp_active)
+
+
+# ---------------------------------------------------------------------- FLOPs
+def attention_flops_per_token(cfg: ModelConfig, keys: float) -> float:
+    """Scores and weighted sum of one layer for one query attending to ``keys`` keys."""
+    H = cfg.num_attention_heads
+    return 2.0 * H * (cfg.qk_head_dim + cfg.v_head_dim) * keys
+
+
+def causal_mean_keys(seq_len: int) -> float:
+    """Mean number of keys a query attends to in a causal window of ``seq_len``."""
+    return (seq_len + 1) / 2.0
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = False) -> float:
+    """Forward FLOPs per token of a causal pass over windows of ``seq_len`` tokens.
+
+    ``mtp=True`` adds every MTP depth (what ``compute_loss`` runs); the plain
+    ``model(tokens)`` forward is ``mtp=False``.
+    """
+    pc = param_counts(cfg)
+    keys = causal_mean_keys(seq_len)
+    f = 2.0 * pc.active_matmul_per_token + cfg.num_hidden_layers * attention_flops_per_token(cfg, keys)
+    if mtp and cfg.num_nextn_predict_layers:
+        f += 2.0 * pc.mtp_active_matmul_per_token
+        f += cfg.num_nextn_predict_layers * attention_flops_per_token(cfg, keys)
+    return f
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, mtp: bool = True) -> float:
+    """Forward + backward = 3 x forward (optimizer and bias update not counted)."""
+    return 3.0 * forward_flops_per_token(cfg, seq_len, mtp=mtp)
+
+
+def train_flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, mtp: bool = True) -> float:
+    return batch * seq_len * train_flops_per_token(cfg, seq_len, mtp=mtp)
+
+
+def forward_flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, mtp: bool = False) -> float:
+    return batch * seq_len * forward_flops_per_token(cfg, seq_len, mtp=mtp)
+
+
+def mtp_flop_share(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs with MTP divided by training FLOPs without (>= 1)."""
+    return train_flops_per_token(cfg, seq_len, True) / train_flops_per_token(cfg, seq_len, False)
+
+
+def decode_flops_per_token(cfg: ModelConfig, context: int, kind: str = "latent") -> float:
+    """FLOPs to decode one token that attends to ``context`` cached positions.
+
+    ``naive``: the new token's K/V are expanded through ``wkv_b`` and attention
+    runs over expanded heads, ``2·H·(qk + v)·context``.
+    ``latent`` (absorbed): ``q_nope`` is mapped into the latent space by
+    ``W_UK`` and the output back by ``W_UV`` (together as many FLOPs as
+    ``wkv_b``), and attention runs in the latent space,
+    ``2·H·((C + R) + C)·context``: more FLOPs per key than naive on narrow heads,
+    but it reads ``H·(qk+v)/(C+R)`` times fewer cache bytes.
+    """
+    pc = param_counts(cfg)
+    H, C, R = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    if kind == "naive":
+        att = attention_flops_per_token(cfg, context)
+    elif kind == "latent":
+        att = 2.0 * H * ((C + R) + C) * context
+    else:
+        raise ValueError(f"kind must be 'latent' or 'naive', got {kind!r}")
+    return 2.0 * pc.active_matmul_per_token + cfg.num_hidden_layers * att
+
+
+def moe_layer_flops_per_token(cfg: ModelConfig) -> dict[str, float]:
+    """Forward FLOPs per token of one MoE layer, and the width of a dense SwiGLU
+    MLP doing the same expert FLOPs (``(K + n_shared)·F``; the router's ``2·E·D``
+    comes on top for the MoE)."""
+    D, F = cfg.hidden_size, cfg.moe_intermediate_size
+    width = (cfg.num_experts_per_tok + cfg.n_shared_experts) * F
+    experts = 2.0 * 3 * D * width
+    return {"router": 2.0 * cfg.n_routed_experts * D, "experts": experts,
+            "total": experts + 2.0 * cfg.n_routed_experts * D, "dense_equivalent_width": width}
+
+
+# ------------------------------------------------------------------- KV cache
+def kv_cache_values_per_token(cfg: ModelConfig) -> dict[str, int]:
+    """Cached values per token over the main model's layers (see the module doc)."""
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    return {
+        "latent": (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L,
+        "naive": H * (cfg.qk_head_dim + cfg.v_head_dim) * L,
+        "mha": 2 * H * cfg.v_head_dim * L,
+    }
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | int = "bf16") -> dict[str, int]:
+    b = _bytes(dtype)
+    return {k: v * b for k, v in kv_cache_values_per_token(cfg).items()}
+
+
+def summary(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str = "fp32") -> dict:
+    """Everything above for one config, as a JSON-ready dict."""
+    return {
+        "params": param_counts(cfg).as_dict(),
+        "seq_len": seq_len,
+        "batch": batch,
+        "forward_flops_per_token": forward_flops_per_token(cfg, seq_len, mtp=False),
+        "forward_flops_per_token_mtp": forward_flops_per_token(cfg, seq_len, mtp=True),
+        "train_flops_per_token": train_flops_per_token(cfg, seq_len, mtp=False),
+        "train_flops_per_token_mtp": train_flops_per_token(cfg, seq_len, mtp=True),
+        "train_flops_per_step": train_flops_per_step(cfg, batch, seq_len, mtp=False),
+        "train_flops_per_step_mtp": train_flops_per_step(cfg, batch, seq_len, mtp=True),
+        "mtp_flop_share": mtp_flop_share(cfg, seq_len),
+        "moe_layer_flops_per_token": moe_layer_flops_per_token(cfg),
+        "kv_cache_values_per_token": kv_cache_values_per_token(cfg),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, dtype),
+        "kv_cache_dtype": dtype,
+    }

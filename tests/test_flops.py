@@ -1,0 +1,131 @@
+"""Checks of dsv3/flops.py against independent counts (REFERENCE §1, §2.1, Paper)."""
+
+import math
+
+import pytest
+
+from dsv3 import ModelConfig
+from dsv3 import flops
+from dsv3.checkpoint import canonical_shapes
+
+PRESETS = ["tiny", "small", "v3-671b"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_param_count_equals_canonical_shapes(name):
+    cfg = ModelConfig.preset(name)
+    shapes = canonical_shapes(cfg)
+    pc = flops.param_counts(cfg)
+    assert pc.total == sum(math.prod(s) for s in shapes.values())
+    assert pc.mtp == sum(math.prod(s) for k, s in shapes.items() if k.startswith("mtp."))
+    assert pc.main + pc.mtp == pc.total
+
+
+def test_no_q_lora_and_no_shared_expert_counts():
+    cfg = ModelConfig.preset("tiny").replace(q_lora_rank=None, n_shared_experts=0,
+                                             num_nextn_predict_layers=0)
+    pc = flops.param_counts(cfg)
+    assert pc.total == sum(math.prod(s) for s in canonical_shapes(cfg).values())
+    assert pc.mtp == 0 and pc.mtp_active_matmul_per_token == 0
+
+
+def test_v3_published_sizes():
+    cfg = ModelConfig.preset("v3-671b")
+    pc = flops.param_counts(cfg)
+    assert round(pc.main / 1e9) == 671  # "671B total parameters"
+    assert 37e9 <= pc.active_per_token <= 38e9  # "37B activated for each token"
+    # REFERENCE §6: the MTP module adds 11.5B unique parameters.
+    assert 11.4e9 < pc.mtp < 11.7e9
+    # The checkpoint ("685B") also stores the MTP's copies of embed and head.
+    assert 684e9 < pc.total + pc.embedding + pc.head < 686e9
+
+
+def test_latent_cache_is_rank_plus_rope_per_layer():
+    for name in PRESETS:
+        cfg = ModelConfig.preset(name)
+        v = flops.kv_cache_values_per_token(cfg)
+        assert v["latent"] == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
+        H = cfg.num_attention_heads
+        assert v["naive"] == H * (cfg.qk_nope_head_dim + 2 * cfg.qk_rope_head_dim // 2 + cfg.v_head_dim) \
+            * cfg.num_hidden_layers
+        assert v["mha"] == 2 * H * cfg.v_head_dim * cfg.num_hidden_layers
+
+
+def test_v3_latent_cache_bytes_reference():
+    cfg = ModelConfig.preset("v3-671b")
+    b = flops.kv_cache_bytes_per_token(cfg, "bf16")
+    assert b["latent"] == 70_272  # REFERENCE §2.1
+    assert b["latent"] // cfg.num_hidden_layers == 1_152
+    assert flops.kv_cache_values_per_token(cfg)["naive"] // cfg.num_hidden_layers == 40_960
+    assert flops.kv_cache_bytes_per_token(cfg, "fp32")["latent"] == 2 * 70_272
+    with pytest.raises(ValueError):
+        flops.kv_cache_bytes_per_token(cfg, "int3")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_forward_flops_is_two_active_params_plus_attention(name):
+    cfg = ModelConfig.preset(name)
+    pc = flops.param_counts(cfg)
+    T = 256
+    H, L = cfg.num_attention_heads, cfg.num_hidden_layers
+    att = L * 2 * H * (cfg.qk_head_dim + cfg.v_head_dim) * (T + 1) / 2
+    got = flops.forward_flops_per_token(cfg, T, mtp=False)
+    assert got == pytest.approx(2 * pc.active_matmul_per_token + att, rel=1e-12)
+    # The matmul part is the parameters a token touches, minus embedding and norms.
+    assert 2 * pc.active_matmul_per_token < 2 * pc.active_per_token
+    assert flops.train_flops_per_token(cfg, T, mtp=False) == pytest.approx(3 * got)
+    assert flops.train_flops_per_step(cfg, 8, T, mtp=False) == pytest.approx(8 * T * 3 * got)
+
+
+def test_forward_flops_hand_count_tiny():
+    """Count every matmul of the tiny preset by hand, one token, window T."""
+    c = ModelConfig.preset("tiny")
+    D, H, V = 64, 4, 128
+    qk, v = 16, 8
+    att_mm = D * 32 + 32 * H * qk + D * (16 + 8) + 16 * H * (8 + 8) + H * v * D
+    dense = 3 * D * 128
+    moe = 8 * D + 3 * 3 * D * 32 + 1 * 3 * D * 32  # router, K=3 experts, 1 shared
+    T = 10
+    attn = 2 * H * (qk + v) * (T + 1) / 2
+    main = 2 * (3 * att_mm + dense + 2 * moe + V * D) + 3 * attn
+    assert flops.forward_flops_per_token(c, T, mtp=False) == pytest.approx(main)
+    mtp = 2 * (2 * D * D + att_mm + moe + V * D) + attn
+    assert flops.forward_flops_per_token(c, T, mtp=True) == pytest.approx(main + mtp)
+    assert flops.mtp_flop_share(c, T) == pytest.approx((main + mtp) / main)
+
+
+def test_causal_attention_grows_with_window():
+    cfg = ModelConfig.preset("small")
+    a, b = flops.forward_flops_per_token(cfg, 128), flops.forward_flops_per_token(cfg, 4096)
+    H, L = cfg.num_attention_heads, cfg.num_hidden_layers
+    assert b - a == pytest.approx(L * 2 * H * (cfg.qk_head_dim + cfg.v_head_dim) * (4096 - 128) / 2)
+
+
+def test_decode_flops_latent_vs_naive():
+    cfg = ModelConfig.preset("small")
+    n0 = flops.decode_flops_per_token(cfg, 0, "naive")
+    l0 = flops.decode_flops_per_token(cfg, 0, "latent")
+    assert n0 == l0  # absorption moves wkv_b's FLOPs, it does not remove them
+    per_key_naive = flops.decode_flops_per_token(cfg, 1, "naive") - n0
+    per_key_latent = flops.decode_flops_per_token(cfg, 1, "latent") - l0
+    H, C, R, L = 8, 64, 16, 4
+    assert per_key_naive == 2 * H * (48 + 32) * L
+    assert per_key_latent == 2 * H * (C + R + C) * L
+    with pytest.raises(ValueError):
+        flops.decode_flops_per_token(cfg, 1, "paged")
+
+
+def test_moe_dense_equivalent_width():
+    cfg = ModelConfig.preset("small")
+    m = flops.moe_layer_flops_per_token(cfg)
+    assert m["dense_equivalent_width"] == (4 + 1) * 128
+    assert m["experts"] == 2 * 3 * 256 * 640
+    assert m["total"] == m["experts"] + 2 * 16 * 256
+
+
+def test_summary_is_json_ready():
+    import json
+
+    s = flops.summary(ModelConfig.preset("tiny"), 32, batch=2)
+    json.dumps(s)
+    assert s["train_flops_per_step_mtp"] > s["train_flops_per_step"] > 0
