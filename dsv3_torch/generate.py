@@ -1,0 +1,75 @@
+"""Autoregressive generation on the MLA cache (REFERENCE §2.1 decoding; docs/API.md).
+
+Shape legend: B batch (prompts), S tokens fed in one call, V vocab.
+
+One prefill of the shortest common prompt length P, then one token per step.
+A row still inside its own prompt is fed its next prompt token instead of a
+sample, so prompts of different lengths share positions and one cache. The
+default cache is the compressed latent (C + R values per token per layer) with
+weight-absorbed attention; ``cache="naive"`` keeps expanded K/V instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: torch.Generator) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: greedy when temperature == 0, else top-k / top-p sampling."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the mass BEFORE it already reaches top_p (the first always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.inference_mode()
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+             eos: Optional[int] = None, cache: str = "latent",
+             on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+    """New tokens per prompt (cut after `eos`, which is kept). on_token(row, token) streams them."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    B, lens = len(prompts), [len(p) for p in prompts]
+    new: list[list[int]] = [[] for _ in range(B)]
+    if max_new_tokens == 0:
+        return new
+    device = model.head.weight.device
+    kv = model.init_cache(B, max(lens) + max_new_tokens, kind=cache)
+    gen = torch.Generator().manual_seed(seed)
+    P = min(lens)
+    logits, _ = model.forward_cached(torch.tensor([list(p[:P]) for p in prompts], device=device), kv, 0)
+    done = [False] * B
+    pos = P  # position of the token being chosen now
+    while True:
+        sampled = sample_next(logits[:, -1], temperature, top_k, top_p, gen).tolist()
+        fed = []
+        for b in range(B):
+            tok = prompts[b][pos] if pos < lens[b] else sampled[b]
+            fed.append(tok)
+            if pos >= lens[b] and not done[b]:
+                new[b].append(tok)
+                if on_token is not None:
+                    on_token(b, tok)
+                done[b] = (eos is not None and tok == eos) or len(new[b]) >= max_new_tokens
+        if all(done):
+            return new
+        logits, _ = model.forward_cached(torch.tensor(fed, device=device)[:, None], kv, pos)
+        pos += 1

@@ -1,0 +1,148 @@
+"""Multi-head latent attention, MLA (DeepSeek-V3 Paper §2.1.1; REFERENCE §2, §2.1).
+
+Shape legend: B batch, S query length, T key length (cache), D model width,
+H heads, C kv latent (kv_lora_rank), R rope head dim, N nope head dim
+(qk_nope_head_dim), V value head dim (v_head_dim).
+
+Three ways to attend, all the same function of the weights:
+
+* training / full forward (``cache=None``): keys and values expanded per
+  head, K = [k_nope ; k_pe] [B,H,T,N+R], V [B,H,T,V] (REFERENCE §2 "Forward");
+* decode on a ``naive`` cache: the same expanded K/V, kept per token;
+* decode on a ``latent`` cache: only the normalised c_kv [B,T,C] and the
+  rotated k_pe [B,T,R] are kept and the up-projection wkv_b is absorbed into
+  the query and the output (REFERENCE §2.1):
+      q_lat = q_nope W_UK;   score = (q_lat.c_kv + q_pe.k_pe) * scale
+      o     = W_UV (sum_t p_t c_kv_t)
+
+Pinned numerics (REFERENCE §9.2.3): scores = q.k^T in the model dtype, THEN
+multiplied by the scale (not folded into q); masked with -inf from absolute
+positions; softmax in fp32 and cast back before p.v. The softmax scale is
+``cfg.softmax_scale`` = (N+R)^-0.5 * mscale^2 under YaRN.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3_torch.norm import RMSNorm
+from dsv3_torch.rope import apply_rope
+
+
+def causal_mask(start_pos: int, S: int, T: int, device=None) -> torch.Tensor:
+    """[S, T] bool, True where key t is in the future of query start_pos + i."""
+    q_pos = torch.arange(start_pos, start_pos + S, device=device)
+    k_pos = torch.arange(T, device=device)
+    return k_pos[None, :] > q_pos[:, None]
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """-inf where masked, softmax over the last axis in fp32, cast to `dtype`."""
+    scores = scores.masked_fill(mask, float("-inf"))
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+
+
+class MLA(nn.Module):
+    """Attention block: wq | (wq_a, q_norm, wq_b), wkv_a, kv_norm, wkv_b, wo."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        kw = dict(bias=False, dtype=dtype, device=device)
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.q_lora_rank = H, cfg.q_lora_rank
+        self.kv_lora_rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.nope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.scale = cfg.softmax_scale
+        if cfg.q_lora_rank is None:
+            self.wq = nn.Linear(D, H * self.qk_dim, **kw)
+        else:
+            self.wq_a = nn.Linear(D, cfg.q_lora_rank, **kw)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, device)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, H * self.qk_dim, **kw)
+        self.wkv_a = nn.Linear(D, self.kv_lora_rank + self.rope_dim, **kw)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps, dtype, device)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), **kw)
+        self.wo = nn.Linear(H * self.v_dim, D, **kw)
+
+    # ------------------------------------------------------------ projections
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B,S,D] -> q_nope [B,H,S,N], rotated q_pe [B,H,S,R] (HF layout)."""
+        B, S, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, S, self.n_heads, self.qk_dim).transpose(1, 2)
+        q_nope, q_pe = torch.split(q, [self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B,S,D] -> normalised c_kv [B,S,C], rotated shared k_pe [B,S,R]."""
+        c_kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_norm(c_kv), apply_rope(k_pe, cos, sin)
+
+    def expand(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Latents [B,T,C], [B,T,R] -> K [B,H,T,N+R], V [B,H,T,V] (k_pe shared by all heads)."""
+        B, T, _ = c_kv.shape
+        kv = self.wkv_b(c_kv).view(B, T, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = torch.split(kv, [self.nope_dim, self.v_dim], dim=-1)
+        k_pe = k_pe[:, None].expand(B, self.n_heads, T, self.rope_dim)
+        return torch.cat([k_nope, k_pe], dim=-1), v
+
+    # -------------------------------------------------------------- attention
+    def attend_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+        """q [B,H,S,N+R], k [B,H,T,N+R], v [B,H,T,V] -> o [B,S,H*V]."""
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # round q.k, then scale
+        p = masked_softmax(scores, mask, q.dtype)
+        o = torch.matmul(p, v)  # [B,H,S,V]
+        B, H, S, V = o.shape
+        return o.transpose(1, 2).reshape(B, S, H * V)
+
+    def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Weight-absorbed attention on latents (REFERENCE §2.1) -> o [B,S,H*V].
+
+        q_nope [B,H,S,N], q_pe [B,H,S,R], c_kv [B,T,C], k_pe [B,T,R].
+        """
+        w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H,N,C], [H,V,C]
+        q_lat = torch.einsum("bhsn,hnc->bhsc", q_nope, w_uk)
+        scores = (torch.einsum("bhsc,btc->bhst", q_lat, c_kv)
+                  + torch.einsum("bhsr,btr->bhst", q_pe, k_pe)) * self.scale
+        p = masked_softmax(scores, mask, q_nope.dtype)
+        o_lat = torch.einsum("bhst,btc->bhsc", p, c_kv)
+        o = torch.einsum("bhsc,hvc->bshv", o_lat, w_uv)
+        B, S = o.shape[:2]
+        return o.reshape(B, S, -1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                start_pos: int = 0, cache: Optional[dict] = None) -> torch.Tensor:
+        """x [B,S,D] at positions start_pos.. -> [B,S,D].
+
+        cos/sin [S, R/2] (shared by the batch). `cache` is one layer of a KVCache: a dict with
+        "c_kv"/"k_pe" (latent) or "k"/"v" (naive), written in place at
+        [start_pos, start_pos + S); attention then covers [0, start_pos + S).
+        """
+        B, S, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        end = start_pos + S
+        mask = causal_mask(start_pos, S, end if cache is not None else S, x.device)
+        if cache is None:
+            if start_pos != 0:
+                raise ValueError("start_pos > 0 needs a cache")
+            k, v = self.expand(c_kv, k_pe)
+            o = self.attend_expanded(torch.cat([q_nope, q_pe], dim=-1), k, v, mask)
+        elif "c_kv" in cache:
+            cache["c_kv"][:, start_pos:end] = c_kv
+            cache["k_pe"][:, start_pos:end] = k_pe
+            o = self.attend_latent(q_nope, q_pe, cache["c_kv"][:, :end], cache["k_pe"][:, :end], mask)
+        else:
+            k, v = self.expand(c_kv, k_pe)  # [B,H,S,*]
+            cache["k"][:, start_pos:end] = k.transpose(1, 2)
+            cache["v"][:, start_pos:end] = v.transpose(1, 2)
+            k_all, v_all = cache["k"][:, :end].transpose(1, 2), cache["v"][:, :end].transpose(1, 2)
+            o = self.attend_expanded(torch.cat([q_nope, q_pe], dim=-1), k_all, v_all, mask)
+        return self.wo(o)

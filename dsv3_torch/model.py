@@ -1,0 +1,297 @@
+"""The DeepSeek-V3 model (Paper §2; REFERENCE §5 model, §6 MTP loss, §8 training rules).
+
+Shape legend: B batch, T time, S new tokens in a cached call, D model width,
+H heads, C kv latent, R rope dim, E routed experts, K experts per token,
+F ffn width, V vocab.
+
+    h = embed[tokens]                      (no scaling)
+    h = layers[0..L-1](h)                  (Block: MLA + MLP | MoE, pre-norm)
+    logits = head(norm(h))                 (head NOT tied to embed)
+
+``state_dict()`` keys are exactly the canonical names of
+``dsv3.checkpoint.canonical_shapes``; the interchange with other frameworks
+and with disk is the flat ``{name: np.ndarray}`` of ``canonical_state()``.
+
+Training rules kept outside ``forward`` (REFERENCE §8.1): the forward reports
+per-router expert counts; ``update_router_bias`` is the only code that ever
+changes a router bias, called once per optimizer step by the training loop.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import ml_dtypes
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3 import checkpoint as ckpt
+from dsv3.config import ModelConfig
+from dsv3.types import LossOutput
+from dsv3_torch.moe import Experts, MoE, MoEOutput, Router, sequence_balance_loss
+from dsv3_torch.mtp import Block, MTPModule
+from dsv3_torch.norm import RMSNorm
+from dsv3_torch.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------ numpy <-> torch
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A copy as numpy; bf16 becomes ml_dtypes.bfloat16 (same bits)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
+    return t.numpy().copy()
+
+
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A torch copy of a numpy array; ml_dtypes.bfloat16 becomes torch.bfloat16."""
+    a = np.asarray(a)
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.array(a.view(np.int16))).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))
+
+
+# -------------------------------------------------------------------- caches
+@dataclass
+class KVCache:
+    """Decoding cache: per layer a dict of [B, max_len, ...] tensors, filled in place.
+
+    latent: c_kv [B, max_len, C] (normalised) and k_pe [B, max_len, R] (rotated);
+    naive:  k [B, max_len, H, N+R] and v [B, max_len, H, V].
+    """
+
+    kind: str
+    max_len: int
+    layers: list
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int, kind: str, dtype, device) -> "KVCache":
+        H = cfg.num_attention_heads
+        if kind == "latent":
+            shapes = {"c_kv": (cfg.kv_lora_rank,), "k_pe": (cfg.qk_rope_head_dim,)}
+        elif kind == "naive":
+            shapes = {"k": (H, cfg.qk_head_dim), "v": (H, cfg.v_head_dim)}
+        else:
+            raise ValueError(f"cache kind must be 'latent' or 'naive', got {kind!r}")
+        layers = [{n: torch.zeros(batch, max_len, *s, dtype=dtype, device=device) for n, s in shapes.items()}
+                  for _ in range(cfg.num_hidden_layers)]
+        return cls(kind, max_len, layers)
+
+
+class TrainOutput(NamedTuple):
+    logits: torch.Tensor        # [B, T, V] main head, model dtype
+    mtp_logits: list            # D x [B, T, V]; depth k at position i predicts t_{i+k+1}
+    moe: list                   # MoEOutput per router: main MoE layers, then MTP depths
+
+
+def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """roll(x, -k) along time with the last k entries set to `fill`."""
+    out = torch.full_like(x, fill)
+    out[:, : x.shape[1] - k] = x[:, k:]
+    return out
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean fp32 CE over labels != -100 (0 when there are none)."""
+    V = logits.shape[-1]
+    total = F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class DeepSeekV3(nn.Module):
+    """DeepSeek-V3: embed, layers[i] (Block), norm, head, mtp[k] (MTPModule)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        D, V = cfg.hidden_size, cfg.vocab_size
+        self.embed = nn.Embedding(V, D, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i), dtype, device)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
+        self.head = nn.Linear(D, V, bias=False, dtype=dtype, device=device)
+        self.mtp = nn.ModuleList(MTPModule(cfg, dtype, device) for _ in range(cfg.num_nextn_predict_layers))
+        self.rope = RotaryEmbedding(cfg)
+        self.reset_parameters()
+
+    # --------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """HF init: N(0, initializer_range) for linear, embedding, router and experts; norms 1; bias 0."""
+        std = self.cfg.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            elif isinstance(m, Router):
+                m.weight.normal_(0.0, std)
+                m.bias.zero_()
+            elif isinstance(m, Experts):
+                for w in (m.w1, m.w2, m.w3):
+                    w.normal_(0.0, std)
+
+    def routers(self) -> list[Router]:
+        """Every router in counts order: main MoE layers, then MTP depths."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.ffn.gate for b in blocks if isinstance(b.ffn, MoE)]
+
+    def moe_layers(self) -> list[MoE]:
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+    def set_moe_combine(self, scheme: str) -> None:
+        """'grouped' (default) or 'eager' (bit parity with HF eager experts in bf16)."""
+        if scheme not in MoE.COMBINES:
+            raise ValueError(f"combine scheme must be one of {MoE.COMBINES}, got {scheme!r}")
+        for moe in self.moe_layers():
+            moe.combine = scheme
+
+    # ------------------------------------------------------------- checks
+    def _check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+        V, T = self.cfg.vocab_size, tokens.shape[1]
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+            raise ValueError(f"token ids must lie in [0, {V}), got min {int(tokens.min())}, "
+                             f"max {int(tokens.max())}")
+        if start_pos + T > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {start_pos + T} positions exceeds max_position_embeddings="
+                             f"{self.cfg.max_position_embeddings}")
+
+    def _rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope(torch.arange(start, start + length, device=device), self.dtype)
+
+    # ------------------------------------------------------------ forward
+    def _trunk(self, tokens: torch.Tensor, cos, sin) -> tuple[torch.Tensor, list]:
+        """tokens [B,T] -> (hidden BEFORE the final norm [B,T,D], MoEOutputs of main layers)."""
+        h = self.embed(tokens)
+        moe = []
+        for layer in self.layers:
+            h, out = layer(h, cos, sin)
+            if out is not None:
+                moe.append(out)
+        return h, moe
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] int -> main-head logits [B, T, V] (model dtype)."""
+        self._check_tokens(tokens)
+        cos, sin = self._rope(0, tokens.shape[1], tokens.device)
+        h, _ = self._trunk(tokens, cos, sin)
+        return self.head(self.norm(h))
+
+    def forward_train(self, input_ids: torch.Tensor) -> TrainOutput:
+        """Main logits, every MTP depth's logits and every router's MoEOutput."""
+        self._check_tokens(input_ids)
+        cos, sin = self._rope(0, input_ids.shape[1], input_ids.device)
+        h, moe = self._trunk(input_ids, cos, sin)
+        h = self.norm(h)  # h^0: the main hidden after the final norm (REFERENCE §6)
+        logits, mtp_logits = self.head(h), []
+        for k, mod in enumerate(self.mtp, start=1):
+            emb = self.embed(_shift_left(input_ids, k, 0))  # embed(t_{i+k}), tail token 0
+            h, out = mod(h, emb, cos, sin)                  # h^k before its norm feeds depth k+1
+            moe.append(out)
+            mtp_logits.append(self.head(mod.norm(h)))
+        return TrainOutput(logits, mtp_logits, moe)
+
+    def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """L = main CE + (lambda/D) sum_k L^k + alpha sum_routers L_Bal (REFERENCE §6, §8.2).
+
+        labels[b, i] is the target of position i (-100 ignored); depth k scores
+        position i against labels[b, i + k], the last k positions masked.
+        """
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+        cfg = self.cfg
+        out = self.forward_train(input_ids)
+        main = cross_entropy(out.logits, labels)
+        mtp_losses = [cross_entropy(lg, _shift_left(labels, k, IGNORE_INDEX))
+                      for k, lg in enumerate(out.mtp_logits, start=1)]
+        zero = main.new_zeros(())
+        mtp_losses = torch.stack(mtp_losses) if mtp_losses else main.new_zeros(0)
+        mtp_loss = cfg.mtp_loss_weight / len(self.mtp) * mtp_losses.sum() if len(self.mtp) else zero
+        K = cfg.num_experts_per_tok
+        balance = sum((sequence_balance_loss(o.scores, K) for o in out.moe), zero) * cfg.balance_loss_alpha
+        counts = (torch.stack([o.counts for o in out.moe]) if out.moe
+                  else torch.zeros(0, cfg.n_routed_experts, dtype=torch.long, device=input_ids.device))
+        return LossOutput(main + mtp_loss + balance, main, mtp_losses, mtp_loss, balance, counts)
+
+    @torch.no_grad()
+    def update_router_bias(self, counts: torch.Tensor, gamma: Optional[float] = None) -> None:
+        """b += gamma * sign(mean(c) - c) for every router (REFERENCE §8.1); counts [n_router_layers, E]."""
+        routers = self.routers()
+        counts = torch.as_tensor(counts)
+        if tuple(counts.shape) != (len(routers), self.cfg.n_routed_experts):
+            raise ValueError(f"counts must be [{len(routers)}, {self.cfg.n_routed_experts}], "
+                             f"got {tuple(counts.shape)}")
+        gamma = self.cfg.bias_update_speed if gamma is None else gamma
+        for router, c in zip(routers, counts.to(torch.float32)):
+            c = c.to(router.bias.device)
+            router.bias += gamma * torch.sign(c.mean() - c)
+
+    # ------------------------------------------------------------ decoding
+    def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> KVCache:
+        if max_len > self.cfg.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} exceeds max_position_embeddings="
+                             f"{self.cfg.max_position_embeddings}")
+        return KVCache.create(self.cfg, batch, max_len, kind, self.dtype, self.head.weight.device)
+
+    def forward_cached(self, tokens: torch.Tensor, cache: KVCache, start_pos: int) -> tuple[torch.Tensor, KVCache]:
+        """tokens [B, S] at positions start_pos.. -> (logits [B, S, V], cache filled in place)."""
+        self._check_tokens(tokens, start_pos)
+        S = tokens.shape[1]
+        if start_pos < 0 or start_pos + S > cache.max_len:
+            raise ValueError(f"positions [{start_pos}, {start_pos + S}) do not fit a cache of {cache.max_len}")
+        if cache.layers[0][next(iter(cache.layers[0]))].shape[0] != tokens.shape[0]:
+            raise ValueError("tokens batch size does not match the cache")
+        cos, sin = self._rope(start_pos, S, tokens.device)
+        h = self.embed(tokens)
+        for layer, lc in zip(self.layers, cache.layers):
+            h, _ = layer(h, cos, sin, start_pos, lc)
+        return self.head(self.norm(h)), cache
+
+    # --------------------------------------------------------- checkpoints
+    def canonical_state(self) -> dict[str, np.ndarray]:
+        """{canonical name: numpy array} in torch layout (bf16 as ml_dtypes.bfloat16)."""
+        return {k: to_numpy(v) for k, v in self.state_dict().items()}
+
+    def load_canonical_state(self, state: dict) -> None:
+        """Load a canonical flat dict (validated: CheckpointError names bad keys).
+
+        Each tensor is converted to the dtype of the tensor it replaces (router
+        weight and bias stay fp32 in a bf16 model).
+        """
+        ckpt.check_state(state, self.cfg)
+        current = self.state_dict()
+        on_meta = any(t.is_meta for t in current.values())
+        tensors = {}
+        for name, ref in current.items():
+            t = from_numpy(state[name]).to(ref.dtype)
+            tensors[name] = t if on_meta else t.to(ref.device)
+        self.load_state_dict(tensors, strict=True, assign=on_meta)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        cfg: Optional[ModelConfig] = None) -> "DeepSeekV3":
+        """Load a HF-layout checkpoint (bf16, fp32 or block-FP8) without a random init."""
+        cfg, state = ckpt.load_canonical(os.fspath(directory), cfg)
+        model = cls(cfg, dtype=dtype, device="meta")
+        model.load_canonical_state(state)
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3) -> None:
+        """config.json + HF-named safetensors (atomic writes, sharded above max_shard_bytes)."""
+        ckpt.save_canonical(os.fspath(directory), self.canonical_state(), self.cfg, max_shard_bytes)
+
+    def num_parameters(self) -> int:
+        """Parameters counted once (router bias excluded: a buffer)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,207 @@
+"""DeepSeekMoE with auxiliary-loss-free balancing (Paper §2.1.2, §2.2; REFERENCE §4, §8.2).
+
+Shape legend: B batch, T time, N = B*T tokens, D model width, E routed experts,
+K experts per token, G expert groups, F expert width, M = N*K (token, slot) rows.
+
+The layer is three separable steps, so an expert-parallel dispatch can replace
+the single-device one without touching the router or the experts' maths:
+
+1. route    (Router):  fp32 sigmoid affinities s; selection on s + bias,
+                       group-limited; weights from the UNBIASED s;
+2. dispatch (dispatch): (token, slot) pairs sorted by expert, so each expert's
+                       rows are contiguous — dropless, no capacity, and no
+                       expert ever sees a token that did not choose it;
+3. compute + combine (Experts, MoE.combine): per-expert SwiGLU on its rows,
+                       then the weighted sum over the K slots.
+
+Pinned numerics (REFERENCE §4.2, §4.5, §9.2):
+* router in fp32 throughout (weight and bias are fp32 even in a bf16 model);
+* the K selected indices are SORTED, so every fp32 sum over slots (the weight
+  normalisation, the combine) runs in a fixed order;
+* "grouped" combine (default): out_bf16 * w_fp32 in fp32, fp32 sum over the K
+  slots in slot order, one cast;  "eager" combine (HF eager bit parity): each
+  slot's product cast to the model dtype, then a model-dtype running sum per
+  token in ascending expert id.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter: int, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.w1 = nn.Linear(dim, inter, **kw)
+        self.w2 = nn.Linear(inter, dim, **kw)
+        self.w3 = nn.Linear(dim, inter, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Routing(NamedTuple):
+    scores: torch.Tensor   # [N, E] fp32 unbiased sigmoid affinities (differentiable)
+    indices: torch.Tensor  # [N, K] int64, selected experts, ascending per token
+    weights: torch.Tensor  # [N, K] fp32 combine weights (normalised, scaled)
+
+
+class Router(nn.Module):
+    """Group-limited top-K over sigmoid affinities with a selection-only bias."""
+
+    def __init__(self, cfg: ModelConfig, device=None):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_groups, self.topk_groups = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        # fp32 whatever the model dtype (REFERENCE §4.2).
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size, dtype=torch.float32, device=device))
+        # Correction bias b: selection only, no gradient, outside the optimizer
+        # (a persistent buffer); changed only by DeepSeekV3.update_router_bias.
+        self.register_buffer("bias", torch.zeros(self.n_experts, dtype=torch.float32, device=device))
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """[N, E] fp32 scores -> [N, K] expert ids, ascending (bias + group limit)."""
+        N, E, G = scores.shape[0], self.n_experts, self.n_groups
+        biased = scores.detach() + self.bias.float()
+        group_score = biased.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)  # [N, G]
+        top_groups = group_score.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros(N, G, dtype=torch.bool, device=scores.device).scatter_(1, top_groups, True)
+        # -inf, not 0: a bias trained from zero can go negative (REFERENCE §4.1).
+        biased = biased.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
+        idx = biased.topk(self.top_k, dim=-1).indices
+        return idx.sort(dim=-1).values  # fixed slot order for deterministic fp32 sums
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x [N, D] (any dtype) -> Routing, all fp32."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        idx = self.select(scores)
+        w = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(scores, idx, w * self.scaling)
+
+
+class Dispatch(NamedTuple):
+    order: torch.Tensor   # [M] position in the slot-major flattening of [K, N], sorted by expert
+    tokens: torch.Tensor  # [M] token id of each sorted row
+    counts: torch.Tensor  # [E] rows per expert (int64)
+
+
+def dispatch(indices: torch.Tensor, n_experts: int) -> Dispatch:
+    """Sort (token, slot) pairs by expert; within an expert by (slot, token), as HF eager."""
+    N = indices.shape[0]
+    flat = indices.t().reshape(-1)  # slot-major: row j is slot j // N of token j % N
+    order = torch.argsort(flat, stable=True)
+    return Dispatch(order, order % N, torch.bincount(flat, minlength=n_experts))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stacked: w1, w3 [E, F, D], w2 [E, D, F].
+
+    forward runs each expert only on its own contiguous rows: a loop of
+    per-expert matmuls over slices (the fastest correct CPU candidate measured;
+    see the report in tests/torch/test_moe.py::test_expert_matmul_candidates_agree).
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter, dim, dtype=dtype, device=device))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter, dtype=dtype, device=device))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter, dim, dtype=dtype, device=device))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on its rows x [n, D] -> [n, D]."""
+        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x_sorted [M, D] grouped by expert, counts [E] -> outputs [M, D]."""
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                outs.append(self.expert(e, x_sorted[start:start + n]))
+                start += n
+        if not outs:
+            return x_sorted.new_zeros(x_sorted.shape)
+        return torch.cat(outs)
+
+
+class MoEOutput(NamedTuple):
+    out: torch.Tensor     # [B, T, D] model dtype
+    counts: torch.Tensor  # [E] int64 (token, slot) assignments
+    scores: torch.Tensor  # [B, T, E] fp32 unbiased affinities (for the balance loss)
+
+
+class MoE(nn.Module):
+    """Routed experts (dropless, grouped by expert) + shared experts."""
+
+    COMBINES = ("grouped", "eager")
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        D, F_ = cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg, device)
+        self.experts = Experts(cfg.n_routed_experts, D, F_, dtype, device)
+        self.shared_experts = MLP(D, cfg.n_shared_experts * F_, dtype, device) if cfg.n_shared_experts else None
+        self.combine = "grouped"  # or "eager" for bit parity with HF eager experts
+
+    def routed(self, x: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], routing -> (weighted expert sum [N, D] model dtype, counts [E])."""
+        N, D = x.shape
+        d = dispatch(r.indices, self.n_experts)
+        counts = d.counts.tolist()
+        out = self.experts(x[d.tokens], counts)                    # [M, D] model dtype
+        w = r.weights.t().reshape(-1)[d.order]                     # [M] fp32, sorted like out
+        if self.combine == "eager":
+            y = x.new_zeros(N, D)
+            start = 0
+            for n in counts:  # ascending expert id; one add per token per expert
+                if n:
+                    rows = slice(start, start + n)
+                    y = y.index_add(0, d.tokens[rows], (out[rows] * w[rows, None]).to(x.dtype))
+                    start += n
+        elif self.combine == "grouped":
+            inv = torch.empty_like(d.order)
+            inv[d.order] = torch.arange(d.order.numel(), device=x.device)
+            slots = (out * w[:, None])[inv].view(self.top_k, N, D)   # fp32, slot-major
+            y = slots.sum(0).to(x.dtype)                               # fixed slot order, one cast
+        else:
+            raise ValueError(f"MoE.combine must be one of {self.COMBINES}, got {self.combine!r}")
+        return y, d.counts
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        """x [B, T, D] -> MoEOutput. Never changes the router bias."""
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        r = self.gate(flat)
+        y, counts = self.routed(flat, r)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return MoEOutput(y.view(B, T, D), counts, r.scores.view(B, T, -1))
+
+
+def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (Paper eqs. 17-20).
+
+    scores [B, T, E] fp32 unbiased affinities. f_i counts the top-K of the
+    UNBIASED scores, without bias or group limit (no gradient); P_i is the mean
+    normalised score (the only gradient path). Multiply by alpha outside.
+    """
+    B, T, E = scores.shape
+    with torch.no_grad():
+        idx = scores.topk(top_k, dim=-1).indices
+        hits = torch.zeros(B, E, dtype=scores.dtype, device=scores.device)
+        hits.scatter_add_(1, idx.reshape(B, -1), torch.ones_like(idx.reshape(B, -1), dtype=scores.dtype))
+        f = hits * (E / (top_k * T))
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
+    return (f * p).sum(-1).mean()
