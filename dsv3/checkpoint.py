@@ -237,7 +237,8 @@ def hf_to_canonical(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict
             continue
         if canon is None:
             continue
-        e = _EXPERT_RE.fullmatch(name.split(".", 3)[3])
+        parts = name.split(".", 3)  # "model", "layers", i, rest; global names have fewer parts
+        e = _EXPERT_RE.fullmatch(parts[3]) if len(parts) == 4 and parts[1] == "layers" else None
         if e is not None:
             experts[canon][int(e.group(1))] = arr
         elif canon.endswith("w1+w3"):
