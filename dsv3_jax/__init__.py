@@ -1,0 +1,17 @@
+"""dsv3_jax: DeepSeek-V3 in Flax NNX, the port of dsv3_torch (same files, classes, attribute names).
+
+    import dsv3_jax
+    model = dsv3_jax.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    logits = model(tokens)                       # int32 [B, T] -> [B, T, V]
+"""
+
+from dsv3_jax.generate import generate
+from dsv3_jax.mla import MLA
+from dsv3_jax.model import Block, DeepSeekV3
+from dsv3_jax.moe import MLP, Experts, MoE, Router, RouterBias
+from dsv3_jax.mtp import MTPModule
+from dsv3_jax.norm import RMSNorm
+from dsv3_jax.rope import RotaryEmbedding, apply_rope, rope_inv_freq
+
+__all__ = ["DeepSeekV3", "Block", "MLA", "MoE", "MLP", "Experts", "Router", "RouterBias", "MTPModule",
+           "RMSNorm", "RotaryEmbedding", "apply_rope", "rope_inv_freq", "generate"]

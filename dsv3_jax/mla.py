@@ -1,0 +1,146 @@
+"""Multi-head latent attention, MLA (Paper §2.1.1; REFERENCE §2), Flax NNX port of dsv3_torch/mla.py.
+
+Three paths share one set of weights:
+- ``__call__(x, cos, sin)``: the naive training / prefill path (expanded K and V, causal).
+- ``__call__(..., cache=naive)``: decoding on a cache of expanded K [B,L,H,N+R] and V [B,L,H,V].
+- ``__call__(..., cache=latent)``: decoding on MLA's compressed cache, normalised c_kv [B,L,C]
+  and rotated k_pe [B,L,R], with the up-projections absorbed into q and o (REFERENCE §2.1).
+
+Numerics follow Hugging Face eager attention: scores = q.k in the model dtype, then times
+cfg.softmax_scale (YaRN mscale^2 included) in the model dtype, masked, softmax in fp32, cast,
+times v. The mask is built from absolute positions (query p0+i sees cache entries t <= p0+i).
+
+Shape legend: B batch, S query time, T key time (L cache length), D model width, H heads,
+Q q LoRA rank, C kv latent (kv_lora_rank), N nope head dim, R rope dim, V value head dim.
+Flax kernels are [in, out] (transposed torch weights).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3.config import ModelConfig
+from dsv3_jax.norm import RMSNorm
+from dsv3_jax.rope import apply_rope
+
+
+def linear(d_in: int, d_out: int, cfg: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """Bias-free Linear, weights N(0, initializer_range) as in HF; kernel [in, out]."""
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=dtype,
+                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+
+
+def _softmax(scores: jax.Array, dtype) -> jax.Array:
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        if cfg.q_lora_rank is None:
+            self.wq = linear(D, H * cfg.qk_head_dim, cfg, dtype, rngs)
+        else:
+            self.wq_a = linear(D, cfg.q_lora_rank, cfg, dtype, rngs)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype=dtype)
+            self.wq_b = linear(cfg.q_lora_rank, H * cfg.qk_head_dim, cfg, dtype, rngs)
+        self.wkv_a = linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg, dtype, rngs)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype=dtype)
+        self.wkv_b = linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg, dtype, rngs)
+        self.wo = linear(H * cfg.v_head_dim, D, cfg, dtype, rngs)
+
+    # ----------------------------------------------------------- projections
+    def _queries(self, x, cos, sin):
+        """x [B,S,D], cos/sin [S,R/2] -> q_nope [B,S,H,N], rotated q_pe [B,S,H,R]."""
+        cfg = self.cfg
+        B, S, _ = x.shape
+        q = self.wq(x) if cfg.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.reshape(B, S, cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+        return q_nope, apply_rope(q_pe, cos[:, None, :], sin[:, None, :])  # cos [S,R/2] over H
+
+    def _latents(self, x, cos, sin):
+        """x [B,S,D], cos/sin [S,R/2] -> normalised c_kv [B,S,C], rotated k_pe [B,S,R] (shared by all heads)."""
+        kv = self.wkv_a(x)
+        C = self.cfg.kv_lora_rank
+        return self.kv_norm(kv[..., :C]), apply_rope(kv[..., C:], cos, sin)
+
+    def _expand(self, c_kv, k_pe):
+        """c_kv [B,T,C], k_pe [B,T,R] -> k [B,T,H,N+R], v [B,T,H,V]."""
+        cfg = self.cfg
+        B, T, _ = c_kv.shape
+        H, N = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        kvb = self.wkv_b(c_kv).reshape(B, T, H, N + cfg.v_head_dim)
+        k_nope, v = kvb[..., :N], kvb[..., N:]
+        k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (B, T, H, cfg.qk_rope_head_dim))
+        return jnp.concatenate([k_nope, k_pe], axis=-1), v
+
+    def _attend(self, q, k, v, mask):
+        """q [B,S,H,N+R], k [B,T,H,N+R], v [B,T,H,V], mask [S,T] (True = visible) -> [B,S,D]."""
+        B, S = q.shape[:2]
+        scores = jnp.einsum("bshd,bthd->bhst", q, k) * jnp.asarray(self.cfg.softmax_scale, q.dtype)
+        scores = jnp.where(mask[None, None], scores, jnp.asarray(-jnp.inf, scores.dtype))
+        p = _softmax(scores, q.dtype)
+        o = jnp.einsum("bhst,bthv->bshv", p, v)
+        return self.wo(o.reshape(B, S, -1))
+
+    # --------------------------------------------------------------- forward
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, start_pos=0,
+                 cache: dict | None = None):
+        """x [B,S,D] at positions start_pos.., cos/sin [S,R/2] -> out [B,S,D] (no cache)
+        or (out, cache) with a cache.
+
+        ``cache`` is one layer of `init_cache` (functional: the updated copy is returned),
+        a dict with "c_kv"/"k_pe" (latent, absorbed attention) or "k"/"v" (naive). New entries
+        are written at [start_pos, start_pos + S); start_pos may be traced.
+        """
+        S = x.shape[1]
+        q_nope, q_pe = self._queries(x, cos, sin)
+        c_kv, k_pe = self._latents(x, cos, sin)
+        if cache is None:  # training / full forward: naive path, causal
+            k, v = self._expand(c_kv, k_pe)
+            mask = jnp.tril(jnp.ones((S, S), dtype=bool))
+            return self._attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, mask)
+        L = next(iter(cache.values())).shape[1]
+        mask = jnp.arange(L)[None, :] <= (start_pos + jnp.arange(S))[:, None]  # [S,T] absolute positions
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start_pos, axis=1)
+        if "k" in cache:  # naive: expanded K/V
+            k, v = self._expand(c_kv, k_pe)
+            cache = {"k": upd(cache["k"], k), "v": upd(cache["v"], v)}
+            out = self._attend(jnp.concatenate([q_nope, q_pe], axis=-1), cache["k"], cache["v"], mask)
+            return out, cache
+        cache = {"c_kv": upd(cache["c_kv"], c_kv), "k_pe": upd(cache["k_pe"], k_pe)}
+        return self._attend_absorbed(q_nope, q_pe, cache["c_kv"], cache["k_pe"], mask), cache
+
+    def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> dict:
+        """One layer's empty cache: latent {c_kv [B,L,C], k_pe [B,L,R]} or naive {k [B,L,H,N+R], v [B,L,H,V]}."""
+        cfg, dt = self.cfg, self.dtype
+        if kind == "latent":
+            return {"c_kv": jnp.zeros((batch, max_len, cfg.kv_lora_rank), dt),
+                    "k_pe": jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dt)}
+        if kind == "naive":
+            H = cfg.num_attention_heads
+            return {"k": jnp.zeros((batch, max_len, H, cfg.qk_head_dim), dt),
+                    "v": jnp.zeros((batch, max_len, H, cfg.v_head_dim), dt)}
+        raise ValueError(f"cache kind must be 'latent' or 'naive', got {kind!r}")
+
+    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Weight-absorbed attention on the latent cache (REFERENCE §2.1).
+
+        q_nope [B,S,H,N], q_pe [B,S,H,R], c_kv [B,T,C], k_pe [B,T,R] -> [B,S,D].
+        """
+        cfg = self.cfg
+        B, S, H, N = q_nope.shape
+        w = self.wkv_b.kernel[...].reshape(cfg.kv_lora_rank, H, N + cfg.v_head_dim)  # [C,H,N+V]
+        w_uk, w_uv = w[..., :N], w[..., N:]                                          # [C,H,N], [C,H,V]
+        q_lat = jnp.einsum("bshn,chn->bshc", q_nope, w_uk)
+        scores = (jnp.einsum("bshc,btc->bhst", q_lat, c_kv)
+                  + jnp.einsum("bshr,btr->bhst", q_pe, k_pe)) * jnp.asarray(cfg.softmax_scale, q_nope.dtype)
+        scores = jnp.where(mask[None, None], scores, jnp.asarray(-jnp.inf, scores.dtype))
+        p = _softmax(scores, q_nope.dtype)
+        o_lat = jnp.einsum("bhst,btc->bshc", p, c_kv)
+        o = jnp.einsum("bshc,chv->bshv", o_lat, w_uv)
+        return self.wo(o.reshape(B, S, H * cfg.v_head_dim))

@@ -1,0 +1,45 @@
+"""Multi-token prediction module (Paper §2.2; REFERENCE §6), Flax NNX port of dsv3_torch/mtp.py.
+
+Depth k predicts t_{i+k+1} from the previous depth's hidden h^{k-1}_i (depth 1: the main
+model's hidden AFTER model.norm) and the embedding of t_{i+k}:
+
+    x   = eh_proj(concat(enorm(embed(t_{i+k})), hnorm(h^{k-1})))      # EMBEDDING FIRST
+    h^k = block(x)                                                      # a causal MoE decoder layer
+    logits^k = head(norm(h^k))                                          # embed and head shared
+
+Depth k+1 receives h^k from BEFORE ``norm``. RoPE inside uses the original positions i.
+
+Shape legend: B batch, T time, D model width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3.config import ModelConfig
+from dsv3_jax.mla import linear
+from dsv3_jax.norm import RMSNorm
+
+
+class MTPModule(nnx.Module):
+    """enorm, hnorm (RMSNorm D), eh_proj (Linear 2D -> D), block (MoE Block), norm (shared_head.norm)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, moe_impl: str = "auto",
+                 combine: str = "grouped", rngs: nnx.Rngs):
+        from dsv3_jax.model import Block  # Block lives in model.py, as in dsv3_torch
+
+        D = cfg.hidden_size
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
+        self.eh_proj = linear(2 * D, D, cfg, dtype, rngs)
+        self.block = Block(cfg, moe=True, dtype=dtype, moe_impl=moe_impl, combine=combine, rngs=rngs)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, h_prev: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array):
+        """h_prev [B,T,D], emb = embed(t_{i+k}) [B,T,D], cos/sin [T,R/2] -> (h^k [B,T,D] before norm,
+        (counts [E], balance loss))."""
+        x = self.eh_proj(jnp.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
+        h, stats, _ = self.block(x, cos, sin)
+        return h, stats
