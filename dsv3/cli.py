@@ -1,0 +1,310 @@
+"""The `dsv3` command: train | generate | convert | info | bench.
+
+    dsv3 train                                  # JAX, `small` preset, default corpus, ~10 min on 2 CPU cores
+    dsv3 train --framework torch --steps 200 --out runs/t
+    dsv3 train --out runs/small --resume        # continue a killed run exactly
+    dsv3 generate --checkpoint runs/small --prompt "def main("
+    dsv3 convert --input DeepSeek-V3-fp8/ --output v3-bf16/ --dtype bfloat16
+    dsv3 info --preset v3-671b
+    dsv3 bench ...                              # dsv3.bench (see `dsv3 bench --help`)
+
+Frameworks are imported only by the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from dsv3.config import PRESETS, ModelConfig
+from dsv3.training import DTYPES, FRAMEWORKS, TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+# ------------------------------------------------------------------ parsers
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (JAX/optax or PyTorch)",
+                       description="Train DeepSeek-V3 with AdamW, warm-up + cosine schedule, the aux-loss-free "
+                                   "bias update, the sequence-wise balance loss and MTP. Writes checkpoints, "
+                                   "metrics.jsonl and PNG plots to --out.")
+    p.add_argument("--framework", choices=FRAMEWORKS, default=_DEFAULTS.framework)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", choices=sorted(PRESETS), default=_DEFAULTS.preset)
+    g.add_argument("--config", metavar="CONFIG_JSON", help="HF config.json (file or directory) instead of a preset")
+    p.add_argument("--data", metavar="PATH", help="text file or folder (default: the Python standard library's source)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<preset>-<framework>)")
+    p.add_argument("--steps", type=int, default=_DEFAULTS.steps)
+    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="sequences per optimizer step")
+    p.add_argument("--seq-len", type=int, default=_DEFAULTS.seq_len)
+    p.add_argument("--grad-accum", type=int, default=_DEFAULTS.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=_DEFAULTS.min_lr_ratio)
+    p.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
+    p.add_argument("--beta1", type=float, default=_DEFAULTS.beta1)
+    p.add_argument("--beta2", type=float, default=_DEFAULTS.beta2)
+    p.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip, help="max gradient norm (0: off)")
+    p.add_argument("--dtype", choices=DTYPES, default=_DEFAULTS.dtype, help="compute dtype (weights stay fp32)")
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    p.add_argument("--gamma", "--bias-update-speed", dest="bias_update_speed", type=float, default=None,
+                   help="aux-loss-free bias update speed (default: the model config's; 0 disables)")
+    p.add_argument("--alpha", "--balance-loss-alpha", dest="balance_loss_alpha", type=float, default=None,
+                   help="sequence-wise balance loss weight (default: the model config's)")
+    p.add_argument("--mtp-weight", "--mtp-loss-weight", dest="mtp_loss_weight", type=float, default=None,
+                   help="MTP loss weight lambda (default: the model config's)")
+    p.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every)
+    p.add_argument("--eval-batches", type=int, default=_DEFAULTS.eval_batches)
+    p.add_argument("--save-every", type=int, default=_DEFAULTS.save_every)
+    p.add_argument("--keep-checkpoints", type=int, default=_DEFAULTS.keep_checkpoints)
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss (torch only)")
+    p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint (latent KV cache, streamed)")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a weights directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--framework", choices=FRAMEWORKS, default="torch")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", choices=("latent", "naive"), default="latent")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a HF DeepSeek-V3 checkpoint (e.g. FP8) to dequantised bf16/fp32")
+    p.add_argument("--input", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--max-shard-gb", type=float, default=2.0)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="config summary and parameter counts")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    g.add_argument("--config", metavar="CONFIG_JSON")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch and JAX/Flax NNX")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,convert,info,bench}")
+    _add_train(sub)
+    _add_generate(sub)
+    _add_convert(sub)
+    _add_info(sub)
+    sub.add_parser("bench", help="benchmark the two frameworks (see `dsv3 bench --help`)", add_help=False)
+    return parser
+
+
+# --------------------------------------------------------------- commands
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    out = args.out or os.path.join("runs", f"{'custom' if args.config else args.preset}-{args.framework}")
+    return TrainConfig(
+        framework=args.framework, preset=args.preset, config=args.config, data=args.data, out=out,
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip,
+        dtype=args.dtype, seed=args.seed, bias_update_speed=args.bias_update_speed,
+        balance_loss_alpha=args.balance_loss_alpha, mtp_loss_weight=args.mtp_loss_weight,
+        eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints, compile=args.compile, progress=not args.no_progress,
+        plots=not args.no_plots)
+
+
+def backend_factory(framework: str):
+    if framework == "jax":
+        from dsv3_jax.train import make_backend
+    else:
+        from dsv3_torch.train import make_backend
+    return make_backend
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dsv3.training import NonFiniteLoss, train
+
+    tcfg = train_config_from_args(args)
+    if tcfg.compile and tcfg.framework != "torch":
+        raise ValueError("--compile applies to --framework torch only (the JAX step is always nnx.jit-compiled)")
+    try:
+        train(tcfg, backend_factory(tcfg.framework), resume=args.resume)
+    except NonFiniteLoss as err:
+        print(f"dsv3 train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _Streamer:
+    """Prints generated bytes as they arrive, decoding UTF-8 incrementally."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, row: int, token: int) -> None:
+        self.stream.write(self.dec.decode(bytes([int(token)])))
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write(self.dec.decode(b"", final=True))
+        self.stream.flush()
+
+
+def generate_text(checkpoint: str, prompt: str, framework: str = "torch", max_new_tokens: int = 200,
+                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  seed: int = 0, cache: str = "latent", dtype: str = "float32", stream=None,
+                  echo_prompt: bool = False) -> list[int]:
+    """Load a checkpoint in either framework and generate from a byte-level prompt.
+
+    New text is streamed to ``stream`` (default stdout; False: silent) token by token.
+    """
+    from dsv3.data import ByteTokenizer
+    from dsv3.training import resolve_weights_dir
+
+    directory = resolve_weights_dir(checkpoint)
+    cfg = ModelConfig.from_pretrained(directory)
+    if cfg.vocab_size != 256:
+        raise ValueError(f"this command speaks bytes (vocab 256); the checkpoint's vocab_size is {cfg.vocab_size}")
+    ids = ByteTokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("--prompt must not be empty")
+    streamer = _Streamer(stream) if stream is not False else None
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+              cache=cache, on_token=streamer)
+    if framework == "torch":
+        import torch
+
+        import dsv3_torch
+
+        model = dsv3_torch.DeepSeekV3.from_pretrained(directory, dtype=getattr(torch, dtype))
+        model.eval()
+        if streamer is not None and echo_prompt:
+            streamer.stream.write(prompt)
+        with torch.no_grad():
+            out = dsv3_torch.generate(model, [ids], **kw)
+    else:
+        import jax.numpy as jnp
+
+        import dsv3_jax
+
+        model = dsv3_jax.DeepSeekV3.from_pretrained(directory, dtype=getattr(jnp, dtype))
+        if streamer is not None and echo_prompt:
+            streamer.stream.write(prompt)
+        out = dsv3_jax.generate(model, [ids], **kw)
+    if streamer is not None:
+        streamer.close()
+    return [int(t) for t in out[0]]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    generate_text(args.checkpoint, args.prompt, args.framework, args.max_new_tokens, args.temperature,
+                  args.top_k, args.top_p, args.seed, args.cache, args.dtype, echo_prompt=True)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import ml_dtypes
+    import numpy as np
+
+    from dsv3.checkpoint import load_canonical, save_canonical
+
+    if os.path.abspath(args.input) == os.path.abspath(args.output):
+        raise ValueError("--output must differ from --input")
+    cfg, state = load_canonical(args.input)
+    target = np.float32 if args.dtype == "float32" else ml_dtypes.bfloat16
+    out = {}
+    for name, arr in state.items():
+        # The router bias stays fp32 (REFERENCE §4.2); everything else takes the target dtype.
+        out[name] = np.asarray(arr, np.float32) if name.endswith("gate.bias") else np.asarray(arr).astype(target)
+    save_canonical(args.output, out, cfg, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    n = sum(int(a.size) for a in out.values())
+    print(f"wrote {args.output}: {len(out)} canonical tensors, {n / 1e9:.3f}B values, {args.dtype}")
+    return 0
+
+
+def info_dict(cfg: ModelConfig) -> dict:
+    from dsv3.training import param_counts
+
+    pc = param_counts(cfg)  # from canonical_shapes; the router bias is a buffer, not counted
+    kv_latent = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    kv_naive = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    return {
+        "layers": cfg.num_hidden_layers, "dense_layers": cfg.first_k_dense_replace, "moe_layers": cfg.n_moe_layers,
+        "hidden_size": cfg.hidden_size, "heads": cfg.num_attention_heads, "vocab_size": cfg.vocab_size,
+        "experts": f"{cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}, {cfg.n_group} groups, "
+                   f"{cfg.topk_group} kept) + {cfg.n_shared_experts} shared",
+        "mla": f"q_lora {cfg.q_lora_rank}, kv_lora {cfg.kv_lora_rank}, nope/rope/v "
+               f"{cfg.qk_nope_head_dim}/{cfg.qk_rope_head_dim}/{cfg.v_head_dim}",
+        "mtp_depths": cfg.num_nextn_predict_layers, "max_position_embeddings": cfg.max_position_embeddings,
+        "params_total": pc["total"], "params_main": pc["main"], "params_mtp": pc["mtp"],
+        "params_active_per_token": pc["active_per_token"],
+        "kv_cache_values_per_token": {"latent": kv_latent, "naive": kv_naive},
+        "training": {"gamma": cfg.bias_update_speed, "alpha": cfg.balance_loss_alpha,
+                     "lambda": cfg.mtp_loss_weight},
+    }
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    cfg = ModelConfig.from_pretrained(args.config) if args.config else ModelConfig.preset(args.preset)
+    d = info_dict(cfg)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"{args.config or args.preset}:")
+    for k, v in d.items():
+        if k.startswith("params_"):
+            v = f"{v:,} ({_human(v)})"
+        print(f"  {k:26s} {v}")
+    return 0
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    try:
+        import dsv3.bench as bench
+    except ImportError as err:
+        print(f"dsv3 bench: the benchmark module is not available ({err})", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="dsv3 bench", description="benchmark PyTorch vs JAX")
+    bench.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    rc = bench.run(args)
+    return int(rc or 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "generate": cmd_generate, "convert": cmd_convert, "info": cmd_info}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
+        print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ndsv3 {args.command}: interrupted (the last complete checkpoint is kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""PyTorch training backend for `dsv3 train --framework torch` (driver: dsv3.training).
+
+One optimizer step (REFERENCE §8): every micro-batch's loss / k is
+back-propagated (gradients accumulate to the mean over the step's sequences),
+the expert counts of all micro-batches are summed, the global gradient norm is
+clipped, AdamW steps at the schedule's learning rate (weight decay only on
+matrices: not on norms, and the router bias is a buffer the optimizer never
+sees), and then ``update_router_bias`` runs ONCE with the summed counts.
+Evaluation runs under ``torch.no_grad`` and never touches a bias.
+
+``dtype="bfloat16"`` keeps fp32 master weights and optimizer state and runs the
+forward and backward under CPU autocast to bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dsv3.config import ModelConfig
+from dsv3.training import TrainConfig, decays
+from dsv3_torch.model import DeepSeekV3, from_numpy, to_numpy
+
+
+class TorchBackend:
+    def __init__(self, cfg: ModelConfig, tcfg: TrainConfig, model: DeepSeekV3 | None = None):
+        self.model_cfg, self.tcfg = cfg, tcfg
+        if model is None:
+            torch.manual_seed(tcfg.seed)
+            model = DeepSeekV3(cfg, dtype=torch.float32)
+        self.model = model
+        self.model.train()
+        self.names = {p: n for n, p in model.named_parameters()}
+        decay = [p for n, p in model.named_parameters() if decays(n, p.ndim)]
+        no_decay = [p for n, p in model.named_parameters() if not decays(n, p.ndim)]
+        groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,
+                                           foreach=False)
+        self.loss_fn = model.compute_loss
+        if tcfg.compile:
+            self.loss_fn = torch.compile(model.compute_loss, dynamic=False)
+
+    def _autocast(self):
+        if self.tcfg.dtype == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------- train
+    def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
+        model, k = self.model, len(micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        counts = None
+        sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0, "mtp_depth_loss": 0.0}
+        for x, y in micro_batches:
+            with self._autocast():
+                out = self.loss_fn(torch.from_numpy(np.asarray(x, np.int64)), torch.from_numpy(np.asarray(y, np.int64)))
+            (out.loss / k).backward()
+            c = out.counts.detach()
+            counts = c.clone() if counts is None else counts + c
+            sums["loss"] += float(out.loss.detach()) / k
+            sums["main_loss"] += float(out.main_loss.detach()) / k
+            sums["mtp_loss"] += float(out.mtp_loss.detach()) / k
+            sums["balance_loss"] += float(out.balance_loss.detach()) / k
+            if out.mtp_losses.numel():
+                sums["mtp_depth_loss"] += float(out.mtp_losses.detach().mean()) / k
+        grad_norm = self._clip()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        model.update_router_bias(counts, gamma=self.model_cfg.bias_update_speed)
+        if not self.model.mtp:
+            sums.pop("mtp_depth_loss")
+        return {**sums, "grad_norm": grad_norm, "counts": counts.cpu().numpy()}
+
+    @torch.no_grad()
+    def _clip(self) -> float:
+        """Global L2 norm of all gradients; scaled to tcfg.grad_clip when above it (optax's formula)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+        c = self.tcfg.grad_clip
+        if c > 0 and float(norm) >= c:
+            for g in grads:
+                g.div_(norm).mul_(c)
+        return float(norm)
+
+    @torch.no_grad()
+    def eval_step(self, input_ids: np.ndarray, labels: np.ndarray) -> dict:
+        with self._autocast():
+            out = self.model.compute_loss(torch.from_numpy(np.asarray(input_ids, np.int64)),
+                                          torch.from_numpy(np.asarray(labels, np.int64)))
+        res = {"main_loss": float(out.main_loss)}
+        if out.mtp_losses.numel():
+            res["mtp_depth_loss"] = float(out.mtp_losses.mean())
+        return res
+
+    # ------------------------------------------------------------ state
+    def canonical_state(self) -> dict[str, np.ndarray]:
+        return self.model.canonical_state()
+
+    def load_canonical_state(self, state: dict[str, np.ndarray]) -> None:
+        self.model.load_canonical_state(state)
+
+    def save_pretrained(self, directory: str) -> None:
+        self.model.save_pretrained(directory)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW moments and step count per parameter, keyed by canonical name."""
+        out = {}
+        for p, st in self.optimizer.state.items():
+            name = self.names[p]
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                out[f"{name}.{key}"] = to_numpy(torch.as_tensor(st[key]))
+        return out
+
+    def load_optimizer_state(self, tensors: dict[str, np.ndarray]) -> None:
+        self.optimizer.state.clear()
+        expected = set()
+        for name, p in self.model.named_parameters():
+            keys = [f"{name}.{k}" for k in ("exp_avg", "exp_avg_sq", "step")]
+            expected.update(keys)
+            if not all(k in tensors for k in keys):
+                missing = [k for k in keys if k not in tensors]
+                raise ValueError(f"optimizer state is missing {missing}")
+            st = {k.rsplit(".", 1)[1]: from_numpy(tensors[k]) for k in keys}
+            for k in ("exp_avg", "exp_avg_sq"):
+                if tuple(st[k].shape) != tuple(p.shape):
+                    raise ValueError(f"optimizer state {name}.{k} has shape {tuple(st[k].shape)}, "
+                                     f"parameter has {tuple(p.shape)}")
+            st["step"] = st["step"].reshape(()).to(torch.float32)
+            self.optimizer.state[p] = st
+        extra = sorted(set(tensors) - expected)
+        if extra:
+            raise ValueError(f"optimizer state has unexpected entries {extra[:10]}")
+
+
+def make_backend(cfg: ModelConfig, tcfg: TrainConfig) -> TorchBackend:
+    return TorchBackend(cfg, tcfg)

@@ -1,0 +1,132 @@
+"""The training backends (dsv3_torch.train, dsv3_jax.train) on the tiny preset (byte vocabulary):
+gradient accumulation, the once-per-step bias update, eval without side effects, resume exactness."""
+
+import os
+
+import numpy as np
+import pytest
+
+from dsv3 import ModelConfig
+from dsv3.data import BatchSampler, load_corpus
+from dsv3.training import TrainConfig, latest_checkpoint, load_train_state, lr_at, model_config, read_metrics, train
+
+FRAMEWORKS = ["torch", "jax"]
+TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny256")
+    TINY.save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(max_bytes=300_000)
+
+
+def _backend(framework):
+    if framework == "jax":
+        pytest.importorskip("dsv3_jax.train")
+        from dsv3_jax.train import make_backend
+    else:
+        from dsv3_torch.train import make_backend
+    return make_backend
+
+
+def _tcfg(config_dir, framework, **kw):
+    base = dict(framework=framework, config=config_dir, steps=6, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2,
+                eval_every=3, eval_batches=2, save_every=3, progress=False, plots=False, out="unused")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _biases(state):
+    return {k: v for k, v in state.items() if k.endswith("gate.bias")}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_grad_accumulation_equals_big_batch(framework, config_dir, corpus):
+    make = _backend(framework)
+    sampler = BatchSampler(corpus.train, 32, seed=0)
+    results = {}
+    for k in (1, 4):
+        # Adam divides by |g| + eps: where a gradient is ~1e-8, fp32 summation order (4 partial sums vs one)
+        # would move the update by O(lr). eps=1e-3 keeps this a test of accumulation, not of that rounding.
+        t = _tcfg(config_dir, framework, batch_size=8, grad_accum=k, eps=1e-3)
+        b = make(model_config(t), t)
+        losses, counts = [], []
+        for step in range(2):
+            mb = t.micro_batch_size
+            micro = [sampler.batch(step * 8 + j * mb, mb) for j in range(k)]
+            out = b.train_step(micro, lr_at(step, t))
+            losses.append(out["loss"])
+            counts.append(np.asarray(out["counts"]))
+        results[k] = (losses, counts, b.canonical_state())
+    (l1, c1, s1), (l4, c4, s4) = results[1], results[4]
+    np.testing.assert_allclose(l4, l1, rtol=2e-6)
+    for a, b_ in zip(c1, c4):
+        assert np.array_equal(a, b_)  # counts summed over the 4 micro-batches
+        assert a.sum() == 8 * 32 * TINY.num_experts_per_tok * TINY.n_router_layers
+    bias1, bias4 = _biases(s1), _biases(s4)
+    assert any(np.abs(v).max() > 0 for v in bias1.values())
+    for k in bias1:  # one bias update per step from the summed counts: identical
+        np.testing.assert_array_equal(bias4[k], bias1[k])
+    for k in s1:
+        np.testing.assert_allclose(s4[k], s1[k], rtol=1e-6, atol=1e-8, err_msg=k)  # fp32 rounding only
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_bias_update_once_per_step_from_summed_counts_and_never_in_eval(framework, config_dir, corpus):
+    make = _backend(framework)
+    t = _tcfg(config_dir, framework, batch_size=4, grad_accum=2)
+    b = make(model_config(t), t)
+    sampler = BatchSampler(corpus.train, 32, seed=1)
+    before = b.canonical_state()
+    assert all(np.all(v == 0) for v in _biases(before).values())
+    x, y = sampler.batch(0, 4)
+    ev = b.eval_step(x, y)
+    assert np.isfinite(ev["main_loss"]) and "mtp_depth_loss" in ev
+    after_eval = b.canonical_state()
+    for k in before:  # evaluation changes nothing
+        np.testing.assert_array_equal(after_eval[k], before[k], err_msg=k)
+    out = b.train_step([sampler.batch(0, 2), sampler.batch(2, 2)], 1e-3)
+    c = np.asarray(out["counts"], np.float64)
+    expect = TINY.bias_update_speed * np.sign(c.mean(-1, keepdims=True) - c)
+    got = np.stack([v for _, v in sorted(_biases(b.canonical_state()).items(),
+                                         key=lambda kv: (kv[0].startswith("mtp"), kv[0]))])
+    np.testing.assert_allclose(got, expect.astype(np.float32), rtol=0, atol=0)
+    # weight decay skips norms: with lr=0 nothing moves except the bias
+    t0 = _tcfg(config_dir, framework, weight_decay=0.5)
+    b0 = make(model_config(t0), t0)
+    s0 = b0.canonical_state()
+    b0.train_step([sampler.batch(0, 4)], 0.0)
+    s1 = b0.canonical_state()
+    for k in s0:
+        if not k.endswith("gate.bias"):
+            np.testing.assert_array_equal(s1[k], s0[k], err_msg=k)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resume_is_exact(framework, config_dir, corpus, tmp_path):
+    make = _backend(framework)
+    full = _tcfg(config_dir, framework, out=str(tmp_path / "full"))
+    train(full, make, corpus=corpus, quiet=True)
+    part = _tcfg(config_dir, framework, out=str(tmp_path / "part"), steps=3)
+    train(part, make, corpus=corpus, quiet=True)  # "killed" after its step-3 checkpoint
+    resumed = _tcfg(config_dir, framework, out=str(tmp_path / "part"))
+    train(resumed, make, resume=True, corpus=corpus, quiet=True)
+    keys = ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm", "counts", "val_loss", "val_mtp_loss")
+    pick = lambda rs: [{k: r[k] for k in keys if k in r} | {"step": r["step"]} for r in rs]
+    a = pick(read_metrics(str(tmp_path / "full" / "metrics.jsonl")))
+    b = pick(read_metrics(str(tmp_path / "part" / "metrics.jsonl")))
+    assert a == b  # bit-identical losses, gradient norms, counts and validation after resuming
+    _, meta = load_train_state(latest_checkpoint(str(tmp_path / "part")))
+    assert meta["step"] == 6 and meta["samples_seen"] == 24
+    from dsv3.checkpoint import load_canonical
+
+    _, sa = load_canonical(latest_checkpoint(str(tmp_path / "full")))
+    _, sb = load_canonical(latest_checkpoint(str(tmp_path / "part")))
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
