@@ -1,0 +1,227 @@
+"""``dsv3 bench``: the two frameworks (and Hugging Face transformers as the
+reference) on the same config, the same weights and the same batch.
+
+Rows: training step (torch eager, torch.compile, JAX jit; MTP on and off; HF
+eager attention with each experts backend), prefill forward, decoding tokens/s
+at several context lengths with the absorbed latent cache and the naive
+expanded cache, and the MoE layer alone against a dense SwiGLU of the same
+active FLOPs. Utilisation is model FLOPs (``dsv3/flops.py``) over the matmul
+peak measured in the same run, per framework and dtype.
+
+Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``. Targets
+are reported with pass/miss, never asserted. Heavy imports (torch, jax,
+transformers) happen inside ``run``; ``python -m dsv3.bench`` also works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SECTIONS = ("peak", "train", "compile", "hf", "prefill", "decode", "moe")
+FRAMEWORKS = ("torch", "jax")
+PEER_SMALL = "peer-small"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--preset", default=None,
+                   help="config preset (tiny, small, ...); default: small, the peer-small comparison shape")
+    g.add_argument("--config", default=None, help="a HF-style config.json (or a checkpoint directory)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repetitions and contexts, torch.compile only with MTP on")
+    parser.add_argument("--out", default="bench-results", help="output directory (bench.json, bench.md, bench.png)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--contexts", default=None,
+                        help="decode context lengths, comma separated (default 256,1024,4096; --quick 256,1024)")
+    parser.add_argument("--decode-batch", type=int, default=None, help="decode batch (default: --batch)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls after the first (default 2; --quick 1)")
+    parser.add_argument("--decode-reps", type=int, default=None, help="timed decode steps (default 20; --quick 8)")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="chunk length when filling decode caches")
+    parser.add_argument("--skip", default="", help=f"comma list of sections to skip: {','.join(SECTIONS)}")
+    parser.add_argument("--frameworks", default="torch,jax", help="comma list: torch,jax")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hf-foreach", action="store_true",
+                        help="HF rows: foreach AdamW (default: per-tensor, as dsv3_torch.train)")
+
+
+def _config(args):
+    from dsv3.config import ModelConfig
+
+    if args.config:
+        cfg = ModelConfig.from_pretrained(args.config)
+        name = os.path.basename(os.path.normpath(args.config)).removesuffix(".json")
+    else:
+        name = args.preset or "small"
+        cfg = ModelConfig.preset(name)
+    return cfg, name
+
+
+def _is_peer_small(cfg) -> bool:
+    """The peer-small comparison shape (the ``small`` preset is exactly it)."""
+    from dsv3.config import ModelConfig
+
+    return cfg == ModelConfig.preset("small")
+
+
+def random_state(cfg, seed: int) -> dict:
+    """Canonical weights with HF's initialisation (REFERENCE §5): N(0, 0.02)
+    for linear, embedding and router weights, 1 for norms, 0 for router biases."""
+    import numpy as np
+
+    from dsv3.checkpoint import canonical_shapes
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in canonical_shapes(cfg).items():
+        if name.endswith("gate.bias"):
+            out[name] = np.zeros(shape, np.float32)
+        elif len(shape) == 1:
+            out[name] = np.ones(shape, np.float32)
+        else:
+            out[name] = (rng.standard_normal(shape, dtype=np.float32) * cfg.initializer_range).astype(np.float32)
+    return out
+
+
+def _contexts(args, cfg, steps: int) -> list[int]:
+    if args.contexts:
+        want = [int(x) for x in args.contexts.split(",") if x.strip()]
+    else:
+        want = [256, 1024] if args.quick else [256, 1024, 4096]
+    limit = cfg.max_position_embeddings - steps
+    out = sorted({min(n, limit) for n in want if min(n, limit) > 0})
+    return out
+
+
+def _versions() -> dict:
+    v = {}
+    for mod in ("numpy", "torch", "jax", "jaxlib", "flax", "optax", "transformers"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            v[mod] = None
+    return v
+
+
+def run(args) -> int:
+    from dsv3 import flops
+    from dsv3.bench import report
+    from dsv3.bench.common import Ctx
+    from dsv3.bench.timing import environment, loadavg
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    bad = skip - set(SECTIONS)
+    if bad:
+        print(f"dsv3 bench: unknown --skip sections {sorted(bad)}; choose from {SECTIONS}", file=sys.stderr)
+        return 2
+    args.skip = skip
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    if set(frameworks) - set(FRAMEWORKS):
+        print(f"dsv3 bench: --frameworks must be among {FRAMEWORKS}", file=sys.stderr)
+        return 2
+    cfg, name = _config(args)
+    if args.seq > cfg.max_position_embeddings:
+        print(f"dsv3 bench: --seq {args.seq} exceeds max_position_embeddings={cfg.max_position_embeddings}",
+              file=sys.stderr)
+        return 2
+    q = args.quick
+    args.reps = args.reps or (3 if q else 7)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
+    args.decode_reps = args.decode_reps or (8 if q else 20)
+    decode_steps = 8
+    env = environment(args.device)
+    if args.device == "cuda":
+        os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu")
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("dsv3 bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    ctx = Ctx(args=args, cfg=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
+              contexts=_contexts(args, cfg, decode_steps), decode_batch=args.decode_batch or args.batch,
+              decode_steps=decode_steps, warmup=args.warmup, reps=args.reps)
+    ctx.log = lambda s: print(s, flush=True)
+    ctx.state = random_state(cfg, args.seed)
+    rng = np.random.default_rng(args.seed + 1)
+    ctx.tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
+    t_start = time.perf_counter()
+    ctx.log(f"dsv3 bench: {name}, {args.device} {args.dtype}, batch {args.batch} x seq {args.seq}, "
+            f"torch threads {torch.get_num_threads()}, load {env['loadavg_start']}")
+
+    sections = [s for s in ("train", "prefill", "decode", "moe") if s not in skip]
+    if "peak" not in skip:
+        from dsv3.bench import peak
+
+        for fw, fn in (("torch", peak.torch_peak), ("jax", peak.jax_peak)):
+            if fw in frameworks or (fw == "torch" and "hf" not in skip):
+                ctx.log(f"matmul peak sweep: {fw} {args.dtype}")
+                try:
+                    ctx.peaks[fw] = fn(args.device, args.dtype, q)
+                    ctx.log(f"  {fw}: {ctx.peaks[fw]['peak_gflops']:.1f} GFLOP/s at {ctx.peaks[fw]['peak_shape']}")
+                except Exception as e:  # noqa: BLE001 - reported
+                    ctx.log(f"  {fw} peak failed: {e}")
+    ctx.peaks_gflops = {k: v["peak_gflops"] for k, v in ctx.peaks.items()}
+    # Ctx.add reads ctx.peaks[framework] as a number.
+    peaks_full, ctx.peaks = ctx.peaks, ctx.peaks_gflops
+
+    if "torch" in frameworks:
+        from dsv3.bench import rows_torch
+
+        ctx.log("torch")
+        if "train" in sections:
+            rows_torch.train_rows(ctx)
+        if "prefill" in sections:
+            rows_torch.prefill_rows(ctx)
+        if "decode" in sections:
+            ctx.guard("decode", "torch", "torch", lambda: rows_torch.decode_rows(ctx))
+        if "moe" in sections:
+            rows_torch.moe_rows(ctx)
+    if "jax" in frameworks:
+        from dsv3.bench import rows_jax
+
+        ctx.log("jax")
+        rows_jax.run_all(ctx, sections)
+    if "hf" not in skip:
+        from dsv3.bench import rows_hf
+
+        ctx.log("Hugging Face transformers (reference)")
+        rows_hf.run_all(ctx, [s for s in sections if s in ("train", "prefill")])
+
+    res = {
+        "meta": {
+            "config_name": name, "config": cfg.to_hf_dict(), "is_peer_small_shape": _is_peer_small(cfg),
+            "device": args.device, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+            "quick": q, "contexts": ctx.contexts, "decode_batch": ctx.decode_batch, "decode_steps": decode_steps,
+            "reps": args.reps, "warmup": args.warmup, "decode_reps": args.decode_reps, "seed": args.seed,
+            "frameworks": frameworks, "skip": sorted(skip), "torch_threads": torch.get_num_threads(),
+            "mtp_depths": cfg.num_nextn_predict_layers, "layers": cfg.num_hidden_layers,
+            "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+            "env": env, "versions": _versions(), "loadavg_end": loadavg(),
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        },
+        "flops": flops.summary(cfg, args.seq, args.batch, dtype=args.dtype),
+        "peaks": peaks_full,
+        "rows": ctx.rows,
+    }
+    res["targets"] = report.evaluate_targets(res)
+    paths = report.write_all(res, args.out)
+    print()
+    print(report.markdown(res))
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']} in {res['meta']['wall_s']} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dsv3 bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

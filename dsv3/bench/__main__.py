@@ -1,0 +1,5 @@
+import sys
+
+from dsv3.bench import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""State shared by every row of one ``dsv3 bench`` run."""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from dsv3 import flops
+from dsv3.config import ModelConfig
+
+# The training hyper-parameters of every train-step row (REFERENCE §8.3 shape).
+LR, BETAS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
+
+
+@dataclass
+class Ctx:
+    args: Any
+    cfg: ModelConfig  # the benchmarked config (MTP as configured)
+    device: str
+    dtype: str  # "fp32" | "bf16"
+    batch: int
+    seq: int
+    contexts: list
+    decode_batch: int
+    decode_steps: int
+    warmup: int
+    reps: int
+    state: dict = field(default_factory=dict)  # canonical weights (numpy, fp32), MTP included
+    tokens: Optional[np.ndarray] = None  # [B, T + 1] int32: inputs [:, :-1], labels [:, 1:]
+    rows: list = field(default_factory=list)
+    peaks: dict = field(default_factory=dict)  # framework -> peak GFLOP/s
+    log: Callable[[str], None] = print
+    dtype_note: Optional[str] = None
+
+    @property
+    def cfg_nomtp(self) -> ModelConfig:
+        return self.cfg.replace(num_nextn_predict_layers=0)
+
+    def weights(self, mtp: bool) -> dict:
+        if mtp:
+            return self.state
+        return {k: v for k, v in self.state.items() if not k.startswith("mtp.")}
+
+    def config(self, mtp: bool) -> ModelConfig:
+        return self.cfg if mtp else self.cfg_nomtp
+
+    @property
+    def inputs(self) -> np.ndarray:
+        return self.tokens[:, :-1]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.tokens[:, 1:]
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.cfg.num_nextn_predict_layers > 0
+
+    def mtp_settings(self) -> list[bool]:
+        return [True, False] if self.has_mtp else [False]
+
+    # ------------------------------------------------------------- rows
+    def add(self, section: str, name: str, framework: str, timing=None, *, tokens: int = 0,
+            model_flops: float = 0.0, mem=None, error: Optional[str] = None, **extra) -> dict:
+        row: dict[str, Any] = {"section": section, "name": name, "framework": framework}
+        row.update(extra)
+        if timing is not None:
+            row.update(timing.as_dict())
+            if tokens:
+                row["tokens"] = tokens
+                row["tokens_per_s"] = tokens / timing.median_s
+            if model_flops:
+                row["model_flops"] = model_flops
+                row["gflops"] = model_flops / timing.median_s / 1e9
+                peak = self.peaks.get(framework_peak_key(framework))
+                row["mfu"] = row["gflops"] / peak if peak else None
+        if mem is not None:
+            row.update(mem.as_dict())
+        if error:
+            row["error"] = error
+        self.rows.append(row)
+        msg = f"  [{section}] {name}: "
+        if error:
+            msg += "ERROR " + error.splitlines()[-1][:200]
+        elif timing is not None:
+            msg += f"median {timing.median_s * 1e3:.2f} ms (first {timing.first_s:.2f} s, iqr {timing.iqr_rel:.0%})"
+            if tokens:
+                msg += f", {row['tokens_per_s']:.0f} tok/s"
+            if row.get("mfu") is not None:
+                msg += f", {row['gflops']:.1f} GFLOP/s = {row['mfu']:.0%} of peak"
+        self.log(msg)
+        return row
+
+    def guard(self, section: str, name: str, framework: str, fn: Callable[[], None], **extra) -> None:
+        """Run one row's measurement; an exception becomes an error row, not a crash."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported in the results
+            tb = traceback.format_exc(limit=4)
+            self.add(section, name, framework, error=f"{type(e).__name__}: {e}\n{tb}", **extra)
+
+    def train_flops(self, mtp: bool) -> float:
+        return flops.train_flops_per_step(self.cfg, self.batch, self.seq, mtp=mtp and self.has_mtp)
+
+    def forward_flops(self) -> float:
+        return flops.forward_flops_per_step(self.cfg, self.batch, self.seq, mtp=False)
+
+
+def framework_peak_key(framework: str) -> str:
+    return "jax" if framework == "jax" else "torch"  # HF transformers runs on torch
+
+
+def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = False):
+    """The training engineer's step (``dsv3_<framework>.train.make_backend``, what
+    ``dsv3 train`` runs), on the bench's weights and batch; None if it does not exist.
+
+    Returns (step, description); ``step()`` runs one optimizer step (forward,
+    backward, clip, AdamW, router-bias update) and returns the loss as a float
+    (which also synchronises).
+    """
+    import importlib
+
+    try:
+        from dsv3.training import TrainConfig
+
+        mod = importlib.import_module(f"dsv3_{framework}.train")
+        make_backend = mod.make_backend
+    except (ImportError, AttributeError):
+        return None
+    kw = {"compile": compile_} if framework == "torch" else {}
+    tcfg = TrainConfig(framework=framework, batch_size=ctx.batch, seq_len=ctx.seq, lr=LR, beta1=BETAS[0],
+                       beta2=BETAS[1], weight_decay=WEIGHT_DECAY, grad_clip=CLIP,
+                       dtype="bfloat16" if ctx.dtype == "bf16" else "float32", progress=False, plots=False, **kw)
+    if ctx.dtype == "bf16":
+        ctx.dtype_note = "train rows: bf16 compute with fp32 master weights (the training backends' bf16 mode)"
+    backend = make_backend(ctx.config(mtp), tcfg)
+    backend.load_canonical_state(ctx.weights(mtp))
+    batch = [(np.asarray(ctx.inputs, np.int32), np.asarray(ctx.labels, np.int32))]
+    last = {}
+
+    def step():
+        out = backend.train_step(batch, LR)
+        last.clear()
+        last.update(out)
+        return float(out["loss"])
+
+    step.last = last  # the backend's metrics of the latest step (main_loss, grad_norm, ...)
+    return step, f"dsv3_{framework}.train.make_backend(...).train_step"

@@ -1,0 +1,100 @@
+"""The machine's matmul peak, measured per framework and dtype in the same run.
+
+The peak is the best throughput over a sweep of square and rectangular shapes,
+small cache-resident ones included (on a CPU a large square product is often
+memory-bound and is *not* the peak). Each shape is timed like every other row
+(first call apart, warm-up, median of several repetitions); the peak is the
+best median throughput.
+"""
+
+from __future__ import annotations
+
+import time
+
+from dsv3.bench.timing import jax_sync, measure, torch_sync
+
+# (M, K, N): C[M, N] = A[M, K] @ B[K, N]
+CPU_SHAPES = [
+    (128, 128, 128), (256, 256, 256), (384, 384, 384), (512, 512, 512), (768, 768, 768),
+    (1024, 1024, 1024), (1536, 1536, 1536), (2048, 2048, 2048),
+    (2048, 256, 256), (2048, 256, 768), (2048, 768, 256), (2048, 256, 1024),
+    (512, 256, 2048), (256, 2048, 256), (4096, 256, 640), (1024, 512, 512), (512, 1024, 512),
+]
+CPU_SHAPES_QUICK = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 256, 768), (1024, 512, 512)]
+GPU_SHAPES = [(n, n, n) for n in (1024, 2048, 4096, 8192, 16384)] + [
+    (8192, 7168, 2048), (8192, 2048, 7168), (16384, 4096, 4096), (4096, 16384, 4096)]
+GPU_SHAPES_QUICK = [(4096, 4096, 4096), (8192, 8192, 8192)]
+
+
+def shapes_for(device: str, quick: bool) -> list[tuple[int, int, int]]:
+    if device.startswith("cuda"):
+        return GPU_SHAPES_QUICK if quick else GPU_SHAPES
+    return CPU_SHAPES_QUICK if quick else CPU_SHAPES
+
+
+def _reps_for(one_call_s: float, target_s: float, lo: int = 3, hi: int = 50) -> int:
+    return int(max(lo, min(hi, target_s / max(one_call_s, 1e-6))))
+
+
+def _sweep(make_fn, sync, shapes, target_s: float) -> dict:
+    rows = []
+    for (M, K, N) in shapes:
+        fn = make_fn(M, K, N)
+        t0 = time.perf_counter()
+        sync(fn())
+        sync(fn())
+        one = (time.perf_counter() - t0) / 2
+        t = measure(fn, sync, warmup=1, reps=_reps_for(one, target_s))
+        gflops = 2.0 * M * K * N / t.median_s / 1e9
+        rows.append({"shape": [M, K, N], "median_s": t.median_s, "iqr_rel": t.iqr_rel,
+                     "reps": t.reps, "gflops": gflops})
+    best = max(rows, key=lambda r: r["gflops"])
+    return {"peak_gflops": best["gflops"], "peak_shape": best["shape"], "sweep": rows}
+
+
+def torch_peak(device: str, dtype: str, quick: bool) -> dict:
+    import torch
+
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    sync = torch_sync(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def make(M, K, N):
+        a = torch.randn(M, K, generator=gen).to(device=device, dtype=tdt)
+        b = torch.randn(K, N, generator=gen).to(device=device, dtype=tdt)
+        c = torch.empty(M, N, device=device, dtype=tdt)
+        return lambda: torch.mm(a, b, out=c)
+
+    with torch.inference_mode():
+        out = _sweep(make, sync, shapes_for(device, quick), 0.15 if quick else 0.4)
+    out.update(framework="torch", dtype=dtype, device=device, threads=torch.get_num_threads())
+    return out
+
+
+def jax_peak(device: str, dtype: str, quick: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    jdt = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
+    dev = jax_device(device)
+    rng = np.random.default_rng(0)
+    # fp32 on GPU/TPU: the default precision may use reduced-precision passes.
+    mm = jax.jit(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST))
+
+    def make(M, K, N):
+        a = jax.device_put(jnp.asarray(rng.standard_normal((M, K), dtype=np.float32), dtype=jdt), dev)
+        b = jax.device_put(jnp.asarray(rng.standard_normal((K, N), dtype=np.float32), dtype=jdt), dev)
+        return lambda: mm(a, b)
+
+    out = _sweep(make, jax_sync, shapes_for(device, quick), 0.15 if quick else 0.4)
+    out.update(framework="jax", dtype=dtype, device=str(dev))
+    return out
+
+
+def jax_device(device: str):
+    import jax
+
+    if device.startswith("cuda"):
+        return jax.devices("gpu")[0]
+    return jax.devices("cpu")[0]
