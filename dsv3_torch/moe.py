@@ -119,17 +119,20 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter, dtype=dtype, device=device))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter, dim, dtype=dtype, device=device))
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
         """One expert on its rows x [n, D] -> [n, D]."""
-        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_sorted [M, D] grouped by expert, counts [E] -> outputs [M, D]."""
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.expert(e, x_sorted[start:start + n]))
-                start += n
+        """x_sorted [M, D] grouped by expert, counts [E] -> outputs [M, D].
+
+        split/unbind rather than slicing and indexing: their backward is one
+        cat/stack, where E slices would each allocate a full-size zero gradient.
+        """
+        outs = [self.swiglu(x, w1, w2, w3)
+                for x, w1, w2, w3, n in zip(x_sorted.split(counts), self.w1.unbind(0), self.w2.unbind(0),
+                                            self.w3.unbind(0), counts) if n]
         if not outs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outs)
