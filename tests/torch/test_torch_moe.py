@@ -1,0 +1,211 @@
+"""Router, dropless grouped MoE, balance loss and the bias update (REFERENCE §4, §8)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsv3_torch
+from dsv3 import ModelConfig
+from dsv3_torch.moe import MoE, Router, dispatch, sequence_balance_loss
+
+# 16 experts in 4 groups of 4, 2 groups kept, 3 per token: the group limit binds often.
+CFG = ModelConfig.preset("tiny").replace(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+
+
+def _moe(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.2)
+        moe.gate.bias.uniform_(0, 0.2)
+    return moe
+
+
+def _reference_route(s, bias, cfg):
+    """Per-token python loops: group scores, kept groups, top-K, unbiased weights."""
+    E, G, K = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
+    per = E // G
+    sel = (s + bias).tolist()
+    groups = sorted(range(G), key=lambda g: -sum(sorted(sel[g * per:(g + 1) * per])[-2:]))[: cfg.topk_group]
+    cand = [e for e in range(E) if e // per in groups]
+    idx = sorted(sorted(cand, key=lambda e: -sel[e])[:K])
+    w = [s[e].item() for e in idx]
+    total = sum(w) + 1e-20
+    return idx, [wi / total * cfg.routed_scaling_factor for wi in w]
+
+
+def test_dropless_grouped_moe_equals_per_token_reference():
+    moe = _moe()
+    x = torch.randn(2, 9, CFG.hidden_size)
+    with torch.no_grad():
+        out = moe(x)
+        flat = x.reshape(-1, CFG.hidden_size)
+        s = torch.sigmoid(flat @ moe.gate.weight.T)
+        ref = torch.zeros_like(flat)
+        ex = moe.experts
+        for n in range(flat.shape[0]):
+            idx, w = _reference_route(s[n], moe.gate.bias, CFG)
+            for e, we in zip(idx, w):
+                h = F.silu(ex.w1[e] @ flat[n]) * (ex.w3[e] @ flat[n])
+                ref[n] += we * (ex.w2[e] @ h)
+            ref[n] += moe.shared_experts(flat[n][None])[0]
+    # outputs reach ~15, where one fp32 ulp is 9.5e-7: allow a few ulps of summation order
+    torch.testing.assert_close(out.out.reshape(-1, CFG.hidden_size), ref, rtol=1e-5, atol=4e-6)
+    assert out.counts.sum() == flat.shape[0] * CFG.num_experts_per_tok  # dropless
+
+
+def test_experts_run_only_on_their_own_tokens():
+    moe = _moe()
+    with torch.no_grad():
+        moe.experts.w2[5] = float("nan")  # poison one expert
+    x = torch.randn(1, 32, CFG.hidden_size)
+    with torch.no_grad():
+        out = moe(x)
+        idx = moe.gate(x.reshape(-1, CFG.hidden_size)).indices
+    chose = (idx == 5).any(-1)
+    assert chose.any() and (~chose).any()
+    y = out.out.reshape(-1, CFG.hidden_size)
+    assert torch.isnan(y[chose]).all(-1).all()
+    assert torch.isfinite(y[~chose]).all()
+
+
+def test_dispatch_sorts_pairs_by_expert():
+    idx = torch.tensor([[0, 3], [1, 3], [0, 2]])
+    d = dispatch(idx, 4)
+    flat = idx.t().reshape(-1)
+    assert torch.equal(flat[d.order], torch.tensor([0, 0, 1, 2, 3, 3]))
+    assert torch.equal(d.tokens, torch.tensor([0, 2, 1, 2, 0, 1]))
+    assert d.counts.tolist() == [2, 1, 1, 2]
+
+
+def test_bias_selects_but_weights_stay_unbiased():
+    router = _moe().gate
+    with torch.no_grad():
+        router.bias.zero_()
+    x = torch.randn(64, CFG.hidden_size)
+    with torch.no_grad():
+        plain = router(x)
+        router.bias[7] = 10.0  # expert 7 now always wins selection
+        biased = router(x)
+    assert not (plain.indices == 7).any(-1).all()
+    assert (biased.indices == 7).any(-1).all()
+    s = torch.sigmoid(x @ router.weight.T)
+    assert torch.equal(biased.scores, plain.scores)
+    want = s.gather(1, biased.indices)
+    want = want / (want.sum(-1, keepdim=True) + 1e-20) * CFG.routed_scaling_factor
+    torch.testing.assert_close(biased.weights, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(biased.weights.sum(-1), torch.full((64,), CFG.routed_scaling_factor))
+
+
+def test_selected_experts_never_leave_the_top_groups():
+    router = _moe().gate
+    x = torch.randn(256, CFG.hidden_size)
+    per = CFG.n_routed_experts // CFG.n_group
+    with torch.no_grad():
+        r = router(x)
+        sel = r.scores + router.bias
+        gscore = sel.view(-1, CFG.n_group, per).topk(2, -1).values.sum(-1)
+        top_groups = gscore.topk(CFG.topk_group, -1).indices
+        unlimited = sel.topk(CFG.num_experts_per_tok, -1).indices
+    in_top = lambda idx: (idx[:, :, None] // per == top_groups[:, None, :]).any(-1)
+    assert in_top(r.indices).all()
+    assert not in_top(unlimited).all()  # the limit actually changed some selections
+    assert (r.indices.diff(dim=-1) > 0).all()  # fixed ascending slot order
+
+
+def test_forward_reports_counts_and_never_changes_the_bias():
+    m = dsv3_torch.DeepSeekV3(CFG)
+    before = [r.bias.clone() for r in m.routers()]
+    x = torch.randint(0, CFG.vocab_size, (2, 10))
+    out = m.compute_loss(x, x.roll(-1, 1))
+    out.loss.backward()
+    assert out.counts.shape == (CFG.n_router_layers, CFG.n_routed_experts)
+    assert (out.counts.sum(-1) == 2 * 10 * CFG.num_experts_per_tok).all()
+    assert all(torch.equal(b, r.bias) for b, r in zip(before, m.routers()))
+    assert all(r.bias.grad is None and not r.bias.requires_grad for r in m.routers())
+    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in m.routers())
+    assert "layers.1.ffn.gate.bias" in dict(m.named_buffers())
+    assert "layers.1.ffn.gate.bias" not in dict(m.named_parameters())
+
+
+def test_eager_and_grouped_combine_agree_in_fp32():
+    moe = _moe()
+    x = torch.randn(2, 11, CFG.hidden_size)
+    with torch.no_grad():
+        grouped = moe(x).out
+        moe.combine = "eager"
+        eager = moe(x).out
+        moe.combine = "bogus"
+        with pytest.raises(ValueError, match="combine"):
+            moe(x)
+    torch.testing.assert_close(eager, grouped, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------ balance loss
+def test_balance_loss_of_uniform_routing_is_exactly_one():
+    s = torch.full((3, 10, 16), 0.5)
+    assert sequence_balance_loss(s, 4).item() == 1.0
+    # every expert chosen equally often, scores uniform after normalisation
+    E, K, T = 8, 2, 4
+    s = torch.full((1, T, E), 0.25)
+    for t in range(T):
+        s[0, t, 2 * t: 2 * t + 2] = 0.2500001  # token t picks experts 2t, 2t+1
+    assert sequence_balance_loss(s, K).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_model_balance_loss_with_uniform_routers_is_alpha_per_router():
+    cfg = CFG.replace(balance_loss_alpha=3e-4)
+    m = dsv3_torch.DeepSeekV3(cfg)
+    with torch.no_grad():
+        for r in m.routers():
+            r.weight.zero_()  # every score sigmoid(0) = 0.5
+    x = torch.randint(0, cfg.vocab_size, (2, 8))
+    out = m.compute_loss(x, x)
+    assert out.balance_loss.item() == pytest.approx(cfg.balance_loss_alpha * cfg.n_router_layers, rel=1e-6)
+
+
+def test_balance_loss_matches_definition_and_gradient_flows_only_through_p():
+    B, T, E, K = 2, 5, 8, 3
+    s = torch.rand(B, T, E, dtype=torch.float64, requires_grad=True)
+    loss = sequence_balance_loss(s, K)
+    want = 0.0
+    for b in range(B):
+        hits = torch.zeros(E, dtype=torch.float64)
+        for t in range(T):
+            hits[s[b, t].topk(K).indices] += 1
+        f = E / (K * T) * hits
+        p = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
+        want = want + (f * p).sum() / B
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    (g,) = torch.autograd.grad(loss, s)
+    # finite differences with f held fixed: a tiny step does not change any top-K
+    eps, i = 1e-7, (1, 2, 4)
+    s2 = s.detach().clone()
+    s2[i] += eps
+    fd = (sequence_balance_loss(s2, K) - loss.detach()) / eps
+    assert g[i].item() == pytest.approx(fd.item(), rel=1e-5)
+
+
+def test_update_router_bias_moves_overloaded_down_and_underloaded_up():
+    cfg = CFG.replace(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2)
+    m = dsv3_torch.DeepSeekV3(cfg)
+    n = cfg.n_router_layers
+    counts = torch.tensor([[10, 2, 4, 4]] * n)  # mean 5
+    counts[-1] = torch.tensor([5, 5, 9, 1])       # the MTP router (last) gets its own row
+    m.update_router_bias(counts, gamma=0.01)
+    biases = torch.stack([r.bias for r in m.routers()])
+    assert torch.equal(biases[0], torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    assert torch.equal(biases[-1], torch.tensor([0.0, 0.0, -0.01, 0.01]))
+    m.update_router_bias(counts)  # default gamma = cfg.bias_update_speed
+    assert biases[0, 0].item() - m.routers()[0].bias[0].item() == pytest.approx(cfg.bias_update_speed)
+    with pytest.raises(ValueError, match="counts must be"):
+        m.update_router_bias(counts[:1])
+
+
+def test_router_is_fp32_in_a_bf16_model():
+    m = dsv3_torch.DeepSeekV3(CFG, dtype=torch.bfloat16)
+    r = m.routers()[0]
+    assert r.weight.dtype == r.bias.dtype == torch.float32
+    out = m.layers[1].ffn(torch.randn(1, 4, CFG.hidden_size, dtype=torch.bfloat16))
+    assert out.out.dtype == torch.bfloat16 and out.scores.dtype == torch.float32
