@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls after the first (default 2; --quick 1)")
     parser.add_argument("--decode-reps", type=int, default=None, help="timed decode steps (default 20; --quick 8)")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="chunk length when filling decode caches")
+    parser.add_argument("--mtp", default="both", choices=["both", "on", "off"],
+                        help="train rows with MTP on, off or both (default both)")
     parser.add_argument("--skip", default="", help=f"comma list of sections to skip: {','.join(SECTIONS)}")
     parser.add_argument("--frameworks", default="torch,jax", help="comma list: torch,jax")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")

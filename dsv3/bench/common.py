@@ -60,7 +60,9 @@ class Ctx:
         return self.cfg.num_nextn_predict_layers > 0
 
     def mtp_settings(self) -> list[bool]:
-        return [True, False] if self.has_mtp else [False]
+        if not self.has_mtp:
+            return [False]
+        return {"both": [True, False], "on": [True], "off": [False]}[getattr(self.args, "mtp", "both")]
 
     # ------------------------------------------------------------- rows
     def add(self, section: str, name: str, framework: str, timing=None, *, tokens: int = 0,

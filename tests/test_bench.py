@@ -1,0 +1,140 @@
+"""`dsv3 bench` end to end on the tiny preset (no timing assertions)."""
+
+import json
+import math
+import os
+
+import pytest
+
+from dsv3 import ModelConfig, flops
+
+QUICK = ["--preset", "tiny", "--quick", "--batch", "2", "--seq", "16", "--reps", "2", "--warmup", "0",
+         "--decode-reps", "2", "--contexts", "16,1024"]
+
+
+def _run(tmp_path, *extra):
+    from dsv3.bench import main
+
+    out = tmp_path / "bench"
+    assert main(QUICK + ["--out", str(out), *extra]) == 0
+    res = json.loads((out / "bench.json").read_text())
+    md = (out / "bench.md").read_text()
+    png = (out / "bench.png").read_bytes()
+    return res, md, png
+
+
+def _check_common(res, md, png, contexts=(16, 120)):
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert res["meta"]["config_name"] == "tiny" and res["meta"]["torch_threads"] >= 1
+    assert res["meta"]["env"]["cpu_count"] >= 1 and res["meta"]["loadavg_end"] is not None
+    # tiny has max_position_embeddings 128: 1024 is clipped to fit context + decode steps.
+    assert res["meta"]["contexts"] == list(contexts)
+    cfg = ModelConfig.preset("tiny")
+    assert res["flops"]["train_flops_per_step_mtp"] == pytest.approx(flops.train_flops_per_step(cfg, 2, 16, True))
+    for t in res["targets"]:
+        assert t["status"] in ("pass", "miss", "n/a")
+    assert "### Targets" in md and "### KV cache per token per layer" in md
+    for r in res["rows"]:
+        if "error" in r:
+            continue
+        assert r["median_s"] > 0 and r["p25_s"] <= r["median_s"] <= r["p75_s"] and r["first_s"] > 0
+        assert len(r["times_s"]) == r["reps"] >= 2
+
+
+def _ok(res, section, framework):
+    rows = [r for r in res["rows"] if r["section"] == section and r["framework"] == framework]
+    errors = [r["error"] for r in rows if "error" in r]
+    assert rows and not errors, errors
+    return rows
+
+
+def test_bench_torch_and_hf_end_to_end(tmp_path):
+    res, md, png = _run(tmp_path, "--frameworks", "torch", "--skip", "compile")
+    _check_common(res, md, png)
+    train = _ok(res, "train", "torch")
+    assert {r["mtp"] for r in train} == {True, False}
+    assert all(math.isfinite(r["loss_first"]) and r["mfu"] > 0 for r in train)
+    _ok(res, "prefill", "torch")
+    _ok(res, "moe", "torch")
+    dec = _ok(res, "decode", "torch")
+    assert {(r["kind"], r["context"]) for r in dec} == {(k, n) for k in ("latent", "naive") for n in (16, 120)}
+    cfg = ModelConfig.preset("tiny")
+    lat = [r for r in dec if r["kind"] == "latent"][0]
+    assert lat["cache_values_per_token_per_layer"] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert "torch" in res["peaks"] and res["peaks"]["torch"]["peak_gflops"] > 0
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return
+    hf = _ok(res, "train", "hf")
+    # Same weights and batch: HF's loss equals our main loss (fp32).
+    ours = [r for r in train if not r["mtp"]][0]
+    assert hf[0]["loss_first"] == pytest.approx(ours["main_loss_first"], abs=1e-4)
+    assert "| HF eager-attn eager-experts |" in md
+
+
+@pytest.mark.slow
+def test_bench_jax_end_to_end(tmp_path):
+    pytest.importorskip("jax")
+    res, md, png = _run(tmp_path, "--frameworks", "jax", "--skip", "hf,peak", "--mtp", "on",
+                        "--contexts", "16")
+    _check_common(res, md, png, contexts=(16,))
+    assert [r["mtp"] for r in _ok(res, "train", "jax")] == [True]
+    _ok(res, "prefill", "jax")
+    _ok(res, "moe", "jax")
+    dec = _ok(res, "decode", "jax")
+    cfg = ModelConfig.preset("tiny")
+    lat = [r for r in dec if r["kind"] == "latent"][0]
+    assert lat["cache_values_per_token_per_layer"] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    nai = [r for r in dec if r["kind"] == "naive"][0]
+    assert nai["cache_values_per_token_per_layer"] == cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+
+
+def _row(section, name, framework, median, **kw):
+    return {"section": section, "name": name, "framework": framework, "median_s": median, "p25_s": median,
+            "p75_s": median, "first_s": 1.0, "iqr_rel": 0.0, "tokens": 100, "tokens_per_s": 100 / median,
+            "reps": 3, "times_s": [median] * 3, **kw}
+
+
+def test_targets_and_markdown_from_synthetic_results(tmp_path):
+    from dsv3.bench import report
+
+    cfg = ModelConfig.preset("small")
+    rows = [
+        _row("train", "torch eager +MTP", "torch", 1.2, mtp=True, variant="eager", mfu=0.5, gflops=90.0),
+        _row("train", "torch eager", "torch", 1.0, mtp=False, variant="eager", mfu=0.5, gflops=90.0),
+        _row("train", "jax jit +MTP", "jax", 1.25, mtp=True, variant="jit", mfu=0.75, gflops=150.0),
+        _row("train", "jax jit", "jax", 0.9, mtp=False, variant="jit", mfu=0.8, gflops=160.0),
+        _row("train", "HF", "hf", 1.1, mtp=False, variant="eager"),
+        _row("decode", "torch latent @1024", "torch", 0.01, kind="latent", context=1024,
+             cache_values_per_token_per_layer=80.0, cache_bytes_per_token_per_layer=320.0),
+        _row("decode", "torch naive @1024", "torch", 0.02, kind="naive", context=1024,
+             cache_values_per_token_per_layer=640.0, cache_bytes_per_token_per_layer=2560.0),
+        _row("moe", "torch moe forward", "torch", 1.4, kind="moe", phase="forward", gflops=1.0),
+        _row("moe", "torch dense forward", "torch", 1.0, kind="dense", phase="forward", gflops=1.0),
+        {"section": "moe", "name": "jax", "framework": "jax", "error": "RuntimeError: boom\ntraceback"},
+    ]
+    res = {"meta": {"config_name": "small", "is_peer_small_shape": True, "device": "cpu", "dtype": "fp32",
+                    "batch": 8, "seq": 256, "quick": False, "contexts": [1024], "decode_batch": 8,
+                    "decode_steps": 8, "mtp_depths": 1, "layers": 4, "kv_lora_rank": 64, "qk_rope_head_dim": 16,
+                    "env": {"loadavg_start": [1.0, 1.0, 1.0]}, "versions": {}, "torch_threads": 2},
+           "flops": flops.summary(cfg, 256, 8), "peaks": {}, "rows": rows}
+    t = {x["target"]: x for x in report.evaluate_targets(res)}
+    assert t["torch train step >= HF (MTP off both)"]["status"] == "pass"  # 1.1 / 1.0
+    assert t["JAX jit >= 0.9x fastest torch"]["value"] == pytest.approx(1.2 / 1.25, abs=1e-3)
+    assert t["JAX jit >= 0.9x fastest torch"]["status"] == "pass"
+    assert t["fastest train step >= 70% of matmul peak (MFU)"]["status"] == "pass"  # jax 0.8
+    assert t["torch: absorbed decoding beats naive from 1024 up"]["status"] == "pass"
+    assert t["torch: latent cache = C + R values/token/layer"]["status"] == "pass"
+    assert t["torch: MoE layer forward <= 1.3x dense"]["status"] == "miss"  # 1.4
+    share = res["flops"]["mtp_flop_share"]
+    assert t["torch eager: MTP time share <= FLOP share"]["status"] == ("pass" if 1.2 <= share else "miss")
+    assert t["jax jit: MTP time share <= FLOP share"]["status"] == ("pass" if 1.25 / 0.9 <= share else "miss")
+    assert t["JAX >= 3x MaxText (1,450 tok/s)"]["status"] == "miss"  # 100 / 1.25 tok/s
+    res["targets"] = list(t.values())
+    res["meta"]["loadavg_end"] = None
+    paths = report.write_all(res, str(tmp_path))
+    md = open(paths["markdown"]).read()
+    assert "| torch | 1024 | 10000 | 5000 | 2.00× |" in md
+    assert "error: RuntimeError: boom" in md
+    assert os.path.getsize(paths["png"]) > 10_000
