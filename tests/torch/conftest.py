@@ -1,7 +1,15 @@
-"""tests/torch: small configs, deterministic seeds, fp32 matmuls on CPU."""
+"""tests/torch: small configs, deterministic seeds, one intra-op thread.
+
+The tiny models' matmuls are microseconds long; on a shared 2-core machine
+OpenMP's barrier between two threads costs milliseconds per op when the other
+core is busy (a tiny compute_loss went from 20 ms to 4 s). One thread is both
+faster and steadier here.
+"""
 
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 from dsv3 import ModelConfig
 
