@@ -1,0 +1,141 @@
+"""dsv3.config.ModelConfig: validation, derived values, presets, HF config.json in/out (framework-free)."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv3 import ModelConfig
+from dsv3.config import PRESETS, yarn_get_mscale
+
+# The released DeepSeek-V3 config.json (transformers 4.x layout, legacy rope_scaling).
+RELEASED_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}, "aux_loss_alpha": 0.001,
+    "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu",
+    "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1,
+    "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+    "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_released_config_json_is_the_v3_preset():
+    assert ModelConfig.from_hf_dict(RELEASED_V3) == ModelConfig.preset("v3-671b")
+
+
+def test_v3_derived_values_match_the_reference():
+    cfg = ModelConfig.preset("v3-671b")
+    assert cfg.qk_head_dim == 192
+    assert (cfg.n_moe_layers, cfg.n_router_layers) == (58, 59)
+    assert [cfg.is_moe_layer(i) for i in (0, 2, 3, 60)] == [False, False, True, True]
+    m = yarn_get_mscale(40.0, 1.0)
+    assert m == pytest.approx(1.3688879454113936, rel=1e-15)
+    assert cfg.softmax_scale == pytest.approx(0.1352337788608801, rel=1e-15)
+    assert cfg.rope_attention_factor == 1.0
+    assert (cfg.balance_loss_alpha, cfg.bias_update_speed, cfg.mtp_loss_weight) == (1e-4, 1e-3, 0.3)
+
+
+def test_attention_factor_and_scale_without_yarn():
+    cfg = ModelConfig.preset("tiny").replace(mscale=0.9, mscale_all_dim=0.6)
+    s = cfg.rope_factor
+    assert cfg.rope_attention_factor == pytest.approx((0.09 * math.log(s) + 1) / (0.06 * math.log(s) + 1))
+    plain = cfg.replace(rope_scaling_type=None)
+    assert plain.rope_attention_factor == 1.0
+    assert plain.softmax_scale == plain.qk_head_dim ** -0.5
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_hf_dict_and_disk(name, tmp_path):
+    cfg = ModelConfig.preset(name)
+    assert ModelConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg \
+        or cfg.rope_scaling_type is None
+    cfg.save_pretrained(tmp_path)
+    back = ModelConfig.from_pretrained(tmp_path)
+    if cfg.rope_scaling_type is None:  # plain RoPE cannot carry the (unused) YaRN fields
+        back = back.replace(rope_factor=cfg.rope_factor,
+                            original_max_position_embeddings=cfg.original_max_position_embeddings,
+                            beta_fast=cfg.beta_fast, beta_slow=cfg.beta_slow, mscale=cfg.mscale,
+                            mscale_all_dim=cfg.mscale_all_dim)
+    assert back == cfg
+
+
+def test_tiny_preset_exercises_every_feature():
+    cfg = ModelConfig.preset("tiny")
+    assert cfg.q_lora_rank is not None and cfg.n_group > cfg.topk_group > 1
+    assert 0 < cfg.first_k_dense_replace < cfg.num_hidden_layers and cfg.n_shared_experts >= 1
+    assert cfg.rope_scaling_type == "yarn" and cfg.rope_factor > 1 and cfg.num_nextn_predict_layers == 1
+    assert yarn_get_mscale(cfg.rope_factor, cfg.mscale_all_dim) != 1.0
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("n_group", 3, "n_routed_experts"),               # 8 experts not divisible by 3 groups
+    ("topk_group", 5, "topk_group"),
+    ("num_experts_per_tok", 5, "num_experts_per_tok"),  # only 4 experts in the 2 kept groups
+    ("q_lora_rank", 0, "q_lora_rank"),
+    ("qk_rope_head_dim", 7, "qk_rope_head_dim"),
+    ("hidden_size", -1, "hidden_size"),
+    ("rope_scaling_type", "ntk", "rope_scaling_type"),
+    ("eos_token_id", 128, "eos_token_id"),
+    ("first_k_dense_replace", 4, "first_k_dense_replace"),
+    ("rope_factor", 0.5, "rope_factor"),
+    ("num_nextn_predict_layers", -1, "num_nextn_predict_layers"),
+])
+def test_invalid_values_raise_naming_the_field(field, value, words):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{words}"):
+        ModelConfig.preset("tiny").replace(**{field: value})
+
+
+def test_config_is_frozen_and_hashable():
+    cfg = ModelConfig.preset("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.hidden_size = 3
+    assert hash(cfg) == hash(ModelConfig.preset("tiny").replace())
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        ModelConfig.preset("huge")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"foo_bar": 1}, r"unknown keys \['foo_bar'\]"),
+    ({"scoring_func": "softmax"}, "scoring_func must be 'sigmoid'"),
+    ({"num_key_value_heads": 8}, "num_key_value_heads=8 must equal"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "alpha": 1}},
+     r"unknown rope_scaling/rope_parameters keys \['alpha'\]"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear' is not supported"),
+])
+def test_hf_dict_refuses_what_it_does_not_understand(change, words):
+    d = {**ModelConfig.preset("tiny").to_hf_dict(), **change}
+    if "rope_scaling" in change:
+        d.pop("rope_parameters")
+    with pytest.raises(ValueError, match=words):
+        ModelConfig.from_hf_dict(d)
+
+
+@settings(max_examples=40, deadline=None)
+@given(groups=st.sampled_from([1, 2, 4]), per=st.integers(2, 4), heads=st.integers(1, 4),
+       lora=st.one_of(st.none(), st.integers(4, 16)), factor=st.floats(1.0, 64.0),
+       mscale=st.floats(0.1, 1.5), mscale_all=st.floats(0.0, 1.5), data=st.data())
+def test_hf_dict_round_trip_property(groups, per, heads, lora, factor, mscale, mscale_all, data):
+    E = groups * per
+    topk_group = data.draw(st.integers(1, groups))
+    k = data.draw(st.integers(1, topk_group * per))
+    cfg = ModelConfig.preset("tiny").replace(
+        n_routed_experts=E, n_group=groups, topk_group=topk_group, num_experts_per_tok=k,
+        num_attention_heads=heads, q_lora_rank=lora, rope_factor=factor, mscale=mscale,
+        mscale_all_dim=mscale_all)
+    back = ModelConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
+    assert back == cfg
+    assert back.softmax_scale == cfg.softmax_scale and back.rope_attention_factor == cfg.rope_attention_factor
