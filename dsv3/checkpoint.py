@@ -398,8 +398,12 @@ def save_canonical(directory: str, state: Mapping[str, np.ndarray], cfg: ModelCo
             size = 0
         shards[-1][name] = tensors[name]
         size += nbytes
+    index_path = os.path.join(directory, "model.safetensors.index.json")
     if len(shards) == 1:
         atomic_write_bytes(os.path.join(directory, "model.safetensors"), save(shards[0], metadata={"format": "pt"}))
+        # A stale index from an earlier sharded save would take precedence on load.
+        if os.path.exists(index_path):
+            os.remove(index_path)
     else:
         weight_map = {}
         for n, shard in enumerate(shards):
@@ -407,7 +411,7 @@ def save_canonical(directory: str, state: Mapping[str, np.ndarray], cfg: ModelCo
             atomic_write_bytes(os.path.join(directory, fn), save(shard, metadata={"format": "pt"}))
             weight_map.update({k: fn for k in shard})
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        atomic_write_text(os.path.join(directory, "model.safetensors.index.json"), json.dumps(index, indent=2))
+        atomic_write_text(index_path, json.dumps(index, indent=2))
     cfg.save_pretrained(directory)
 
 
