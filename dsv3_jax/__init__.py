@@ -7,11 +7,11 @@
 
 from dsv3_jax.generate import generate
 from dsv3_jax.mla import MLA
-from dsv3_jax.model import Block, DeepSeekV3
-from dsv3_jax.moe import MLP, Experts, MoE, Router, RouterBias
-from dsv3_jax.mtp import MTPModule
+from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.moe import MLP, Experts, MoE, MoEOutput, Router, RouterBias
+from dsv3_jax.mtp import Block, MTPModule
 from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import RotaryEmbedding, apply_rope, rope_inv_freq
 
-__all__ = ["DeepSeekV3", "Block", "MLA", "MoE", "MLP", "Experts", "Router", "RouterBias", "MTPModule",
+__all__ = ["DeepSeekV3", "Block", "MLA", "MoE", "MoEOutput", "MLP", "Experts", "Router", "RouterBias", "MTPModule",
            "RMSNorm", "RotaryEmbedding", "apply_rope", "rope_inv_freq", "generate"]

@@ -1,2 +1,94 @@
-def generate(*a, **k):
-    raise NotImplementedError
+"""Autoregressive generation on the MLA cache (REFERENCE §2.1 decoding; docs/API.md), Flax NNX port.
+
+Shape legend: B batch (prompts), S tokens fed in one call, V vocab.
+
+One prefill of the shortest common prompt length P, then one token per step. A row still inside
+its own prompt is fed its next prompt token instead of a sample, so prompts of different lengths
+share positions and one cache. The default cache is the compressed latent with weight-absorbed
+attention; ``cache="naive"`` keeps expanded K/V. The decode step (forward + sampling) is one
+``nnx.jit`` function with a traced position: it compiles once per (batch, cache length, sampling
+settings), not once per token.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_k: Optional[int],
+                top_p: Optional[float]) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32: greedy when temperature == 0, else top-k / top-p sampling."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # drop a token once the mass BEFORE it already reaches top_p (the first always stays)
+        drop = (jnp.cumsum(probs, axis=-1) - probs) >= top_p
+        sorted_logits = jnp.where(drop, -jnp.inf, sorted_logits)
+        logits = jnp.zeros_like(logits).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(nnx.jit, static_argnames=("temperature", "top_k", "top_p"))
+def _decode(model, tokens, cache, start_pos, key, temperature, top_k, top_p):
+    """Feed tokens [B, S] at start_pos (traced); sample from the last position -> (next [B], cache)."""
+    logits, cache = model.forward_cached(tokens, cache, start_pos)
+    return sample_next(logits[:, -1], key, temperature, top_k, top_p), cache
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+             eos: Optional[int] = None, cache: str = "latent",
+             on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+    """New tokens per prompt (cut after `eos`, which is kept). on_token(row, token) streams them."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    B, lens = len(prompts), [len(p) for p in prompts]
+    new: list[list[int]] = [[] for _ in range(B)]
+    if max_new_tokens == 0:
+        return new
+    V = model.cfg.vocab_size
+    for p in prompts:
+        if min(p) < 0 or max(p) >= V:
+            raise ValueError(f"prompt token ids must lie in [0, {V})")
+    kv = model.init_cache(B, max(lens) + max_new_tokens, kind=cache)
+    key = jax.random.key(seed)
+    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+    P = min(lens)
+    key, sub = jax.random.split(key)
+    prefill = jnp.asarray([list(p[:P]) for p in prompts], jnp.int32)
+    sampled, kv = _decode(model, prefill, kv, jnp.int32(0), sub, **sampling)
+    done = [False] * B
+    pos = P  # position of the token being chosen now
+    while True:
+        sampled_h = np.asarray(sampled).tolist()
+        fed = []
+        for b in range(B):
+            tok = prompts[b][pos] if pos < lens[b] else sampled_h[b]
+            fed.append(tok)
+            if pos >= lens[b] and not done[b]:
+                new[b].append(tok)
+                if on_token is not None:
+                    on_token(b, tok)
+                done[b] = (eos is not None and tok == eos) or len(new[b]) >= max_new_tokens
+        if all(done):
+            return new
+        key, sub = jax.random.split(key)
+        sampled, kv = _decode(model, jnp.asarray(fed, jnp.int32)[:, None], kv, jnp.int32(pos), sub, **sampling)
+        pos += 1

@@ -32,6 +32,11 @@ def linear(d_in: int, d_out: int, cfg: ModelConfig, dtype, rngs: nnx.Rngs) -> nn
                       kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
 
 
+def _scale(scores: jax.Array, scale: float) -> jax.Array:
+    """scores (model dtype) times the fp32 scale, rounded once: torch's tensor * python-float rule."""
+    return (scores.astype(jnp.float32) * jnp.float32(scale)).astype(scores.dtype)
+
+
 def _softmax(scores: jax.Array, dtype) -> jax.Array:
     return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
 
@@ -81,7 +86,7 @@ class MLA(nnx.Module):
     def _attend(self, q, k, v, mask):
         """q [B,S,H,N+R], k [B,T,H,N+R], v [B,T,H,V], mask [S,T] (True = visible) -> [B,S,D]."""
         B, S = q.shape[:2]
-        scores = jnp.einsum("bshd,bthd->bhst", q, k) * jnp.asarray(self.cfg.softmax_scale, q.dtype)
+        scores = _scale(jnp.einsum("bshd,bthd->bhst", q, k), self.cfg.softmax_scale)
         scores = jnp.where(mask[None, None], scores, jnp.asarray(-jnp.inf, scores.dtype))
         p = _softmax(scores, q.dtype)
         o = jnp.einsum("bhst,bthv->bshv", p, v)
@@ -137,8 +142,8 @@ class MLA(nnx.Module):
         w = self.wkv_b.kernel[...].reshape(cfg.kv_lora_rank, H, N + cfg.v_head_dim)  # [C,H,N+V]
         w_uk, w_uv = w[..., :N], w[..., N:]                                          # [C,H,N], [C,H,V]
         q_lat = jnp.einsum("bshn,chn->bshc", q_nope, w_uk)
-        scores = (jnp.einsum("bshc,btc->bhst", q_lat, c_kv)
-                  + jnp.einsum("bshr,btr->bhst", q_pe, k_pe)) * jnp.asarray(cfg.softmax_scale, q_nope.dtype)
+        scores = _scale(jnp.einsum("bshc,btc->bhst", q_lat, c_kv) + jnp.einsum("bshr,btr->bhst", q_pe, k_pe),
+                        cfg.softmax_scale)
         scores = jnp.where(mask[None, None], scores, jnp.asarray(-jnp.inf, scores.dtype))
         p = _softmax(scores, q_nope.dtype)
         o_lat = jnp.einsum("bhst,btc->bshc", p, c_kv)

@@ -25,40 +25,12 @@ from dsv3 import checkpoint
 from dsv3.config import ModelConfig
 from dsv3.types import LossOutput
 from dsv3_jax.mla import MLA, linear
-from dsv3_jax.moe import MLP, MoE, RouterBias
-from dsv3_jax.mtp import MTPModule
+from dsv3_jax.moe import sequence_balance_loss
+from dsv3_jax.mtp import Block, MTPModule
 from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
-
-
-class Block(nnx.Module):
-    """Pre-norm decoder layer: h + attn(attn_norm(h)), then + ffn(ffn_norm(h)); ffn = MLP or MoE."""
-
-    def __init__(self, cfg: ModelConfig, moe: bool, *, dtype=jnp.float32, moe_impl: str = "auto",
-                 combine: str = "grouped", rngs: nnx.Rngs):
-        self.moe = moe
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.attn = MLA(cfg, dtype=dtype, rngs=rngs)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        if moe:
-            self.ffn = MoE(cfg, dtype=dtype, impl=moe_impl, combine=combine, rngs=rngs)
-        else:
-            self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x, cos, sin, start_pos=0, cache=None):
-        """x [B,T,D] -> (x [B,T,D], stats, cache). stats = (counts [E], balance loss) for a MoE
-        layer, None for a dense one; cache is the updated layer cache (None without one)."""
-        if cache is None:
-            a = self.attn(self.attn_norm(x), cos, sin)
-        else:
-            a, cache = self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
-        x = x + a
-        if self.moe:
-            f, counts, bal = self.ffn(self.ffn_norm(x))
-            return x + f, (counts, bal), cache
-        return x + self.ffn(self.ffn_norm(x)), None, cache
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -82,7 +54,7 @@ class DeepSeekV3(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None, dtype=jnp.float32, *,
-                 moe_impl: str = "auto", combine: str = "grouped"):
+                 moe_impl: str = "auto", combine: str = "grouped", _blocks: bool = True):
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.cfg = cfg
         self.dtype = dtype
@@ -91,10 +63,26 @@ class DeepSeekV3(nnx.Module):
         self.embed = nnx.Embed(V, D, dtype=dtype, param_dtype=dtype,
                                embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
         self.rope = RotaryEmbedding(cfg)
-        self.layers = nnx.List([Block(cfg, cfg.is_moe_layer(i), **kw) for i in range(cfg.num_hidden_layers)])
+        n_layers, n_mtp = (cfg.num_hidden_layers, cfg.num_nextn_predict_layers) if _blocks else (0, 0)
+        self.layers = nnx.List([Block(cfg, cfg.is_moe_layer(i), **kw) for i in range(n_layers)])
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
         self.head = linear(D, V, cfg, dtype, rngs)
-        self.mtp = nnx.List([MTPModule(cfg, **kw) for _ in range(cfg.num_nextn_predict_layers)])
+        self.mtp = nnx.List([MTPModule(cfg, **kw) for _ in range(n_mtp)])
+
+    @classmethod
+    def abstract(cls, cfg: ModelConfig, dtype=jnp.float32, **kwargs) -> "DeepSeekV3":
+        """The model with ShapeDtypeStruct leaves, allocating nothing (nnx.eval_shape, REFERENCE §10).
+
+        Each block is traced on its own: one trace of the whole model grows quadratically with
+        depth in flax 0.12 (every Rngs update searches the jaxpr), 20+ s for v3-671b.
+        """
+        model = nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0), dtype, _blocks=False, **kwargs))
+        kw = dict(dtype=dtype, **kwargs)
+        model.layers = nnx.List([nnx.eval_shape(lambda i=i: Block(cfg, cfg.is_moe_layer(i), rngs=nnx.Rngs(i), **kw))
+                                 for i in range(cfg.num_hidden_layers)])
+        model.mtp = nnx.List([nnx.eval_shape(lambda k=k: MTPModule(cfg, rngs=nnx.Rngs(k), **kw))
+                              for k in range(cfg.num_nextn_predict_layers)])
+        return model
 
     # ------------------------------------------------------------ validation
     def _check_tokens(self, tokens, start_pos=0, cache_len=None) -> None:
@@ -119,7 +107,7 @@ class DeepSeekV3(nnx.Module):
 
     # --------------------------------------------------------------- forward
     def _trunk(self, tokens, start_pos=0, caches=None):
-        """Embedding and decoder layers: -> (h [B,T,D] before norm, stats per MoE layer, caches)."""
+        """Embedding and decoder layers: -> (h [B,T,D] before norm, MoEOutput per MoE layer, (cos, sin), caches)."""
         T = tokens.shape[1]
         h = self.embed(tokens.astype(jnp.int32))
         cos, sin = self.rope(start_pos + jnp.arange(T), self.dtype)
@@ -127,7 +115,7 @@ class DeepSeekV3(nnx.Module):
         for i, layer in enumerate(self.layers):
             h, st, c = layer(h, cos, sin, start_pos, None if caches is None else caches[i])
             if st is not None:
-                stats.append(st)
+                stats.append(st)  # MoEOutput
             new_caches.append(c)
         return h, stats, (cos, sin), (None if caches is None else new_caches)
 
@@ -150,7 +138,7 @@ class DeepSeekV3(nnx.Module):
     def _stack_counts(self, stats):
         if not stats:
             return jnp.zeros((0, self.cfg.n_routed_experts), jnp.int32)
-        return jnp.stack([c for c, _ in stats])
+        return jnp.stack([o.counts for o in stats])
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, input_ids, labels) -> LossOutput:
@@ -178,7 +166,9 @@ class DeepSeekV3(nnx.Module):
         D = len(self.mtp)
         mtp_losses = jnp.stack(mtp_losses) if mtp_losses else jnp.zeros((0,), jnp.float32)
         mtp_loss = cfg.mtp_loss_weight / D * jnp.sum(mtp_losses) if D else jnp.float32(0.0)
-        bal = sum((b for _, b in stats), jnp.float32(0.0)) * jnp.float32(cfg.balance_loss_alpha)
+        K = cfg.num_experts_per_tok
+        bal = sum((sequence_balance_loss(o.scores, K) for o in stats), jnp.float32(0.0)) * jnp.float32(
+            cfg.balance_loss_alpha)
         loss = main + mtp_loss + bal
         return LossOutput(loss=loss, main_loss=main, mtp_losses=mtp_losses, mtp_loss=mtp_loss,
                           balance_loss=bal, counts=self._stack_counts(stats))
@@ -246,7 +236,7 @@ class DeepSeekV3(nnx.Module):
     def from_pretrained(cls, directory: str | os.PathLike, dtype=jnp.float32, **kwargs) -> "DeepSeekV3":
         """Load a HF-layout checkpoint: build abstractly (nnx.eval_shape), then fill (REFERENCE §10)."""
         cfg, state = checkpoint.load_canonical(os.fspath(directory))
-        model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, **kwargs))
+        model = cls.abstract(cfg, dtype, **kwargs)
         model.load_canonical_state(state)
         left = [p for p, v in nnx.to_flat_state(nnx.state(model)) if not isinstance(v.get_value(), jax.Array)]
         if left:

@@ -27,6 +27,8 @@ Flax kernels: w1/w3 [E, D, F], w2 [E, F, D] (torch: [E, F, D], [E, D, F]).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -41,6 +43,11 @@ class RouterBias(nnx.Variable):
     """Aux-loss-free correction bias b [E] (fp32): selection only, never a gradient or optimizer target."""
 
 
+def silu(x: jax.Array) -> jax.Array:
+    """SiLU evaluated in fp32 and rounded once to x.dtype (torch's bf16 kernel does the same)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
 class MLP(nnx.Module):
     """SwiGLU FFN w2(silu(w1 x) * w3 x): the dense layers' FFN and the shared experts."""
 
@@ -50,7 +57,7 @@ class MLP(nnx.Module):
         self.w3 = linear(dim, inter, cfg, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D]
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu(self.w1(x)) * self.w3(x))
 
 
 class Router(nnx.Module):
@@ -84,10 +91,11 @@ class Router(nnx.Module):
 
 
 def default_block_rows(M: int, E: int) -> int:
-    """Rows per block for the block-sparse path: a power of two in [8, 128] with E*bm <= ~M/4,
-    so padding (at most bm - 1 rows per expert) stays a small fraction of the M routed rows."""
+    """Rows per block for the block-sparse path: a power of two in [8, 256] with E*bm <= M/4, so the
+    static bound of M + E*bm computed rows stays within ~25% of the M routed rows (big blocks keep
+    the per-block weight gather small next to the block's matmul)."""
     bm = 8
-    while bm < 128 and E * bm * 2 * 4 <= M:
+    while bm < 256 and E * bm * 2 * 4 <= M:
         bm *= 2
     return bm
 
@@ -113,7 +121,7 @@ def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int):
     valid = rank < sizes[e_r]
     src = jnp.where(valid, start[e_r] + rank, 0)
     xb = jnp.where(valid[:, None], xs[src], 0).reshape(nb, bm, D)
-    h = jax.nn.silu(jnp.einsum("gmd,gdf->gmf", xb, w1[bexp])) * jnp.einsum("gmd,gdf->gmf", xb, w3[bexp])
+    h = silu(jnp.einsum("gmd,gdf->gmf", xb, w1[bexp])) * jnp.einsum("gmd,gdf->gmf", xb, w3[bexp])
     yb = jnp.einsum("gmf,gfd->gmd", h, w2[bexp]).reshape(nb * bm, D)
     # sorted row j of expert e sits at padded row pstart[e] + (j - start[e])
     e_j = jnp.repeat(jnp.arange(E), sizes, total_repeat_length=M)
@@ -122,7 +130,7 @@ def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int):
 
 def _ragged_swiglu(xs, sizes, w1, w2, w3):
     """Grouped SwiGLU with jax.lax.ragged_dot (the reference grouped GEMM)."""
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w1, sizes)) * jax.lax.ragged_dot(xs, w3, sizes)
+    h = silu(jax.lax.ragged_dot(xs, w1, sizes)) * jax.lax.ragged_dot(xs, w3, sizes)
     return jax.lax.ragged_dot(h, w2, sizes)
 
 
@@ -184,10 +192,11 @@ def combine(y: jax.Array, w: jax.Array, scheme: str = "grouped") -> jax.Array:
     raise ValueError(f"combine scheme must be 'grouped' or 'eager', got {scheme!r}")
 
 
-def balance_loss(s: jax.Array, K: int) -> jax.Array:
-    """Sequence-wise balance loss (REFERENCE §8.2) without alpha: mean over sequences of sum_i f_i P_i.
+def sequence_balance_loss(s: jax.Array, K: int) -> jax.Array:
+    """Sequence-wise balance loss sum_i f_i P_i averaged over sequences (Paper eqs. 17-20; REFERENCE §8.2).
 
-    s [B, T, E] unbiased fp32 scores. f_i counts top-K of s (no bias, no group limit), no gradient.
+    s [B, T, E] unbiased fp32 scores. f_i counts the top-K of s (no bias, no group limit) and has no
+    gradient; P_i, the mean normalised score, is the only gradient path. Multiply by alpha outside.
     """
     B, T, E = s.shape
     _, top = jax.lax.top_k(jax.lax.stop_gradient(s), K)                          # [B, T, K]
@@ -197,8 +206,14 @@ def balance_loss(s: jax.Array, K: int) -> jax.Array:
     return jnp.mean(jnp.sum(f * P, axis=-1))
 
 
+class MoEOutput(NamedTuple):
+    out: jax.Array     # [B, T, D] model dtype
+    counts: jax.Array  # [E] int32 (token, slot) assignments
+    scores: jax.Array  # [B, T, E] fp32 unbiased affinities (for the balance loss)
+
+
 class MoE(nnx.Module):
-    """Routed experts + shared experts. Returns (y, counts [E], balance loss without alpha)."""
+    """Routed experts (dropless, grouped by expert) + shared experts -> MoEOutput. Never changes the bias."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, impl: str = "auto",
                  combine: str = "grouped", rngs: nnx.Rngs):
@@ -214,14 +229,14 @@ class MoE(nnx.Module):
         else:
             self.shared_experts = None
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B, T, D] -> y [B, T, D], counts [E] int32 (token, slot) assignments, L_Bal (fp32 scalar)."""
+    def __call__(self, x: jax.Array) -> MoEOutput:
+        """x [B, T, D] -> MoEOutput(out [B, T, D], counts [E], scores [B, T, E])."""
         B, T, D = x.shape
-        E, K = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        E = self.cfg.n_routed_experts
         xf = x.reshape(B * T, D)
         w, idx, s = self.gate(xf)
         y = combine(self.experts(xf, idx), w, self.combine)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)
         counts = jnp.bincount(idx.reshape(-1), length=E).astype(jnp.int32)
-        return y.reshape(B, T, D), counts, balance_loss(s.reshape(B, T, E), K)
+        return MoEOutput(y.reshape(B, T, D), counts, s.reshape(B, T, E))

@@ -9,7 +9,9 @@ model's hidden AFTER model.norm) and the embedding of t_{i+k}:
 
 Depth k+1 receives h^k from BEFORE ``norm``. RoPE inside uses the original positions i.
 
-Shape legend: B batch, T time, D model width.
+Also holds Block, the decoder layer shared by the main model and the MTP depths (as dsv3_torch).
+
+Shape legend: B batch, T time, D model width, E routed experts.
 """
 
 from __future__ import annotations
@@ -19,8 +21,36 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3.config import ModelConfig
-from dsv3_jax.mla import linear
+from dsv3_jax.mla import MLA, linear
+from dsv3_jax.moe import MLP, MoE
 from dsv3_jax.norm import RMSNorm
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: h + attn(attn_norm(h)), then + ffn(ffn_norm(h)); ffn = MLP or MoE."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool, *, dtype=jnp.float32, moe_impl: str = "auto",
+                 combine: str = "grouped", rngs: nnx.Rngs):
+        self.moe = moe
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.attn = MLA(cfg, dtype=dtype, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if moe:
+            self.ffn = MoE(cfg, dtype=dtype, impl=moe_impl, combine=combine, rngs=rngs)
+        else:
+            self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, start_pos=0, cache=None):
+        """x [B,T,D] -> (h [B,T,D], MoEOutput or None for a dense layer, updated layer cache or None)."""
+        if cache is None:
+            a = self.attn(self.attn_norm(x), cos, sin)
+        else:
+            a, cache = self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
+        x = x + a
+        if self.moe:
+            f = self.ffn(self.ffn_norm(x))
+            return x + f.out, f, cache
+        return x + self.ffn(self.ffn_norm(x)), None, cache
 
 
 class MTPModule(nnx.Module):
@@ -28,8 +58,6 @@ class MTPModule(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, moe_impl: str = "auto",
                  combine: str = "grouped", rngs: nnx.Rngs):
-        from dsv3_jax.model import Block  # Block lives in model.py, as in dsv3_torch
-
         D = cfg.hidden_size
         self.enorm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
@@ -38,8 +66,8 @@ class MTPModule(nnx.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, h_prev: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array):
-        """h_prev [B,T,D], emb = embed(t_{i+k}) [B,T,D], cos/sin [T,R/2] -> (h^k [B,T,D] before norm,
-        (counts [E], balance loss))."""
+        """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (embed of t_{i+k}), cos/sin [T,R/2]
+        -> (h^k [B,T,D] before norm, MoEOutput)."""
         x = self.eh_proj(jnp.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
         h, stats, _ = self.block(x, cos, sin)
         return h, stats
