@@ -1,0 +1,205 @@
+"""JAX / optax training backend for `dsv3 train --framework jax` (driver: dsv3.training).
+
+One optimizer step is ONE `nnx.jit`-compiled call (REFERENCE §8, §10):
+
+    grads, counts = sum over micro-batches (jax.lax.scan) of grad(compute_loss), counts
+    grads /= k                                      # the mean over the step's sequences
+    optimizer.update(model, grads, lr=lr)           # clip -> Adam -> decoupled decay (mask) -> -lr
+    model.update_router_bias(counts, gamma)         # once, summed counts; RouterBias is not a Param
+
+The optimizer is ``nnx.Optimizer(model, tx, wrt=nnx.Param)``, so neither the
+gradient, the clipping, the decay nor the Adam moments ever see the router
+bias. The learning rate comes from the shared plain-Python schedule
+(`dsv3.training.lr_at`) as a traced scalar argument, so the compiled step is
+reused for every step. Evaluation is a separate jitted function that returns
+losses and changes nothing.
+
+``dtype="bfloat16"``: fp32 master weights and optimizer state; the loss is
+computed by a bf16 twin of the model (same graph built with dtype=bfloat16)
+into which the fp32 parameters are cast inside the step, so gradients flow
+back to fp32 through the casts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dsv3.config import ModelConfig
+from dsv3.training import TrainConfig, decays
+from dsv3_jax.model import DeepSeekV3
+
+
+def scale_by_lr_arg() -> optax.GradientTransformationExtraArgs:
+    """updates * -lr, with lr given to `update(..., lr=...)` each step (no schedule inside optax)."""
+
+    def init_fn(params):
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, lr, **extra):
+        return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
+    return ".".join(parts)
+
+
+def decay_mask(params):
+    """True where AdamW decays: the shared rule of dsv3.training.decays, by parameter path."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: decays(_path_name(p), jnp.ndim(x)), params)
+
+
+def make_tx(tcfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    return _tx(tcfg.grad_clip, tcfg.beta1, tcfg.beta2, tcfg.eps, tcfg.weight_decay)
+
+
+@functools.lru_cache(maxsize=None)
+def _tx(grad_clip: float, b1: float, b2: float, eps: float, weight_decay: float):
+    # Memoised: the transformation is static in the optimizer's graph, so an equal object lets a
+    # new backend with the same hyper-parameters reuse the compiled step (tests, resume).
+    parts = []
+    if grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip))
+    parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+    if weight_decay > 0:
+        parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+    parts.append(scale_by_lr_arg())
+    return optax.chain(*parts)
+
+
+def _flat(state) -> dict[str, np.ndarray]:
+    return {".".join(str(p) for p in path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+
+
+class JaxBackend:
+    def __init__(self, cfg: ModelConfig, tcfg: TrainConfig, model: DeepSeekV3 | None = None):
+        self.model_cfg, self.tcfg = cfg, tcfg
+        self.model = model if model is not None else DeepSeekV3(cfg, rngs=nnx.Rngs(tcfg.seed), dtype=jnp.float32)
+        self.optimizer = nnx.Optimizer(self.model, make_tx(tcfg), wrt=nnx.Param)
+        self.gamma = float(cfg.bias_update_speed)
+        self._train, self._eval = _steps(cfg if tcfg.dtype == "bfloat16" else None)
+
+    # ------------------------------------------------------------- train
+    def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
+        xs = jnp.asarray(np.stack([x for x, _ in micro_batches]), jnp.int32)
+        ys = jnp.asarray(np.stack([y for _, y in micro_batches]), jnp.int32)
+        out = self._train(self.model, self.optimizer, xs, ys, jnp.float32(lr), jnp.float32(self.gamma))
+        out = jax.device_get(out)
+        res = {k: float(v) for k, v in out.items() if k != "counts"}
+        if not len(self.model.mtp):
+            res.pop("mtp_depth_loss", None)
+        res["counts"] = np.asarray(out["counts"])
+        return res
+
+    def eval_step(self, input_ids: np.ndarray, labels: np.ndarray) -> dict:
+        out = jax.device_get(self._eval(self.model, jnp.asarray(input_ids, jnp.int32), jnp.asarray(labels, jnp.int32)))
+        res = {"main_loss": float(out["main_loss"])}
+        if len(self.model.mtp):
+            res["mtp_depth_loss"] = float(out["mtp_depth_loss"])
+        return res
+
+    # ------------------------------------------------------------ state
+    def canonical_state(self) -> dict[str, np.ndarray]:
+        return self.model.canonical_state()
+
+    def load_canonical_state(self, state: dict[str, np.ndarray]) -> None:
+        self.model.load_canonical_state(state)
+
+    def save_pretrained(self, directory: str) -> None:
+        self.model.save_pretrained(directory)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """Every leaf of the nnx.Optimizer (step count, Adam mu/nu per parameter path)."""
+        return _flat(nnx.state(self.optimizer))
+
+    def load_optimizer_state(self, tensors: dict[str, np.ndarray]) -> None:
+        state = nnx.state(self.optimizer)
+        flat = nnx.to_flat_state(state)
+        names = {".".join(str(p) for p in path) for path, _ in flat}
+        missing, extra = sorted(names - set(tensors)), sorted(set(tensors) - names)
+        if missing or extra:
+            raise ValueError(f"optimizer state does not match: missing {missing[:10]}, unexpected {extra[:10]}")
+        for path, var in flat:
+            name = ".".join(str(p) for p in path)
+            cur = var.get_value()
+            new = np.asarray(tensors[name])
+            if tuple(new.shape) != tuple(np.shape(cur)):
+                raise ValueError(f"optimizer state {name}: shape {new.shape}, expected {np.shape(cur)}")
+            var.set_value(jnp.asarray(new, dtype=jnp.asarray(cur).dtype))
+        nnx.update(self.optimizer, nnx.from_flat_state(flat))
+
+
+def _loss_model(model_gd, params, rest, twin):
+    """The model that computes the loss: itself (fp32) or the bf16 twin fed cast parameters."""
+    if twin is None:
+        return nnx.merge(model_gd, params, rest)
+    gd, p_abs = twin
+    cast = jax.tree.map(lambda p, a: p.astype(a.dtype), params, p_abs)
+    return nnx.merge(gd, cast, rest)
+
+
+@functools.lru_cache(maxsize=None)
+def _steps(bf16_cfg: ModelConfig | None):
+    """(train_step, eval_step), shared by every backend of the same precision (one compile cache)."""
+    twin = None
+    if bf16_cfg is not None:
+        abstract = nnx.eval_shape(lambda: DeepSeekV3(bf16_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+        gd, p_abs, _ = nnx.split(abstract, nnx.Param, ...)
+        twin = (gd, p_abs)
+    return _make_train_step(twin), _make_eval_step(twin)
+
+
+def _make_train_step(twin):
+    @nnx.jit
+    def train_step(model, optimizer, xs, ys, lr, gamma):
+        gd, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_fn(p, x, y):
+            out = _loss_model(gd, p, rest, twin).compute_loss(x, y)
+            return out.loss, out
+
+        def body(acc, xy):
+            (_, out), g = jax.value_and_grad(loss_fn, has_aux=True)(params, *xy)
+            acc = jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, g)
+            return acc, out
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        gsum, outs = jax.lax.scan(body, zeros, (xs, ys))
+        k = xs.shape[0]
+        grads = jax.tree.map(lambda g: g / k, gsum)
+        grad_norm = optax.tree.norm(grads)
+        optimizer.update(model, grads, lr=lr)
+        counts = jnp.sum(outs.counts, axis=0)
+        model.update_router_bias(counts, gamma)  # once per optimizer step, summed counts
+        depth = jnp.mean(outs.mtp_losses) if outs.mtp_losses.shape[-1] else jnp.float32(0.0)
+        return {"loss": jnp.mean(outs.loss), "main_loss": jnp.mean(outs.main_loss),
+                "mtp_loss": jnp.mean(outs.mtp_loss), "balance_loss": jnp.mean(outs.balance_loss),
+                "mtp_depth_loss": depth, "grad_norm": grad_norm, "counts": counts}
+
+    return train_step
+
+
+def _make_eval_step(twin):
+    @nnx.jit
+    def eval_step(model, x, y):
+        gd, params, rest = nnx.split(model, nnx.Param, ...)
+        out = _loss_model(gd, params, rest, twin).compute_loss(x, y)
+        depth = jnp.mean(out.mtp_losses) if out.mtp_losses.shape[-1] else jnp.float32(0.0)
+        return {"main_loss": out.main_loss, "mtp_depth_loss": depth}
+
+    return eval_step
+
+
+def make_backend(cfg: ModelConfig, tcfg: TrainConfig) -> JaxBackend:
+    return JaxBackend(cfg, tcfg)
