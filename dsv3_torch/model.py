@@ -83,6 +83,10 @@ class KVCache:
                   for _ in range(cfg.num_hidden_layers)]
         return cls(kind, max_len, layers)
 
+    @property
+    def batch(self) -> int:
+        return next(iter(self.layers[0].values())).shape[0]
+
 
 class TrainOutput(NamedTuple):
     logits: torch.Tensor        # [B, T, V] main head, model dtype
@@ -251,8 +255,8 @@ class DeepSeekV3(nn.Module):
         S = tokens.shape[1]
         if start_pos < 0 or start_pos + S > cache.max_len:
             raise ValueError(f"positions [{start_pos}, {start_pos + S}) do not fit a cache of {cache.max_len}")
-        if cache.layers[0][next(iter(cache.layers[0]))].shape[0] != tokens.shape[0]:
-            raise ValueError("tokens batch size does not match the cache")
+        if tokens.shape[0] != cache.batch:
+            raise ValueError(f"tokens batch size {tokens.shape[0]} does not match the cache's {cache.batch}")
         cos, sin = self._rope(start_pos, S, tokens.device)
         h = self.embed(tokens)
         for layer, lc in zip(self.layers, cache.layers):
