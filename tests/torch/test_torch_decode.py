@@ -90,6 +90,11 @@ def test_cache_overflow_and_bad_kind_raise():
         m.init_cache(1, 4, kind="paged")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         m.init_cache(1, m.cfg.max_position_embeddings + 1)
+    with pytest.raises(ValueError, match="batch size 2 does not match the cache's 1"):
+        m.forward_cached(torch.zeros(2, 1, dtype=torch.long), cache, 0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        dsv3_torch.generate(m, [[1], []], 3)
+    assert dsv3_torch.generate(m, [[1, 2]], 0) == [[]]
 
 
 def _greedy_reference(m, prompt, n):

@@ -124,5 +124,6 @@ def test_our_checkpoint_loads_in_transformers(dtype, tmp_path):
     # and back: the MTP depth survives our own round trip
     again = dsv3_torch.DeepSeekV3.from_pretrained(tmp_path, dtype=dtype)
     assert again.cfg == cfg
+    assert not any(t.is_meta for t in again.state_dict().values())  # built on meta, then filled
     for k, v in ours.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k

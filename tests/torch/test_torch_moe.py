@@ -140,6 +140,8 @@ def test_eager_and_grouped_combine_agree_in_fp32():
         with pytest.raises(ValueError, match="combine"):
             moe(x)
     torch.testing.assert_close(eager, grouped, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="combine scheme"):
+        dsv3_torch.DeepSeekV3(CFG).set_moe_combine("fast")
 
 
 # ------------------------------------------------------------ balance loss
