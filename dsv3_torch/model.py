@@ -32,7 +32,7 @@ from torch import nn
 from dsv3 import checkpoint as ckpt
 from dsv3.config import ModelConfig
 from dsv3.types import LossOutput
-from dsv3_torch.moe import Experts, MoE, MoEOutput, Router, sequence_balance_loss
+from dsv3_torch.moe import Experts, MoE, Router, sequence_balance_loss
 from dsv3_torch.mtp import Block, MTPModule
 from dsv3_torch.norm import RMSNorm
 from dsv3_torch.rope import RotaryEmbedding

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import dsv3_torch
 from dsv3 import ModelConfig
-from dsv3_torch.moe import MoE, Router, dispatch, sequence_balance_loss
+from dsv3_torch.moe import MoE, dispatch, sequence_balance_loss
 
 # 16 experts in 4 groups of 4, 2 groups kept, 3 per token: the group limit binds often.
 CFG = ModelConfig.preset("tiny").replace(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
