@@ -9,14 +9,17 @@ faster and steadier here.
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
 from dsv3 import ModelConfig
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _one_thread_and_seed():
+    """Applies to tests under tests/torch only; restored for the rest of a session."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
