@@ -1,0 +1,210 @@
+"""dsv3_jax model: decoding caches, causality, errors, checkpoints, abstract v3-671b, loss, bias update."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3.checkpoint import CheckpointError, canonical_shapes
+from dsv3.config import ModelConfig
+from dsv3_jax import DeepSeekV3, RouterBias, generate
+
+CFG = ModelConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = DeepSeekV3(CFG, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for r in m.routers():  # non-zero bias, as after training
+        r.bias[...] = jnp.asarray(rng.normal(0, 0.05, CFG.n_routed_experts), jnp.float32)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 11)), jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def full_logits(model, tokens):
+    return np.asarray(model(tokens))
+
+
+_step = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))
+
+
+@pytest.mark.parametrize("kind", ["latent", "naive"])
+def test_cached_decoding_equals_full_forward(model, tokens, full_logits, kind):
+    """Prefill 4, extend by a chunk of 3 on a non-empty cache, then one token at a time."""
+    cache = model.init_cache(2, 16, kind)
+    outs = []
+    for a, b in [(0, 4), (4, 7)] + [(p, p + 1) for p in range(7, 11)]:
+        lg, cache = _step(model, tokens[:, a:b], cache, jnp.int32(a))
+        outs.append(np.asarray(lg))
+    np.testing.assert_allclose(np.concatenate(outs, 1), full_logits, rtol=0, atol=1e-5)
+
+
+def test_decode_step_compiles_once(model, tokens):
+    f = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))
+    cache = model.init_cache(2, 16, "latent")
+    traces = []
+    g = nnx.jit(lambda m, t, c, p: (traces.append(1), m.forward_cached(t, c, p))[1])
+    for p in range(5):
+        _, cache = g(model, tokens[:, p:p + 1], cache, jnp.int32(p))
+    assert len(traces) == 1
+
+
+def test_latent_cache_holds_c_kv_and_k_pe(model):
+    c = model.init_cache(3, 7, "latent")
+    assert len(c) == CFG.num_hidden_layers
+    assert c[0]["c_kv"].shape == (3, 7, CFG.kv_lora_rank) and c[0]["k_pe"].shape == (3, 7, CFG.qk_rope_head_dim)
+    n = model.init_cache(3, 7, "naive")[0]
+    assert n["k"].shape == (3, 7, CFG.num_attention_heads, CFG.qk_head_dim)
+    assert n["v"].shape == (3, 7, CFG.num_attention_heads, CFG.v_head_dim)
+
+
+def test_causality(model, tokens, full_logits):
+    t2 = tokens.at[:, 6:].set((tokens[:, 6:] + 1) % CFG.vocab_size)
+    out = np.asarray(model(t2))
+    np.testing.assert_array_equal(out[:, :6], full_logits[:, :6])
+    assert np.abs(out[:, 6:] - full_logits[:, 6:]).max() > 1e-3
+
+
+def test_bad_inputs_raise(model):
+    with pytest.raises(ValueError, match="vocab|\\[0, 128\\)"):
+        model(jnp.asarray([[1, 128]]))
+    with pytest.raises(ValueError, match="\\[0, 128\\)"):
+        model(np.asarray([[-1, 3]]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(jnp.zeros((1, CFG.max_position_embeddings + 1), jnp.int32))
+    with pytest.raises(ValueError, match="integer"):
+        model(jnp.zeros((1, 3), jnp.float32))
+    with pytest.raises(ValueError, match="kind"):
+        model.init_cache(1, 4, "paged")
+    with pytest.raises(ValueError, match="cache"):
+        model.forward_cached(jnp.zeros((1, 5), jnp.int32), model.init_cache(1, 4), 0)
+    with pytest.raises(ValueError, match="counts"):
+        model.update_router_bias(jnp.zeros((1, CFG.n_routed_experts)))
+
+
+def test_load_canonical_state_names_bad_entries(model):
+    state = model.canonical_state()
+    bad = dict(state)
+    del bad["layers.0.attn.wo.weight"]
+    bad["layers.0.attn.extra"] = np.zeros(3, np.float32)
+    bad["norm.weight"] = np.zeros(5, np.float32)
+    with pytest.raises(CheckpointError) as e:
+        DeepSeekV3(CFG).load_canonical_state(bad)
+    msg = str(e.value)
+    assert "layers.0.attn.wo.weight" in msg and "layers.0.attn.extra" in msg and "norm.weight" in msg
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_save_load_round_trip_bit_exact(model, tmp_path, dtype):
+    m = model
+    if dtype != jnp.float32:
+        m = DeepSeekV3(CFG, dtype=dtype)
+        m.load_canonical_state(model.canonical_state())
+    state = m.canonical_state()
+    assert set(state) == set(canonical_shapes(CFG))
+    assert all(state[k].shape == s for k, s in canonical_shapes(CFG).items())
+    m.save_pretrained(tmp_path)
+    back = DeepSeekV3.from_pretrained(tmp_path, dtype=dtype).canonical_state()
+    assert set(back) == set(state)
+    for k in state:
+        assert back[k].dtype == state[k].dtype, k
+        np.testing.assert_array_equal(back[k].view(np.uint8), state[k].view(np.uint8), err_msg=k)
+    if dtype == jnp.bfloat16:  # router stays fp32 in a bf16 model
+        assert state["layers.1.ffn.gate.weight"].dtype == np.float32
+
+
+def test_v3_671b_abstract_param_count():
+    cfg = ModelConfig.preset("v3-671b")
+    m = DeepSeekV3.abstract(cfg)
+    assert isinstance(m.layers[60].ffn.experts.w1.get_value(), jax.ShapeDtypeStruct)
+    assert m.layers[60].ffn.experts.w1.get_value().shape == (256, 7168, 2048)
+    want = sum(int(np.prod(s)) for s in canonical_shapes(cfg).values())
+    assert m.num_params() == want == 682_636_487_424  # 671B main + MTP, router biases included
+
+
+def test_loss_terms_and_mtp_alignment(model, tokens):
+    labels = jnp.roll(tokens, -1, axis=1).at[:, -1].set(-100)
+    out = nnx.jit(lambda m, a, b: m.compute_loss(a, b))(model, tokens, labels)
+    # manual: main CE, depth-1 CE on roll(labels, -1) with the last position masked
+    lg = np.asarray(model(tokens), np.float64)
+
+    def ce(logits, lab):
+        lp = logits - logits.max(-1, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+        v = lab != -100
+        return -(np.take_along_axis(lp, np.where(v, lab, 0)[..., None], -1)[..., 0] * v).sum() / v.sum()
+
+    np.testing.assert_allclose(float(out.main_loss), ce(lg, np.asarray(labels)), rtol=1e-5)
+    assert out.mtp_losses.shape == (1,)
+    np.testing.assert_allclose(float(out.mtp_loss), CFG.mtp_loss_weight * float(out.mtp_losses[0]), rtol=1e-6)
+    np.testing.assert_allclose(float(out.loss), float(out.main_loss + out.mtp_loss + out.balance_loss), rtol=1e-6)
+    assert out.counts.shape == (CFG.n_router_layers, CFG.n_routed_experts)
+    np.testing.assert_array_equal(np.asarray(out.counts).sum(1), tokens.size * CFG.num_experts_per_tok)
+    assert 0 < float(out.balance_loss) < 10 * CFG.balance_loss_alpha * CFG.n_router_layers
+
+
+def test_mtp_uses_embedding_of_next_token(model, tokens):
+    """Depth-1 logits at position i depend on t_{i+1} (its embedding input) and never on t_{i+2}."""
+    labels = jnp.roll(tokens, -1, axis=1)
+    f = nnx.jit(lambda m, a, b: m.compute_loss(a, b).mtp_losses[0])
+    base = float(f(model, tokens, labels))
+    lab_mask = labels.at[:, :].set(-100).at[:, 4].set(labels[:, 4])  # only position 3 scored at depth 1
+    t_next = tokens.at[:, 4].set((tokens[:, 4] + 7) % CFG.vocab_size)
+    t_far = tokens.at[:, 6].set((tokens[:, 6] + 7) % CFG.vocab_size)
+    a = float(f(model, tokens, lab_mask))
+    assert float(f(model, t_next, lab_mask)) != a  # embed(t_{i+1}) enters position 3
+    assert float(f(model, t_far, lab_mask)) == a   # t_{i+3} is in the future
+    assert base != a
+
+
+def test_forward_never_changes_bias_and_update_in_jit(model, tokens):
+    before = [np.asarray(r.bias[...]).copy() for r in model.routers()]
+    labels = jnp.roll(tokens, -1, axis=1)
+
+    @nnx.jit
+    def step(m, t, l):
+        out = m.compute_loss(t, l)
+        m.update_router_bias(out.counts, gamma=0.01)
+        return out.counts
+
+    counts = np.asarray(step(model, tokens, labels)).astype(np.float64)
+    for r, b0, c in zip(model.routers(), before, counts):
+        np.testing.assert_allclose(np.asarray(r.bias[...]), b0 + 0.01 * np.sign(c.mean() - c), rtol=0, atol=1e-7)
+        assert isinstance(r.bias, RouterBias)
+    model.update_router_bias(-jnp.asarray(counts), gamma=0.01)  # exact inverse: restore the fixture
+    for r, b0 in zip(model.routers(), before):
+        np.testing.assert_allclose(np.asarray(r.bias[...]), b0, atol=1e-7)
+
+
+def test_generate_ragged_prompts_greedy_equals_full_forward(model):
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    streamed = []
+    out = generate(model, prompts, 4, on_token=lambda b, t: streamed.append((b, t)))
+    L = max(map(len, prompts)) + 4
+    for p, new in zip(prompts, out):
+        seq = list(p)
+        for _ in range(4):  # causal: zero padding after the sequence does not change its logits
+            lg = model(jnp.asarray([seq + [0] * (L - len(seq))], jnp.int32))
+            seq.append(int(np.argmax(np.asarray(lg)[0, len(seq) - 1])))
+        assert new == seq[len(p):]
+    assert sorted(streamed) == sorted((b, t) for b, new in enumerate(out) for t in new)
+    naive = generate(model, prompts, 4, cache="naive")
+    assert naive == out
+    eos = out[0][1]
+    cut = generate(model, prompts, 4, eos=eos)
+    assert cut[0] == out[0][: out[0].index(eos) + 1]
+
+
+def test_generate_sampling_is_seeded(model):
+    a = generate(model, [[1, 2, 3]], 5, temperature=1.0, top_k=10, top_p=0.9, seed=7)
+    assert a == generate(model, [[1, 2, 3]], 5, temperature=1.0, top_k=10, top_p=0.9, seed=7)
+    assert all(0 <= t < CFG.vocab_size for t in a[0]) and len(a[0]) == 5
