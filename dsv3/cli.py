@@ -48,6 +48,7 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
     p.add_argument("--beta1", type=float, default=_DEFAULTS.beta1)
     p.add_argument("--beta2", type=float, default=_DEFAULTS.beta2)
+    p.add_argument("--adam-eps", dest="eps", type=float, default=_DEFAULTS.eps)
     p.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip, help="max gradient norm (0: off)")
     p.add_argument("--dtype", choices=DTYPES, default=_DEFAULTS.dtype, help="compute dtype (weights stay fp32)")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
@@ -115,7 +116,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         framework=args.framework, preset=args.preset, config=args.config, data=args.data, out=out,
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip,
+        weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, eps=args.eps, grad_clip=args.grad_clip,
         dtype=args.dtype, seed=args.seed, bias_update_speed=args.bias_update_speed,
         balance_loss_alpha=args.balance_loss_alpha, mtp_loss_weight=args.mtp_loss_weight,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,

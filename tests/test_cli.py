@@ -1,0 +1,185 @@
+"""The `dsv3` command line, in-process (tiny models, a few steps)."""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from dsv3 import ModelConfig
+from dsv3.checkpoint import canonical_shapes, load_canonical, read_safetensors, save_canonical
+from dsv3.cli import build_parser, generate_text, info_dict, main, train_config_from_args
+from dsv3.training import TrainConfig, latest_checkpoint, read_metrics
+
+TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny256cli")
+    TINY.save_pretrained(str(d))
+    return str(d)
+
+
+def test_train_defaults_match_train_config():
+    args = build_parser().parse_args(["train"])
+    t = train_config_from_args(args)
+    d = TrainConfig()
+    for k in ("framework", "preset", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "weight_decay",
+              "grad_clip", "dtype", "seed", "eps", "beta2"):
+        assert getattr(t, k) == getattr(d, k), k
+    assert t.out == os.path.join("runs", "small-jax")
+    assert t.bias_update_speed is None  # the ModelConfig's gamma unless overridden
+    t = train_config_from_args(build_parser().parse_args(["train", "--gamma", "0", "--alpha", "0.001",
+                                                          "--mtp-weight", "0.1", "--framework", "torch"]))
+    assert (t.bias_update_speed, t.balance_loss_alpha, t.mtp_loss_weight) == (0.0, 0.001, 0.1)
+
+
+def test_info(capsys):
+    assert main(["info", "--preset", "v3-671b", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert 670e9 < d["params_main"] < 672e9 and 37e9 < d["params_active_per_token"] < 38e9
+    assert d["kv_cache_values_per_token"]["latent"] == 61 * 576
+    assert main(["info"]) == 0
+    assert "params_active_per_token" in capsys.readouterr().out
+    assert info_dict(ModelConfig.preset("small"))["params_main"] == 6_552_576
+
+
+def test_errors_are_short_messages(capsys, tmp_path):
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a checkpoint" in err and "Traceback" not in err
+    assert main(["train", "--batch-size", "6", "--grad-accum", "4", "--out", str(tmp_path / "r")]) == 2
+    assert "grad_accum" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--framework", "torch"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def _train_args(config_dir, out, framework, *extra):
+    return ["train", "--framework", framework, "--config", config_dir, "--steps", "4", "--batch-size", "8",
+            "--grad-accum", "4", "--seq-len", "32", "--lr", "3e-3", "--warmup-steps", "2", "--adam-eps", "1e-3",
+            "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--out", str(out), "--no-progress",
+            *extra]
+
+
+def test_train_jax_then_generate_in_torch_and_jax(config_dir, tmp_path, capsys):
+    pytest.importorskip("dsv3_jax.train")
+    out = tmp_path / "run"
+    assert main(_train_args(config_dir, out, "jax")) == 0
+    err = capsys.readouterr().err
+    assert "val loss" in err and "unigram entropy" in err
+    recs = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
+    for f in ("loss.png", "expert_load.png", "train_config.json", "latest"):
+        assert (out / f).exists(), f
+    ckpt = latest_checkpoint(str(out))
+    cfg, state = load_canonical(ckpt)  # HF layout, loadable by either framework
+    assert cfg.vocab_size == 256 and any(np.abs(v).max() > 0 for k, v in state.items() if k.endswith("gate.bias"))
+    prompt = "def main():\n    "
+    t_tokens = generate_text(str(out), prompt, "torch", max_new_tokens=12, stream=False)
+    j_tokens = generate_text(str(out), prompt, "jax", max_new_tokens=12, stream=False)
+    assert len(t_tokens) == 12 and t_tokens == j_tokens  # trained in JAX, same greedy tokens in torch
+    assert main(["generate", "--checkpoint", str(out), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(prompt) and shown[len(prompt):].rstrip("\n") == bytes(t_tokens).decode("utf-8", "replace")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(config_dir, tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = _train_args(config_dir, out, "torch", "--lr", "1e12", "--warmup-steps", "0", "--grad-clip", "0",
+                       "--save-every", "1", "--steps", "6")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step" in err and "last good checkpoint" in err
+    ckpt = latest_checkpoint(str(out))
+    step = int(err.split("non-finite loss at step ")[1].split()[0])
+    assert ckpt.endswith(f"step_{step - 1:06d}")  # the step before the bad one, complete
+    _, state = load_canonical(ckpt)
+    assert all(np.isfinite(v).all() for v in state.values())
+
+
+def test_resume_via_cli(config_dir, tmp_path):
+    out = tmp_path / "r"
+    assert main(_train_args(config_dir, out, "torch", "--steps", "2")) == 0
+    assert main(_train_args(config_dir, out, "torch", "--resume")) == 0
+    recs = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert main(_train_args(config_dir, out, "jax", "--resume")) == 2  # other framework's optimizer state
+
+
+def _fp8_checkpoint(directory):
+    cfg = ModelConfig.preset("tiny")
+    rng = np.random.default_rng(0)
+    state = {k: rng.standard_normal(s).astype(np.float32) * 0.02 for k, s in canonical_shapes(cfg).items()}
+    save_canonical(directory, state, cfg)
+    tensors = read_safetensors(os.path.join(directory, "model.safetensors"))
+    from safetensors.numpy import save  # noqa: F401  (FP8 is written by hand below)
+
+    for name in list(tensors):
+        if ".self_attn." in name and name.endswith("proj.weight"):
+            w = tensors[name]
+            scale = np.full(((w.shape[0] + 127) // 128, (w.shape[1] + 127) // 128), np.abs(w).max() / 448,
+                            np.float32)
+            tensors[name] = (w / scale[0, 0]).astype(ml_dtypes.float8_e4m3fn)
+            tensors[name + "_scale_inv"] = scale
+    _write(os.path.join(directory, "model.safetensors"), tensors)
+    conf = json.load(open(os.path.join(directory, "config.json")))
+    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [128, 128]}
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(conf, f)
+    return cfg
+
+
+def _write(path, tensors):
+    import struct
+
+    names = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
+    header, blobs, off = {}, [], 0
+    for k, v in tensors.items():
+        b = np.ascontiguousarray(v).tobytes()
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_convert_fp8_to_bf16(tmp_path, capsys):
+    src, dst = str(tmp_path / "fp8"), str(tmp_path / "bf16")
+    cfg = _fp8_checkpoint(src)
+    _, deq = load_canonical(src)
+    assert main(["convert", "--input", src, "--output", dst, "--dtype", "bfloat16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    conf = json.load(open(os.path.join(dst, "config.json")))
+    assert "quantization_config" not in conf
+    raw = read_safetensors(os.path.join(dst, "model.safetensors"))
+    assert not any(k.endswith("_scale_inv") for k in raw)
+    assert raw["model.layers.0.self_attn.o_proj.weight"].dtype == ml_dtypes.bfloat16
+    assert raw["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == np.float32
+    got_cfg, got = load_canonical(dst)
+    assert got_cfg == cfg
+    for k in got:
+        np.testing.assert_array_equal(np.asarray(got[k], np.float32),
+                                      np.asarray(np.asarray(deq[k]).astype(ml_dtypes.bfloat16), np.float32)
+                                      if not k.endswith("gate.bias") else deq[k], err_msg=k)
+
+
+def test_bench_is_delegated(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "bench" in capsys.readouterr().out
