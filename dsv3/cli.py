@@ -132,10 +132,32 @@ def backend_factory(framework: str):
     return make_backend
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _explicit_train_options(argv: Sequence[str]) -> set[str]:
+    """TrainConfig fields given on the command line (not left at their defaults)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    sub = parser.add_subparsers(dest="command")
+    _add_train(sub)
+    train_parser = sub.choices["train"]
+    for action in train_parser._actions:
+        action.default = argparse.SUPPRESS
+    ns = vars(parser.parse_args(list(argv)))
+    ns.pop("command", None)
+    fields = set(TrainConfig().to_dict())
+    mapped = {"no_progress": "progress", "no_plots": "plots"}
+    return {mapped.get(k, k) for k in ns} & fields
+
+
+def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from dsv3.training import NonFiniteLoss, train
 
     tcfg = train_config_from_args(args)
+    saved = os.path.join(tcfg.out, "train_config.json")
+    if args.resume and os.path.exists(saved):
+        # Continue the run as it was configured; only options given now override it (e.g. --steps).
+        with open(saved) as f:
+            old = TrainConfig.from_dict(json.load(f))
+        explicit = _explicit_train_options(argv)
+        tcfg = TrainConfig.from_dict({**old.to_dict(), **{k: getattr(tcfg, k) for k in explicit}, "out": tcfg.out})
     if tcfg.compile and tcfg.framework != "torch":
         raise ValueError("--compile applies to --framework torch only (the JAX step is always nnx.jit-compiled)")
     try:
@@ -296,7 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "generate": cmd_generate, "convert": cmd_convert, "info": cmd_info}
+    commands = {"train": lambda a: cmd_train(a, argv), "generate": cmd_generate, "convert": cmd_convert,
+                "info": cmd_info}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError

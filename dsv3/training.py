@@ -58,10 +58,10 @@ class TrainConfig:
     preset: str = "small"
     config: Optional[str] = None  # a config.json (HF layout) replacing the preset
     data: Optional[str] = None  # text file or folder; None = the default corpus
-    out: str = "runs/small"
+    out: str = "runs/small-jax"
     steps: int = 600
-    batch_size: int = 16  # sequences per optimizer step (all micro-batches together)
-    seq_len: int = 128
+    batch_size: int = 8  # sequences per optimizer step (all micro-batches together)
+    seq_len: int = 256
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -474,6 +474,13 @@ def train(tcfg: TrainConfig, make_backend: Callable[[ModelConfig, TrainConfig], 
     corpus = corpus if corpus is not None else load_corpus(tcfg.data)
     if cfg.vocab_size < 256:
         raise ValueError(f"byte-level data needs vocab_size >= 256; the model has {cfg.vocab_size}")
+    if resume_from is not None:
+        saved = meta.get("data", {}).get("fingerprint")
+        if saved is not None and saved != corpus.fingerprint:
+            raise ValueError(f"--resume: the data differ from the checkpoint's (fingerprint {corpus.fingerprint} "
+                             f"vs {saved}); the run cannot continue exactly")
+        if start_step > tcfg.steps:
+            raise ValueError(f"--resume: the checkpoint is at step {start_step}, beyond --steps {tcfg.steps}")
     sampler = BatchSampler(corpus.train, tcfg.seq_len, tcfg.seed)
     val = eval_batches(corpus.val, tcfg.seq_len, tcfg.micro_batch_size, tcfg.eval_batches)
     atomic_write_text(os.path.join(out, "train_config.json"), json.dumps(tcfg.to_dict(), indent=2) + "\n")

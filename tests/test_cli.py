@@ -112,7 +112,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(config_dir, tmp_pa
 def test_resume_via_cli(config_dir, tmp_path):
     out = tmp_path / "r"
     assert main(_train_args(config_dir, out, "torch", "--steps", "2")) == 0
-    assert main(_train_args(config_dir, out, "torch", "--resume")) == 0
+    # only --steps given: the rest (framework, config, batch, schedule...) comes from the run's train_config.json
+    assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--no-progress"]) == 0
     recs = read_metrics(str(out / "metrics.jsonl"))
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
     assert main(_train_args(config_dir, out, "jax", "--resume")) == 2  # other framework's optimizer state
