@@ -1,0 +1,49 @@
+"""parity/: dsv3_torch and dsv3_jax hold the same weights and must compute the same thing.
+
+Settings fixed before jax is imported (REFERENCE §9.1, §9.2.7, §11):
+- ``--xla_allow_excess_precision=false`` so XLA:CPU rounds bf16 intermediates like torch does;
+- fp32 matmuls at full precision on every backend;
+- torch on one intra-op thread (tiny ops; OpenMP barriers on a busy 2-core box are slower).
+
+At the end of a run, ``pytest_terminal_summary`` prints the largest error seen per component and
+dtype (each test calls ``parity_util.record``), so ``pytest parity/`` shows how close the two are.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "jax" not in sys.modules and "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import parity_util  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = parity_util.summary_rows()
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("parity: max error per component (torch vs jax)")
+    tr.write_line(f"{'component':<34}{'dtype':<10}{'max error':>12}{'tolerance':>12}{'checks':>8}  metric")
+    for comp, dtype, err, tol, n, metric in rows:
+        flag = "" if err <= tol else "  <-- over tolerance"
+        tr.write_line(f"{comp:<34}{dtype:<10}{err:>12.3e}{tol:>12.1e}{n:>8}  {metric}{flag}")
+    if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None):
+        tr.write_line("(under pytest-xdist each worker records its own share; run without -n for one table)")

@@ -1,0 +1,218 @@
+"""Whole model, torch vs jax: logits, loss terms, router counts, gradients of every parameter, one
+AdamW step + the bias update, greedy decoding — fp32 and bf16, weights born in either framework."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+import dsv3_jax
+import dsv3_torch
+from dsv3.config import ModelConfig
+from dsv3.training import decays
+from parity_util import GRAD_TOL, TOL, assert_close, kl, make_pair, np32, record
+
+TINY = ModelConfig.preset("tiny")
+
+
+def batch(cfg, B=2, T=12, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.vocab_size, (B, T))
+    labels = np.roll(ids, -1, axis=1)
+    labels[:, -1] = -100
+    labels[0, 3] = -100  # an ignored position inside the window
+    return ids, labels
+
+
+_loss = nnx.jit(lambda m, a, b: m.compute_loss(a, b))
+
+
+def compare_forward(tm, jm, cfg, dtype, tag="", seed=0):
+    ids, labels = batch(cfg, seed=seed)
+    with torch.no_grad():
+        lt = tm(torch.as_tensor(ids))
+        out_t = tm.compute_loss(torch.as_tensor(ids), torch.as_tensor(labels))
+    lj = jm(jnp.asarray(ids, jnp.int32))
+    out_j = _loss(jm, jnp.asarray(ids, jnp.int32), jnp.asarray(labels, jnp.int32))
+    # routing first: identical integer counts per router
+    np.testing.assert_array_equal(np.asarray(out_j.counts), out_t.counts.numpy(), err_msg="router counts")
+    record("router counts (exact)" + tag, dtype, 0.0, 0.0, "exact")
+    assert_close("model logits" + tag, dtype, lj, lt)
+    if dtype == "bfloat16":
+        k = kl(lt, lj)
+        record("model logits KL" + tag, dtype, k, 1e-3, "KL(torch||jax)")
+        assert k < 1e-3
+    for name in ("loss", "main_loss", "mtp_loss", "balance_loss"):
+        assert_close(f"loss: {name}" + tag, dtype, getattr(out_j, name), getattr(out_t, name), TOL[dtype])
+    if cfg.num_nextn_predict_layers:
+        assert_close("loss: mtp_losses" + tag, dtype, out_j.mtp_losses, out_t.mtp_losses, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,born", [("float32", "torch"), ("float32", "jax"), ("bfloat16", "torch"),
+                                        ("bfloat16", "jax")])
+def test_logits_loss_counts(dtype, born):
+    tm, jm = make_pair(TINY, dtype, born, seed=11)
+    compare_forward(tm, jm, TINY, dtype)
+
+
+# -------------------------------------------------------------- gradients
+def torch_grads(tm, ids, labels) -> tuple[dict, object]:
+    tm.zero_grad(set_to_none=True)
+    out = tm.compute_loss(torch.as_tensor(ids), torch.as_tensor(labels))
+    out.loss.backward()
+    return {n: p.grad.detach().numpy().copy() for n, p in tm.named_parameters()}, out
+
+
+def jax_grads(jm, ids, labels) -> dict:
+    """Gradient of the total loss for every nnx.Param, returned in canonical names and torch layout."""
+    grads = nnx.jit(nnx.grad(lambda m, a, b: m.compute_loss(a, b).loss))(
+        jm, jnp.asarray(ids, jnp.int32), jnp.asarray(labels, jnp.int32))
+    g_model = nnx.clone(jm)
+    nnx.update(g_model, grads)
+    return {k: v for k, v in g_model.canonical_state().items() if not k.endswith("gate.bias")}
+
+
+def grad_err(a: np.ndarray, b: np.ndarray) -> float:
+    scale = np.abs(b).max()
+    return float(np.abs(a - b).max() / scale) if scale > 0 else float(np.abs(a).max())
+
+
+@pytest.mark.parametrize("born", ["torch", "jax"])
+def test_gradients_every_parameter(born):
+    tm, jm = make_pair(TINY, "float32", born, seed=12)
+    ids, labels = batch(TINY, seed=1)
+    gt, _ = torch_grads(tm, ids, labels)
+    gj = jax_grads(jm, ids, labels)
+    assert set(gt) == set(gj), set(gt) ^ set(gj)
+    worst = []
+    for name in sorted(gt):
+        e = grad_err(gj[name], gt[name])
+        record("grad " + _group(name), "float32", e, GRAD_TOL["float32"], "max|d|/max|g| per tensor")
+        if e > GRAD_TOL["float32"]:
+            worst.append((name, e))
+    assert not worst, f"gradients differ: {worst[:10]}"
+
+
+def _group(name: str) -> str:
+    """Canonical name -> a component label for the error table."""
+    parts = name.split(".")
+    if parts[0] in ("embed", "norm", "head"):
+        return parts[0]
+    prefix = "mtp " if parts[0] == "mtp" else ""
+    rest = parts[2:] if parts[0] == "layers" else parts[2:]
+    if rest and rest[0] == "block":
+        rest = rest[1:]
+    if rest[0] in ("enorm", "hnorm", "eh_proj", "norm"):
+        return prefix + rest[0]
+    if rest[0] == "ffn" and len(rest) > 1 and rest[1] in ("gate", "experts", "shared_experts"):
+        return prefix + "ffn." + rest[1]
+    return prefix + rest[0]
+
+
+# ------------------------------------------------------ optimizer + bias
+LR, BETAS, EPS, WD, GAMMA = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1e-3
+
+
+def _decay_mask(state):
+    """dsv3.training.decays on the nnx state paths (same rule as the canonical names in torch)."""
+    name = lambda path: ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    return jax.tree_util.tree_map_with_path(lambda path, v: decays(name(path), v.ndim), state)
+
+
+@nnx.jit
+def _jax_step(m, o, grads, counts):
+    o.update(m, grads)
+    m.update_router_bias(counts, GAMMA)
+
+
+def test_one_adamw_step_and_bias_update():
+    """torch.optim.AdamW vs optax.adamw (same hyper-parameters, weight decay on the same parameters by
+    dsv3.training.decays), then update_router_bias with the step's counts: same weights, same biases.
+
+    Both optimizers get torch's gradients (ported by canonical name): the first Adam step is about
+    lr * g / (|g| + eps), which turns the 1e-6-relative gradient noise of entries with |g| ~ eps into
+    O(lr) differences; gradients themselves are compared in test_gradients_every_parameter. The same
+    step on JAX's own gradients is recorded too (informational)."""
+    tm, jm = make_pair(TINY, "float32", "torch", seed=13)
+    jm_own = nnx.clone(jm)
+    ids, labels = batch(TINY, seed=2)
+    params = dict(tm.named_parameters())
+    groups = [{"params": [p for n, p in params.items() if decays(n, p.ndim)], "weight_decay": WD},
+              {"params": [p for n, p in params.items() if not decays(n, p.ndim)], "weight_decay": 0.0}]
+    assert groups[0]["params"] and groups[1]["params"]
+    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    gt, out_t = torch_grads(tm, ids, labels)
+    opt.step()
+    tm.update_router_bias(out_t.counts, GAMMA)
+
+    tx = lambda: optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD, mask=_decay_mask)
+    g_model = nnx.clone(jm)
+    g_model.load_canonical_state({**gt, **{r: np.zeros(TINY.n_routed_experts, np.float32)
+                                           for r in jm.canonical_state() if r.endswith("gate.bias")}})
+    grads = nnx.state(g_model, nnx.Param)
+    counts = jnp.asarray(out_t.counts.numpy())
+    _jax_step(jm, nnx.Optimizer(jm, tx(), wrt=nnx.Param), grads, counts)
+    st, sj = tm.canonical_state(), jm.canonical_state()
+    worst = []
+    for name in st:
+        if name.endswith("gate.bias"):
+            np.testing.assert_array_equal(sj[name], st[name], err_msg=name)
+            record("bias update (exact)", "float32", 0.0, 0.0, "exact")
+            continue
+        e = float(np.abs(sj[name] - st[name]).max())
+        record("AdamW step (same grads)", "float32", e / LR, 1e-3, "max|d| / lr")
+        if e > 1e-3 * LR:
+            worst.append((name, e))
+    assert not worst, worst[:10]
+
+    # JAX's own gradients and counts, in one jitted train step (informational for the weights)
+    opt_own = nnx.Optimizer(jm_own, tx(), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(m, o, a, b):
+        def loss_fn(m):
+            r = m.compute_loss(a, b)
+            return r.loss, r.counts
+        (_, c), g = nnx.value_and_grad(loss_fn, has_aux=True)(m)
+        o.update(m, g)
+        m.update_router_bias(c, GAMMA)
+        return c
+
+    c_own = train_step(jm_own, opt_own, jnp.asarray(ids, jnp.int32), jnp.asarray(labels, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(c_own), out_t.counts.numpy())
+    so = jm_own.canonical_state()
+    for name in st:
+        if name.endswith("gate.bias"):
+            np.testing.assert_array_equal(so[name], st[name], err_msg=name)
+        else:
+            record("AdamW step (own grads, info)", "float32", float(np.abs(so[name] - st[name]).max()) / LR,
+                   float("inf"), "max|d| / lr")
+
+
+# --------------------------------------------------------------- decoding
+@pytest.mark.parametrize("cache", ["latent", "naive"])
+def test_greedy_generation_same_tokens(cache):
+    tm, jm = make_pair(TINY, "float32", "jax", seed=14)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    a = dsv3_jax.generate(jm, prompts, 8, cache=cache)
+    b = dsv3_torch.generate(tm, prompts, 8, cache=cache)
+    record("greedy decode (token mismatches)", "float32", sum(x != y for p, q in zip(a, b) for x, y in zip(p, q)), 0,
+           "count")
+    assert a == b
+
+
+def test_cached_logits_agree():
+    tm, jm = make_pair(TINY, "float32", "torch", seed=15)
+    ids, _ = batch(TINY, T=9, seed=3)
+    tc, jc = tm.init_cache(2, 9, "latent"), jm.init_cache(2, 9, "latent")
+    step = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))
+    for a, b in [(0, 6), (6, 7), (7, 8), (8, 9)]:
+        with torch.no_grad():
+            lt, tc = tm.forward_cached(torch.as_tensor(ids[:, a:b]), tc, a)
+        lj, jc = step(jm, jnp.asarray(ids[:, a:b], jnp.int32), jc, jnp.int32(a))
+        assert_close("model decode logits (latent cache)", "float32", lj, lt)
