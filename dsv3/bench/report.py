@@ -140,7 +140,9 @@ def markdown(res: dict) -> str:
     peaks = res.get("peaks", {})
     if peaks:
         L.append("**Matmul peak** (best median over the shape sweep, same run): " + ", ".join(
-            f"{k} {v['peak_gflops']:.1f} GFLOP/s at {'×'.join(map(str, v['peak_shape']))}" for k, v in peaks.items()))
+            f"{k} {v['peak_gflops']:.1f} GFLOP/s at {'×'.join(map(str, v['peak_shape']))}"
+            + (f" (sweep at start {v['peak_gflops_start']:.1f}, at end {v['peak_gflops_end']:.1f}; MFU uses the higher)"
+               if "peak_gflops_end" in v else "") for k, v in peaks.items()))
         L.append("")
     fl = res["flops"]
     L.append(f"**Model FLOPs** (`dsv3/flops.py`): train {fl['train_flops_per_token_mtp'] / 1e6:.2f} MFLOP/token "

@@ -14,7 +14,7 @@ from functools import partial
 import numpy as np
 
 from dsv3 import flops
-from dsv3.bench.common import BETAS, CLIP, LR, WEIGHT_DECAY, Ctx
+from dsv3.bench.common import BETAS, CLIP, LR, WEIGHT_DECAY, Ctx, backend_train_step
 from dsv3.bench.peak import jax_device
 from dsv3.bench.timing import PeakMemory, jax_sync, measure
 
@@ -88,24 +88,42 @@ def run_all(ctx: Ctx, sections: list[str]) -> None:
 
 
 def _train_row(ctx: Ctx, name: str, mtp: bool) -> None:
-    model = build(ctx, mtp)
-    step, state = make_train_step(model)
-    del model
-    x, y = _batch(ctx)
-    holder = [state]
+    got = backend_train_step(ctx, "jax", mtp)
+    if got is not None:
+        step, impl = got
+    else:
+        step, impl = _minimal_step(ctx, mtp), "bench minimal step (split/merge jax.jit, optax adamw)"
     losses = []
 
     def timed():
-        loss, holder[0] = step(holder[0], x, y)
+        loss = step()
         if not losses:
-            losses.append(float(loss))
-        return loss, holder[0]
+            losses.append(float(loss[0] if isinstance(loss, tuple) else loss))
+            last = getattr(step, "last", None)
+            losses.append(float(last["main_loss"]) if last and "main_loss" in last else None)
+        return loss
 
     with PeakMemory(ctx.device, "jax") as mem:
         t = measure(timed, jax_sync, warmup=ctx.warmup, reps=ctx.reps)
-    last = float(timed()[0])
+    last = timed()
+    last = float(last[0] if isinstance(last, tuple) else last)
     ctx.add("train", name, "jax", t, tokens=ctx.batch * ctx.seq, model_flops=ctx.train_flops(mtp),
-            mem=mem, variant="jit", mtp=mtp, loss_first=losses[0], loss_after=last)
+            mem=mem, variant="jit", mtp=mtp, loss_first=losses[0], main_loss_first=losses[1], loss_after=last,
+            step_impl=impl)
+
+
+def _minimal_step(ctx: Ctx, mtp: bool):
+    model = build(ctx, mtp)
+    jstep, state = make_train_step(model)
+    del model
+    x, y = _batch(ctx)
+    holder = [state]
+
+    def step():
+        loss, holder[0] = jstep(holder[0], x, y)
+        return loss, holder[0]
+
+    return step
 
 
 def _prefill_row(ctx: Ctx) -> None:

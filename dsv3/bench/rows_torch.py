@@ -99,7 +99,10 @@ def _train_row(ctx: Ctx, name: str, variant: str, mtp: bool) -> None:
         return loss
 
     with PeakMemory(ctx.device, "torch") as mem:
-        t = measure(timed, torch_sync(ctx.device), warmup=ctx.warmup, reps=ctx.reps)
+        # torch.compile: automatic dynamic shapes recompile twice after the first call; keep those
+        # recompiles out of the steady state (they are in first_s / warmup_s).
+        warmup = max(ctx.warmup, 3) if variant == "compile" else ctx.warmup
+        t = measure(timed, torch_sync(ctx.device), warmup=warmup, reps=ctx.reps)
     last = float(step())
     ctx.add("train", name, "torch", t, tokens=ctx.batch * ctx.seq, model_flops=ctx.train_flops(mtp),
             mem=mem, variant=variant, mtp=mtp, loss_first=losses[0], main_loss_first=losses[1],

@@ -28,6 +28,7 @@ class Timing:
     max_s: float
     reps: int
     times_s: list = field(default_factory=list)
+    warmup_s: list = field(default_factory=list)  # the untimed calls after the first
 
     @property
     def iqr_rel(self) -> float:
@@ -56,8 +57,11 @@ def measure(fn: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int =
     t0 = time.perf_counter()
     sync(fn())
     first = time.perf_counter() - t0
+    warm = []
     for _ in range(warmup):
+        t0 = time.perf_counter()
         sync(fn())
+        warm.append(time.perf_counter() - t0)
     times: list[float] = []
     start = time.perf_counter()
     for i in range(reps):
@@ -68,7 +72,7 @@ def measure(fn: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int =
             break
     return Timing(first_s=first, median_s=statistics.median(times), p25_s=quantile(times, 0.25),
                   p75_s=quantile(times, 0.75), min_s=min(times), max_s=max(times), reps=len(times),
-                  times_s=times)
+                  times_s=times, warmup_s=warm)
 
 
 # ------------------------------------------------------------------ sync
