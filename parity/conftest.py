@@ -41,9 +41,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.section("parity: max error per component (torch vs jax)")
-    tr.write_line(f"{'component':<34}{'dtype':<10}{'max error':>12}{'tolerance':>12}{'checks':>8}  metric")
+    tr.write_line(f"{'component':<40}{'dtype':<10}{'max error':>12}{'tolerance':>12}{'checks':>8}  metric")
     for comp, dtype, err, tol, n, metric in rows:
         flag = "" if err <= tol else "  <-- over tolerance"
-        tr.write_line(f"{comp:<34}{dtype:<10}{err:>12.3e}{tol:>12.1e}{n:>8}  {metric}{flag}")
+        tr.write_line(f"{comp:<40}{dtype:<10}{err:>12.3e}{tol:>12.1e}{n:>8}  {metric}{flag}")
     if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None):
         tr.write_line("(under pytest-xdist each worker records its own share; run without -n for one table)")
