@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 if "jax" not in sys.modules and "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
@@ -35,6 +36,23 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def pytest_configure(config):
+    """One JSON-lines file of records per run, so pytest-xdist workers' errors reach the summary."""
+    if not hasattr(config, "workerinput") and not os.environ.get("DSV3_PARITY_RESULTS"):
+        fd, path = tempfile.mkstemp(prefix="dsv3-parity-", suffix=".jsonl")
+        os.close(fd)
+        os.environ["DSV3_PARITY_RESULTS"] = path  # inherited by xdist workers, started after configure
+        parity_util.set_results_file(path)
+        config._dsv3_parity_file = path
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_dsv3_parity_file", None)
+    if path and os.path.exists(path):
+        os.unlink(path)
+        os.environ.pop("DSV3_PARITY_RESULTS", None)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = parity_util.summary_rows()
     if not rows:
@@ -45,5 +63,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for comp, dtype, err, tol, n, metric in rows:
         flag = "" if err <= tol else "  <-- over tolerance"
         tr.write_line(f"{comp:<40}{dtype:<10}{err:>12.3e}{tol:>12.1e}{n:>8}  {metric}{flag}")
-    if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None):
-        tr.write_line("(under pytest-xdist each worker records its own share; run without -n for one table)")

@@ -27,19 +27,35 @@ TOL = {"float32": 1e-5, "bfloat16": 2e-2}  # max |a - b| / max(1, max |ref|)
 GRAD_TOL = {"float32": 1e-4}  # max |ga - gb| / max |g| per parameter (relative to its own scale)
 
 _RESULTS: dict = defaultdict(lambda: [0.0, 0.0, 0, ""])
-_FILE = os.environ.get("DSV3_PARITY_RESULTS")  # optional: append records as JSON lines
+_FILE = os.environ.get("DSV3_PARITY_RESULTS")  # JSON lines shared by pytest-xdist workers (conftest.py)
+
+
+def set_results_file(path: str | None) -> None:
+    global _FILE
+    _FILE = path
+
+
+def _add(results, component, dtype, err, tol, metric):
+    r = results[(component, dtype)]
+    r[0], r[1], r[2], r[3] = max(r[0], float(err)), tol, r[2] + 1, metric
 
 
 def record(component: str, dtype: str, err: float, tol: float, metric: str = "max|d|/max(1,|ref|)") -> None:
-    r = _RESULTS[(component, dtype)]
-    r[0], r[1], r[2], r[3] = max(r[0], float(err)), tol, r[2] + 1, metric
+    """Note one comparison's error for the end-of-run table (max per component and dtype)."""
+    _add(_RESULTS, component, dtype, err, tol, metric)
     if _FILE:
         with open(_FILE, "a") as f:
-            f.write(json.dumps({"component": component, "dtype": dtype, "err": float(err), "tol": tol}) + "\n")
+            f.write(json.dumps([component, dtype, float(err), tol, metric]) + "\n")
 
 
 def summary_rows():
-    return [(c, d, v[0], v[1], v[2], v[3]) for (c, d), v in sorted(_RESULTS.items())]
+    results = _RESULTS
+    if _FILE and os.path.exists(_FILE):  # every process's records (xdist workers included)
+        results = defaultdict(lambda: [0.0, 0.0, 0, ""])
+        with open(_FILE) as f:
+            for line in f:
+                _add(results, *json.loads(line))
+    return [(c, d, v[0], v[1], v[2], v[3]) for (c, d), v in sorted(results.items())]
 
 
 # ------------------------------------------------------------------ arrays
