@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", default="", help=f"comma list of sections to skip: {','.join(SECTIONS)}")
     parser.add_argument("--frameworks", default="torch,jax", help="comma list: torch,jax")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    parser.add_argument("--omp-wait-policy", default=None, choices=["passive", "active"],
+                        help="set OMP_WAIT_POLICY for torch's OpenMP pool before torch loads (passive: "
+                             "idle threads sleep; on a loaded, oversubscribed CPU spinning threads stall "
+                             "every small op). Default: leave the environment alone")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-foreach", action="store_true",
                         help="HF rows: foreach AdamW (default: per-tensor, as dsv3_torch.train)")
@@ -139,12 +143,17 @@ def run(args) -> int:
     args.decode_reps = args.decode_reps or (8 if q else 20)
     decode_steps = 8
     env = environment(args.device)
+    env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper() if args.omp_wait_policy else os.environ.get("OMP_WAIT_POLICY")
     if args.device == "cuda":
         os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu")
     import tempfile
 
     # A private, empty inductor cache: torch.compile's first-call time is then honest (no kernels
     # reused from earlier runs) and concurrent compiles elsewhere cannot corrupt it.
+    if args.omp_wait_policy:
+        if "torch" in sys.modules:
+            print("dsv3 bench: torch is already loaded; --omp-wait-policy has no effect", file=sys.stderr)
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     inductor_cache = tempfile.TemporaryDirectory(prefix="dsv3-bench-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache.name
     import numpy as np

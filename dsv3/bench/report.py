@@ -130,7 +130,8 @@ def markdown(res: dict) -> str:
              + (" (--quick)" if m["quick"] else ""))
     L.append("")
     L.append(f"{env.get('cpu_model')} · {env.get('cpu_count')} CPUs (affinity {env.get('cpu_affinity')}) · "
-             f"torch {m['versions'].get('torch')} threads {m.get('torch_threads')} · "
+             f"torch {m['versions'].get('torch')} threads {m.get('torch_threads')} "
+             f"(OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY') or 'unset'}) · "
              f"jax {m['versions'].get('jax')} · transformers {m['versions'].get('transformers')} · "
              f"load avg start {env.get('loadavg_start')} end {m.get('loadavg_end')} · {env.get('time_utc')}")
     L.append("")
