@@ -100,13 +100,12 @@ def default_block_rows(M: int, E: int) -> int:
     return bm
 
 
-def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int):
-    """Grouped SwiGLU on expert-sorted rows xs [M, D] with group sizes [E] -> [M, D].
+def _block_layout(sizes: jax.Array, M: int, bm: int):
+    """Static-shape block layout of M expert-sorted rows with group sizes [E].
 
-    Each expert's rows start on a block boundary; nb = ceil(M/bm) + E blocks bound the padded
-    total statically. Block g holds expert bexp[g]; its weights are gathered, one batched matmul.
-    """
-    M, D = xs.shape
+    Each expert's rows start on a block boundary; nb = ceil(M/bm) + E blocks bound the padded total.
+    Returns (bexp [nb] expert of each block, src [nb*bm] sorted row feeding each padded row,
+    valid [nb*bm], pos [M] padded row of each sorted row)."""
     E = sizes.shape[0]
     nb = -(-M // bm) + E
     padded = (sizes + bm - 1) // bm * bm                                   # [E]
@@ -114,18 +113,30 @@ def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int):
     pstart = pend - padded
     start = jnp.cumsum(sizes) - sizes                                      # [E] sorted-row offsets
     bexp = jnp.minimum(jnp.searchsorted(pend, jnp.arange(nb) * bm, side="right"), E - 1)  # [nb]
-    # padded row r -> source sorted row (gather; rows past a group's end are zeros)
-    r = jnp.arange(nb * bm)
-    e_r = jnp.repeat(bexp, bm)
-    rank = r - pstart[e_r]
-    valid = rank < sizes[e_r]
+    e_r = jnp.repeat(bexp, bm)                                             # padded row -> expert
+    rank = jnp.arange(nb * bm) - pstart[e_r]
+    valid = rank < sizes[e_r]                                              # rows past a group's end: zeros
     src = jnp.where(valid, start[e_r] + rank, 0)
-    xb = jnp.where(valid[:, None], xs[src], 0).reshape(nb, bm, D)
+    e_j = jnp.repeat(jnp.arange(E), sizes, total_repeat_length=M)          # sorted row -> expert
+    pos = pstart[e_j] + jnp.arange(M) - start[e_j]
+    return bexp, src, valid, pos
+
+
+def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int, rows=None):
+    """Grouped SwiGLU on expert-sorted rows -> [M, D] (sorted order).
+
+    xs [M, D] sorted rows, or (with ``rows`` [M]) any [N, D] array gathered through rows, so the
+    dispatch gather and the block gather are one. Block g holds expert bexp[g]; its weights are
+    gathered and all blocks run as one batched matmul."""
+    M = xs.shape[0] if rows is None else rows.shape[0]
+    D = xs.shape[1]
+    bexp, src, valid, pos = _block_layout(sizes, M, bm)
+    if rows is not None:
+        src = rows[src]
+    xb = jnp.where(valid[:, None], xs[src], 0).reshape(bexp.shape[0], bm, D)
     h = silu(jnp.einsum("gmd,gdf->gmf", xb, w1[bexp])) * jnp.einsum("gmd,gdf->gmf", xb, w3[bexp])
-    yb = jnp.einsum("gmf,gfd->gmd", h, w2[bexp]).reshape(nb * bm, D)
-    # sorted row j of expert e sits at padded row pstart[e] + (j - start[e])
-    e_j = jnp.repeat(jnp.arange(E), sizes, total_repeat_length=M)
-    return yb[pstart[e_j] + jnp.arange(M) - start[e_j]]
+    yb = jnp.einsum("gmf,gfd->gmd", h, w2[bexp]).reshape(-1, D)
+    return yb, pos
 
 
 def _ragged_swiglu(xs, sizes, w1, w2, w3):
@@ -160,17 +171,16 @@ class Experts(nnx.Module):
         flat = idx.reshape(-1)                                     # [M] expert of pair (n, k)
         order = jnp.argsort(flat, stable=True)                     # dispatch: pairs sorted by expert
         sizes = jnp.bincount(flat, length=E).astype(jnp.int32)     # [E]
-        xs = x[order // K]                                         # [M, D] expert-sorted rows
+        inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         w1, w2, w3 = self.w1[...], self.w2[...], self.w3[...]
         impl = impl or self.resolved_impl()
         if impl == "ragged":
-            ys = _ragged_swiglu(xs, sizes, w1, w2, w3)
-        elif impl == "blocksparse":
-            ys = _blocksparse_swiglu(xs, sizes, w1, w2, w3, default_block_rows(N * K, E))
-        else:
-            raise ValueError(f"expert impl must be 'blocksparse' or 'ragged', got {impl!r}")
-        inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-        return ys[inv].reshape(N, K, D)                            # back to (token, slot) order
+            ys = _ragged_swiglu(x[order // K], sizes, w1, w2, w3)  # [M, D] expert-sorted rows
+            return ys[inv].reshape(N, K, D)                        # back to (token, slot) order
+        if impl == "blocksparse":  # one gather in (token -> padded block row), one out
+            yb, pos = _blocksparse_swiglu(x, sizes, w1, w2, w3, default_block_rows(N * K, E), rows=order // K)
+            return yb[pos[inv]].reshape(N, K, D)
+        raise ValueError(f"expert impl must be 'blocksparse' or 'ragged', got {impl!r}")
 
 
 def combine(y: jax.Array, w: jax.Array, scheme: str = "grouped") -> jax.Array:
