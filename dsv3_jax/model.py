@@ -8,6 +8,9 @@ Layers are an ``nnx.List`` of Blocks run by a Python loop (exactly the canonical
 stacking). Linear kernels are Flax [in, out]; ``canonical_state`` / ``load_canonical_state``
 convert to and from the torch-layout canonical flat dict with transposes only.
 
+fp32 parity on GPU/TPU needs ``jax.config.update("jax_default_matmul_precision", "highest")``
+(REFERENCE §9.2.7); tests/jax and parity/ set it, the model leaves the global setting to the user.
+
 Shape legend: B batch, T time, D model width, V vocab, E routed experts, L router layers.
 """
 
@@ -248,8 +251,13 @@ class DeepSeekV3(nnx.Module):
         checkpoint.save_canonical(os.fspath(directory), self.canonical_state(), self.cfg)
 
     def num_params(self) -> int:
-        """Unique parameters (router biases included), as counted by canonical_shapes."""
+        """Every canonical tensor's size (router biases included): sum over canonical_shapes(cfg)."""
         return sum(int(np.prod(v.get_value().shape)) for _, v, _ in self._canonical_vars())
+
+    def num_parameters(self) -> int:
+        """Trainable parameters (nnx.Param; router biases excluded), as dsv3_torch's num_parameters."""
+        return sum(int(np.prod(v.get_value().shape)) for _, v, _ in self._canonical_vars()
+                   if isinstance(v, nnx.Param))
 
 
 def _block_vars(p: str, b: Block):

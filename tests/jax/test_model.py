@@ -129,6 +129,7 @@ def test_v3_671b_abstract_param_count():
     assert m.layers[60].ffn.experts.w1.get_value().shape == (256, 7168, 2048)
     want = sum(int(np.prod(s)) for s in canonical_shapes(cfg).values())
     assert m.num_params() == want == 682_636_487_424  # 671B main + MTP, router biases included
+    assert m.num_parameters() == want - sum(cfg.n_routed_experts for _ in range(cfg.n_router_layers))
 
 
 def test_loss_terms_and_mtp_alignment(model, tokens):
