@@ -27,41 +27,51 @@ _DEFAULTS = TrainConfig()
 
 
 # ------------------------------------------------------------------ parsers
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a real default value."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (JAX/optax or PyTorch)",
                        description="Train DeepSeek-V3 with AdamW, warm-up + cosine schedule, the aux-loss-free "
                                    "bias update, the sequence-wise balance loss and MTP. Writes checkpoints, "
-                                   "metrics.jsonl and PNG plots to --out.")
+                                   "metrics.jsonl and PNG plots to --out.",
+                       formatter_class=_Defaults)
     p.add_argument("--framework", choices=FRAMEWORKS, default=_DEFAULTS.framework)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", choices=sorted(PRESETS), default=_DEFAULTS.preset)
     g.add_argument("--config", metavar="CONFIG_JSON", help="HF config.json (file or directory) instead of a preset")
     p.add_argument("--data", metavar="PATH", help="text file or folder (default: the Python standard library's source)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>-<framework>)")
-    p.add_argument("--steps", type=int, default=_DEFAULTS.steps)
+    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="sequences per optimizer step")
-    p.add_argument("--seq-len", type=int, default=_DEFAULTS.seq_len)
+    p.add_argument("--seq-len", type=int, default=_DEFAULTS.seq_len, help="tokens (bytes) per sequence")
     p.add_argument("--grad-accum", type=int, default=_DEFAULTS.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=_DEFAULTS.min_lr_ratio)
-    p.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
-    p.add_argument("--beta1", type=float, default=_DEFAULTS.beta1)
-    p.add_argument("--beta2", type=float, default=_DEFAULTS.beta2)
-    p.add_argument("--adam-eps", dest="eps", type=float, default=_DEFAULTS.eps)
+    p.add_argument("--min-lr-ratio", type=float, default=_DEFAULTS.min_lr_ratio, help="cosine floor / peak")
+    p.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="AdamW decay (matrices only)")
+    p.add_argument("--beta1", type=float, default=_DEFAULTS.beta1, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=_DEFAULTS.beta2, help="AdamW beta2")
+    p.add_argument("--adam-eps", dest="eps", type=float, default=_DEFAULTS.eps, help="AdamW epsilon")
     p.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip, help="max gradient norm (0: off)")
     p.add_argument("--dtype", choices=DTYPES, default=_DEFAULTS.dtype, help="compute dtype (weights stay fp32)")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="init and data order")
     p.add_argument("--gamma", "--bias-update-speed", dest="bias_update_speed", type=float, default=None,
                    help="aux-loss-free bias update speed (default: the model config's; 0 disables)")
     p.add_argument("--alpha", "--balance-loss-alpha", dest="balance_loss_alpha", type=float, default=None,
                    help="sequence-wise balance loss weight (default: the model config's)")
     p.add_argument("--mtp-weight", "--mtp-loss-weight", dest="mtp_loss_weight", type=float, default=None,
                    help="MTP loss weight lambda (default: the model config's)")
-    p.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every)
-    p.add_argument("--eval-batches", type=int, default=_DEFAULTS.eval_batches)
-    p.add_argument("--save-every", type=int, default=_DEFAULTS.save_every)
-    p.add_argument("--keep-checkpoints", type=int, default=_DEFAULTS.keep_checkpoints)
+    p.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every, help="steps between validations")
+    p.add_argument("--eval-batches", type=int, default=_DEFAULTS.eval_batches, help="validation batches")
+    p.add_argument("--save-every", type=int, default=_DEFAULTS.save_every, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=_DEFAULTS.keep_checkpoints, help="checkpoints kept")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (torch only)")
     p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
