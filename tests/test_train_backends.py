@@ -169,3 +169,18 @@ def test_resume_is_exact(framework, config_dir, corpus, tmp_path):
     _, sb = load_canonical(latest_checkpoint(str(tmp_path / "part")))
     for k in sa:
         np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+def test_torch_bf16_autocast_keeps_fp32_master_weights(config_dir, corpus):
+    """--dtype bfloat16: compute under bf16 autocast, fp32 weights and Adam state; losses near fp32's."""
+    from dsv3_torch.train import TorchBackend
+
+    sampler = BatchSampler(corpus.train, 32, seed=2)
+    micro = [sampler.batch(2 * j, 2) for j in range(4)]
+    f32 = TorchBackend(TINY, _tcfg(config_dir, "torch"))
+    b16 = TorchBackend(TINY, _tcfg(config_dir, "torch", dtype="bfloat16"))
+    b16.load_canonical_state(f32.canonical_state())
+    a, b = f32.train_step(micro, 1e-3), b16.train_step(micro, 1e-3)
+    assert abs(b["main_loss"] - a["main_loss"]) / a["main_loss"] < 2e-2
+    assert all(p.dtype.is_floating_point and str(p.dtype) == "torch.float32" for p in b16.model.parameters())
+    assert all(v.dtype == np.float32 for v in b16.optimizer_state().values() if v.ndim)
