@@ -124,8 +124,8 @@ def born_state(cfg: ModelConfig, born: str, seed: int = 0) -> dict:
 def make_pair(cfg: ModelConfig, dtype: str = "float32", born: str = "torch", seed: int = 0, **jax_kw):
     """(torch model, jax model) holding the same weights; the born-in framework's state is ported."""
     state = born_state(cfg, born, seed)
-    tm = dsv3_torch.DeepSeekV3(cfg, dtype=TORCH_DTYPES[dtype])
-    jm = dsv3_jax.DeepSeekV3(cfg, rngs=nnx.Rngs(seed), dtype=JAX_DTYPES[dtype], **jax_kw)
+    tm = dsv3_torch.DeepSeekV3(cfg, dtype=TORCH_DTYPES[dtype], device="meta")  # filled by load, as from_pretrained
+    jm = dsv3_jax.DeepSeekV3.abstract(cfg, JAX_DTYPES[dtype], **jax_kw)
     if born == "torch":
         tm.load_canonical_state(state)
         jm.load_canonical_state(tm.canonical_state())
