@@ -22,14 +22,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3.config import ModelConfig
-from dsv3_jax.norm import RMSNorm
+from dsv3_jax.norm import RMSNorm, normal_init
 from dsv3_jax.rope import apply_rope
 
 
 def linear(d_in: int, d_out: int, cfg: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     """Bias-free Linear, weights N(0, initializer_range) as in HF; kernel [in, out]."""
     return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=dtype,
-                      kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+                      kernel_init=normal_init(cfg.initializer_range), rngs=rngs)
 
 
 def _scale(scores: jax.Array, scale: float) -> jax.Array:

@@ -30,7 +30,7 @@ from dsv3.types import LossOutput
 from dsv3_jax.mla import MLA, linear
 from dsv3_jax.moe import sequence_balance_loss
 from dsv3_jax.mtp import Block, MTPModule
-from dsv3_jax.norm import RMSNorm
+from dsv3_jax.norm import RMSNorm, normal_init
 from dsv3_jax.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
@@ -64,7 +64,7 @@ class DeepSeekV3(nnx.Module):
         D, V = cfg.hidden_size, cfg.vocab_size
         kw = dict(dtype=dtype, moe_impl=moe_impl, combine=combine, rngs=rngs)
         self.embed = nnx.Embed(V, D, dtype=dtype, param_dtype=dtype,
-                               embedding_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+                               embedding_init=normal_init(cfg.initializer_range), rngs=rngs)
         self.rope = RotaryEmbedding(cfg)
         n_layers, n_mtp = (cfg.num_hidden_layers, cfg.num_nextn_predict_layers) if _blocks else (0, 0)
         self.layers = nnx.List([Block(cfg, cfg.is_moe_layer(i), **kw) for i in range(n_layers)])

@@ -35,6 +35,7 @@ from flax import nnx
 
 from dsv3.config import ModelConfig
 from dsv3_jax.mla import linear
+from dsv3_jax.norm import const, normal_init
 
 EXPERT_IMPLS = ("auto", "blocksparse", "ragged")
 
@@ -66,8 +67,8 @@ class Router(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         E, D = cfg.n_routed_experts, cfg.hidden_size
-        self.weight = nnx.Param(nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (E, D), jnp.float32))
-        self.bias = RouterBias(jnp.zeros((E,), jnp.float32))
+        self.weight = nnx.Param(normal_init(cfg.initializer_range)(rngs.params(), (E, D), jnp.float32))
+        self.bias = RouterBias(const((E,), 0.0, jnp.float32))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [N, D] -> weights [N, K] fp32, indices [N, K] int32 (ascending), scores s [N, E] fp32."""
@@ -153,7 +154,7 @@ class Experts(nnx.Module):
             raise ValueError(f"expert impl must be one of {EXPERT_IMPLS}, got {impl!r}")
         self.impl = impl
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        init = nnx.initializers.normal(cfg.initializer_range)
+        init = normal_init(cfg.initializer_range)
         self.w1 = nnx.Param(init(rngs.params(), (E, D, F), dtype))
         self.w2 = nnx.Param(init(rngs.params(), (E, F, D), dtype))
         self.w3 = nnx.Param(init(rngs.params(), (E, D, F), dtype))
