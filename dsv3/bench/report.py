@@ -80,9 +80,10 @@ def evaluate_targets(res: dict) -> list[dict]:
             ok = all(v > 1.0 for v in ratios.values())
             t.append(_target(f"{fw}: absorbed decoding beats naive from 1024 up",
                              {str(n): round(v, 2) for n, v in ratios.items()}, "> 1.0", ok))
-            if 4096 in ratios:
-                t.append(_target(f"{fw}: absorbed 3x naive at 4096 (aim)", round(ratios[4096], 2), ">= 3.0",
-                                 ratios[4096] >= 3.0))
+            top = max(ratios)
+            if top >= 4000:  # 4096, or 4096 minus the decode steps when the config caps the context
+                t.append(_target(f"{fw}: absorbed 3x naive at ~4096 (aim)", round(ratios[top], 2), ">= 3.0",
+                                 ratios[top] >= 3.0, f"context {top}"))
         else:
             t.append(_target(f"{fw}: absorbed decoding beats naive from 1024 up", None, "> 1.0", None,
                              "no context >= 1024 measured"))
