@@ -50,7 +50,7 @@ def moe_timings(M=8192, E=16, D=256, F=128, seed=0):
 def test_blocksparse_is_near_ideal_and_beats_ragged_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("CPU cost model")
-    t, bm = moe_timings()
+    t, bm = moe_timings(M=4096)
     ideal_f, ideal_b = t["ideal"]
     for name, (f, b) in t.items():
         print(f"{name:12s} fwd {f * 1e3:8.1f} ms ({f / ideal_f:5.2f}x ideal)   fwd+bwd {b * 1e3:8.1f} ms "
