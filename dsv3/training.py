@@ -59,7 +59,7 @@ class TrainConfig:
     config: Optional[str] = None  # a config.json (HF layout) replacing the preset
     data: Optional[str] = None  # text file or folder; None = the default corpus
     out: str = "runs/small-jax"
-    steps: int = 600
+    steps: int = 450
     batch_size: int = 8  # sequences per optimizer step (all micro-batches together)
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per optimizer step
