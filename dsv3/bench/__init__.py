@@ -106,6 +106,21 @@ def _contexts(args, cfg, steps: int) -> list[int]:
     return out
 
 
+def _git() -> dict:
+    """The commit measured, and whether the working tree differed from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head or None, "dirty": bool(dirty)} if head else {}
+
+
 def _versions() -> dict:
     v = {}
     for mod in ("numpy", "torch", "jax", "jaxlib", "flax", "optax", "transformers"):
@@ -224,7 +239,7 @@ def run(args) -> int:
             "frameworks": frameworks, "skip": sorted(skip), "torch_threads": torch.get_num_threads(),
             "mtp_depths": cfg.num_nextn_predict_layers, "layers": cfg.num_hidden_layers,
             "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
-            "env": env, "versions": _versions(), "loadavg_end": loadavg(),
+            "env": env, "versions": _versions(), "git": _git(), "loadavg_end": loadavg(),
             "wall_s": round(time.perf_counter() - t_start, 1),
         },
         "flops": flops.summary(cfg, args.seq, args.batch, dtype=args.dtype),

@@ -134,7 +134,9 @@ def markdown(res: dict) -> str:
              f"torch {m['versions'].get('torch')} threads {m.get('torch_threads')} "
              f"(OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY') or 'unset'}) · "
              f"jax {m['versions'].get('jax')} · transformers {m['versions'].get('transformers')} · "
-             f"load avg start {env.get('loadavg_start')} end {m.get('loadavg_end')} · {env.get('time_utc')}")
+             f"load avg start {env.get('loadavg_start')} end {m.get('loadavg_end')} · {env.get('time_utc')}"
+             + (f" · commit {m['git']['commit'][:10]}{' (dirty)' if m['git'].get('dirty') else ''}"
+                if m.get("git", {}).get("commit") else ""))
     L.append("")
     L.append("Median of timed repetitions after warm-up; IQR = inter-quartile range / median; "
              "first = the first call alone (tracing, compilation). Ratios compare rows of this one run.")
