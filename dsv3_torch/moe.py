@@ -95,6 +95,7 @@ class Dispatch(NamedTuple):
     order: torch.Tensor   # [M] position in the slot-major flattening of [K, N], sorted by expert
     tokens: torch.Tensor  # [M] token id of each sorted row
     counts: torch.Tensor  # [E] rows per expert (int64)
+    inverse: torch.Tensor  # [M] sorted row of each slot-major position: order[inverse] = arange(M)
 
 
 def dispatch(indices: torch.Tensor, n_experts: int) -> Dispatch:
@@ -102,7 +103,69 @@ def dispatch(indices: torch.Tensor, n_experts: int) -> Dispatch:
     N = indices.shape[0]
     flat = indices.t().reshape(-1)  # slot-major: row j is slot j // N of token j % N
     order = torch.argsort(flat, stable=True)
-    return Dispatch(order, order % N, torch.bincount(flat, minlength=n_experts))
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return Dispatch(order, order % N, torch.bincount(flat, minlength=n_experts), inverse)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x [N, D] -> x[tokens] [M, D], the (token, slot) rows in expert-sorted order.
+
+    backward: each token's gradient is the sum of its K rows, taken slot by slot
+    (a gather of N rows per slot, added in slot order: fixed, no atomics)
+    instead of autograd's scatter-add of all M rows into a zero tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, tokens, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, tokens)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        n = inverse.numel() // ctx.k
+        gx = g.index_select(0, inverse[:n])
+        for j in range(1, ctx.k):
+            gx.add_(g.index_select(0, inverse[j * n:(j + 1) * n]))
+        return gx, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """The "grouped" combine: y = sum_k out[slot k] * w[k] in fp32, slots in order.
+
+    Inputs: w [K, N] fp32 combine weights (slot-major), the Dispatch
+    permutation, the expert-row counts, and the per-expert outputs (model
+    dtype, expert-sorted rows). Slot by slot, N rows are gathered from the
+    sorted outputs, multiplied by the fp32 weights and added in slot order
+    (slot 0 first) -- the values of ``(out * w)[inverse].view(K, N, D).sum(0)``
+    without its [K, N, D] temporaries. The backward is gathers too:
+    d out[j] = g[token j] * w[j] (cast to the model dtype) and
+    d w[j] = g[token j] . out[j] (fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, w, order, inverse, tokens, counts, *outs):
+        K, N = w.shape
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        y = out.index_select(0, inverse[:N]) * w[0, :, None]
+        for k in range(1, K):
+            y.add_(out.index_select(0, inverse[k * N:(k + 1) * N]) * w[k, :, None])
+        ctx.save_for_backward(w, order, inverse, tokens, *outs)
+        ctx.counts = counts
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        w, order, inverse, tokens, *outs = ctx.saved_tensors
+        gs = g.index_select(0, tokens)                     # [M, D]: d y of each sorted row's token
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            gw = torch.cat([(ge * oe).sum(-1) for ge, oe in zip(gs.split(ctx.counts), outs)])
+            grad_w = gw.index_select(0, inverse).view_as(w)  # sorted rows -> slot-major [K, N]
+        gs.mul_(w.reshape(-1).index_select(0, order)[:, None])
+        grads = [ge.to(oe.dtype) for ge, oe in zip(gs.split(ctx.counts), outs)]
+        return (grad_w, None, None, None, None, *grads)
 
 
 class Experts(nn.Module):
@@ -130,15 +193,19 @@ class Experts(nn.Module):
         """One expert on its rows x [n, D] -> [n, D]."""
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_sorted [M, D] grouped by expert, counts [E] -> outputs [M, D].
+    def outputs(self, x_sorted: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """x_sorted [M, D] grouped by expert, counts [E] -> [n_e, D] for each expert with rows.
 
         split/unbind rather than slicing and indexing: their backward is one
         cat/stack, where E slices would each allocate a full-size zero gradient.
         """
-        outs = [self.swiglu(x, w1, w2, w3)
+        return [self.swiglu(x, w1, w2, w3)
                 for x, w1, w2, w3, n in zip(x_sorted.split(counts), self.w1.unbind(0), self.w2.unbind(0),
                                             self.w3.unbind(0), counts) if n]
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x_sorted [M, D] grouped by expert, counts [E] -> outputs [M, D]."""
+        outs = self.outputs(x_sorted, counts)
         if not outs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outs)
@@ -169,9 +236,16 @@ class MoE(nn.Module):
         N, D = x.shape
         d = dispatch(r.indices, self.n_experts)
         counts = d.counts.tolist()
-        out = self.experts(x[d.tokens], counts)                    # [M, D] model dtype
-        w = r.weights.t().reshape(-1)[d.order]                     # [M] fp32, sorted like out
-        if self.combine == "eager":
+        xs = _GatherTokens.apply(x, d.tokens, d.inverse, self.top_k)  # [M, D] expert-sorted
+        if self.combine == "grouped":
+            outs = self.experts.outputs(xs, counts)
+            if not outs:
+                return x.new_zeros(N, D), d.counts
+            nonzero = [n for n in counts if n]
+            y = _Combine.apply(r.weights.t(), d.order, d.inverse, d.tokens, nonzero, *outs).to(x.dtype)
+        elif self.combine == "eager":
+            out = self.experts(xs, counts)                          # [M, D] model dtype
+            w = r.weights.t().reshape(-1)[d.order]                 # [M] fp32, sorted like out
             y = x.new_zeros(N, D)
             start = 0
             for n in counts:  # ascending expert id; one add per token per expert
@@ -179,11 +253,6 @@ class MoE(nn.Module):
                     rows = slice(start, start + n)
                     y = y.index_add(0, d.tokens[rows], (out[rows] * w[rows, None]).to(x.dtype))
                     start += n
-        elif self.combine == "grouped":
-            inv = torch.empty_like(d.order)
-            inv[d.order] = torch.arange(d.order.numel(), device=x.device)
-            slots = (out * w[:, None])[inv].view(self.top_k, N, D)   # fp32, slot-major
-            y = slots.sum(0).to(x.dtype)                               # fixed slot order, one cast
         else:
             raise ValueError(f"MoE.combine must be one of {self.COMBINES}, got {self.combine!r}")
         return y, d.counts
