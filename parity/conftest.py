@@ -1,9 +1,7 @@
 """parity/: dsv3_torch and dsv3_jax hold the same weights and must compute the same thing.
 
-Settings fixed before jax is imported (REFERENCE §9.1, §9.2.7, §11):
-- ``--xla_allow_excess_precision=false`` so XLA:CPU rounds bf16 intermediates like torch does;
-- fp32 matmuls at full precision on every backend;
-- torch on one intra-op thread (tiny ops; OpenMP barriers on a busy 2-core box are slower).
+XLA's numerics are pinned in the root conftest.py, before jax is imported. Here torch runs on
+one intra-op thread (tiny ops; OpenMP barriers on a busy 2-core box are slower).
 
 At the end of a run, ``pytest_terminal_summary`` prints the largest error seen per component and
 dtype (each test calls ``parity_util.record``), so ``pytest parity/`` shows how close the two are.
@@ -15,14 +13,9 @@ import os
 import sys
 import tempfile
 
-if "jax" not in sys.modules and "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+import pytest
+import torch
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import parity_util  # noqa: E402

@@ -1,0 +1,21 @@
+"""Settings every test session needs before jax is first imported (REFERENCE §9, §11).
+
+- ``--xla_allow_excess_precision=false``: XLA:CPU otherwise keeps fused bf16
+  intermediates in fp32, which moves bf16 results away from torch's and HF's
+  op-by-op rounding (the bf16 bit-parity tests rely on this).
+- fp32 matmuls at full precision (REFERENCE §9.2.7; a no-op on CPU, needed on GPU/TPU).
+
+This root conftest is loaded before any test module or sub-directory conftest,
+so the order in which pytest collects files cannot change the numerics.
+"""
+
+import os
+import sys
+
+assert "jax" not in sys.modules, "jax was imported before the root conftest could configure XLA"
+if "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
