@@ -101,6 +101,20 @@ class MLA(nn.Module):
         B, H, S, V = o.shape
         return o.transpose(1, 2).reshape(B, S, H * V)
 
+    def attend_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over the whole window (S == T) by torch's fused kernel -> o [B,S,H*V].
+
+        fp32 only: the same function as attend_expanded with the explicit scale,
+        rounded differently (the scale is applied inside the kernel and the
+        softmax is computed blockwise), so ~1e-7 relative apart. bf16 keeps the
+        explicit path, whose rounding is pinned to HF eager bit for bit.
+        Measured on the peer-small shape (B 8, H 8, S 256, 48/32 head dims,
+        CPU fp32, fwd+bwd): 0.8x the explicit path's time.
+        """
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B,H,S,V]
+        B, H, S, V = o.shape
+        return o.transpose(1, 2).reshape(B, S, H * V)
+
     def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Weight-absorbed attention on latents (REFERENCE §2.1) -> o [B,S,H*V].
 
@@ -129,13 +143,18 @@ class MLA(nn.Module):
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         end = start_pos + S
-        mask = causal_mask(start_pos, S, end if cache is not None else S, x.device)
         if cache is None:
             if start_pos != 0:
                 raise ValueError("start_pos > 0 needs a cache")
             k, v = self.expand(c_kv, k_pe)
-            o = self.attend_expanded(torch.cat([q_nope, q_pe], dim=-1), k, v, mask)
-        elif "c_kv" in cache:
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            if q.dtype == torch.float32:
+                o = self.attend_sdpa(q, k, v)
+            else:
+                o = self.attend_expanded(q, k, v, causal_mask(0, S, S, x.device))
+            return self.wo(o)
+        mask = causal_mask(start_pos, S, end, x.device)
+        if "c_kv" in cache:
             cache["c_kv"][:, start_pos:end] = c_kv
             cache["k_pe"][:, start_pos:end] = k_pe
             o = self.attend_latent(q_nope, q_pe, cache["c_kv"][:, :end], cache["k_pe"][:, :end], mask)
