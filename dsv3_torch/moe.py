@@ -135,88 +135,37 @@ class _Combine(torch.autograd.Function):
     """The "grouped" combine: y = sum_k out[slot k] * w[k] in fp32, slots in order.
 
     Inputs: w [K, N] fp32 combine weights (slot-major), the Dispatch
-    permutation and the expert outputs out [M, D] (model dtype, expert-sorted
-    rows). Slot by slot, N rows are gathered from out, multiplied by the fp32
-    weights and added in slot order (slot 0 first) -- the values of
-    ``(out * w_sorted)[inverse].view(K, N, D).sum(0)`` without its [K, N, D]
-    temporaries. The backward is gathers too: d out[j] = g[token j] * w[j]
-    (cast to the model dtype) and d w[j] = g[token j] . out[j] (fp32).
+    permutation, the expert-row counts, and the per-expert outputs (model
+    dtype, expert-sorted rows). Slot by slot, N rows are gathered from the
+    sorted outputs, multiplied by the fp32 weights and added in slot order
+    (slot 0 first) -- the values of ``(out * w)[inverse].view(K, N, D).sum(0)``
+    without its [K, N, D] temporaries. The backward is gathers too:
+    d out[j] = g[token j] * w[j] (cast to the model dtype) and
+    d w[j] = g[token j] . out[j] (fp32).
     """
 
     @staticmethod
-    def forward(ctx, w, order, inverse, tokens, out):
+    def forward(ctx, w, order, inverse, tokens, counts, *outs):
         K, N = w.shape
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
         y = out.index_select(0, inverse[:N]) * w[0, :, None]
         for k in range(1, K):
             y.add_(out.index_select(0, inverse[k * N:(k + 1) * N]) * w[k, :, None])
-        ctx.save_for_backward(w, order, inverse, tokens, out)
+        ctx.save_for_backward(w, order, inverse, tokens, *outs)
+        ctx.counts = counts
         return y
 
     @staticmethod
     def backward(ctx, g):
-        w, order, inverse, tokens, out = ctx.saved_tensors
-        gs = g.index_select(0, tokens)                        # [M, D]: d y of each sorted row's token
+        w, order, inverse, tokens, *outs = ctx.saved_tensors
+        gs = g.index_select(0, tokens)                     # [M, D]: d y of each sorted row's token
         grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_w = (gs * out).sum(-1).index_select(0, inverse).view_as(w)  # sorted -> slot-major [K, N]
+            gw = torch.cat([(ge * oe).sum(-1) for ge, oe in zip(gs.split(ctx.counts), outs)])
+            grad_w = gw.index_select(0, inverse).view_as(w)  # sorted rows -> slot-major [K, N]
         gs.mul_(w.reshape(-1).index_select(0, order)[:, None])
-        return grad_w, None, None, None, gs.to(out.dtype)
-
-
-class _ExpertsFP32(torch.autograd.Function):
-    """Experts.forward for fp32 without autocast: the same matmuls as the autograd
-    loop, with a hand-written backward that writes every expert's output and
-    input gradient straight into one [M, D] tensor (no cat, no per-expert
-    autograd nodes). Each expert's ops, and their order, are those autograd
-    runs for swiglu (F.linear backward: g @ W and g^T @ x; silu_backward), so
-    the values are the same bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx, x_sorted, w1, w2, w3, counts):
-        M, D = x_sorted.shape
-        out = x_sorted.new_empty(M, D)
-        saved, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                x = x_sorted[start:start + n]
-                h1, h3 = torch.mm(x, w1[e].t()), torch.mm(x, w3[e].t())
-                s1 = F.silu(h1)
-                a = s1 * h3
-                torch.mm(a, w2[e].t(), out=out[start:start + n])
-                saved += [h1, h3, s1, a]
-            start += n
-        ctx.save_for_backward(x_sorted, w1, w2, w3, *saved)
-        ctx.counts = counts
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x_sorted, w1, w2, w3, *saved = ctx.saved_tensors
-        g = g.contiguous()
-        gx = torch.empty_like(x_sorted) if ctx.needs_input_grad[0] else None  # every row is some expert's
-        gw1, gw2, gw3 = torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(w3)
-        for e, n in enumerate(ctx.counts):
-            if not n:  # an expert without rows gets a zero gradient
-                gw1[e].zero_(), gw2[e].zero_(), gw3[e].zero_()
-        start, i = 0, 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                rows = slice(start, start + n)
-                x, ge = x_sorted[rows], g[rows]
-                h1, h3, s1, a = saved[i:i + 4]
-                i += 4
-                ga = torch.mm(ge, w2[e])                                  # d (silu(h1) * h3)
-                torch.mm(ge.t(), a, out=gw2[e])
-                gh3 = ga * s1
-                gh1 = torch.ops.aten.silu_backward(ga * h3, h1)
-                torch.mm(gh1.t(), x, out=gw1[e])
-                torch.mm(gh3.t(), x, out=gw3[e])
-                if gx is not None:
-                    torch.mm(gh1, w1[e], out=gx[rows])
-                    gx[rows] += torch.mm(gh3, w3[e])
-            start += n
-        return gx, gw1, gw2, gw3, None
+        grads = [ge.to(oe.dtype) for ge, oe in zip(gs.split(ctx.counts), outs)]
+        return (grad_w, None, None, None, None, *grads)
 
 
 class Experts(nn.Module):
@@ -243,13 +192,6 @@ class Experts(nn.Module):
     def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
         """One expert on its rows x [n, D] -> [n, D]."""
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-
-    def sorted_outputs(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """forward's result; in fp32 without autocast by _ExpertsFP32 (same values, less overhead)."""
-        if (x_sorted.dtype == torch.float32 and self.w1.dtype == torch.float32
-                and not torch.is_autocast_enabled(x_sorted.device.type)):
-            return _ExpertsFP32.apply(x_sorted, self.w1, self.w2, self.w3, counts)
-        return self(x_sorted, counts)
 
     def outputs(self, x_sorted: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """x_sorted [M, D] grouped by expert, counts [E] -> [n_e, D] for each expert with rows.
@@ -296,8 +238,11 @@ class MoE(nn.Module):
         counts = d.counts.tolist()
         xs = _GatherTokens.apply(x, d.tokens, d.inverse, self.top_k)  # [M, D] expert-sorted
         if self.combine == "grouped":
-            out = self.experts.sorted_outputs(xs, counts)             # [M, D] model dtype
-            y = _Combine.apply(r.weights.t(), d.order, d.inverse, d.tokens, out).to(x.dtype)
+            outs = self.experts.outputs(xs, counts)
+            if not outs:
+                return x.new_zeros(N, D), d.counts
+            nonzero = [n for n in counts if n]
+            y = _Combine.apply(r.weights.t(), d.order, d.inverse, d.tokens, nonzero, *outs).to(x.dtype)
         elif self.combine == "eager":
             out = self.experts(xs, counts)                          # [M, D] model dtype
             w = r.weights.t().reshape(-1)[d.order]                 # [M] fp32, sorted like out
