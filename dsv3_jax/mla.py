@@ -32,6 +32,12 @@ def linear(d_in: int, d_out: int, cfg: ModelConfig, dtype, rngs: nnx.Rngs) -> nn
                       kernel_init=normal_init(cfg.initializer_range), rngs=rngs)
 
 
+def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+    """layer(x) for x [..., d_in] as ONE 2-D matmul on [prod(...), d_in]: XLA:CPU runs the backward of a
+    matmul on a 3-D [B, T, D] activation much slower than on the same rows flattened."""
+    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 def _scale(scores: jax.Array, scale: float) -> jax.Array:
     """scores (model dtype) times the fp32 scale, rounded once: torch's tensor * python-float rule."""
     return (scores.astype(jnp.float32) * jnp.float32(scale)).astype(scores.dtype)
@@ -61,15 +67,16 @@ class MLA(nnx.Module):
     def _queries(self, x, cos, sin):
         """x [B,S,D], cos/sin [S,R/2] -> q_nope [B,S,H,N], rotated q_pe [B,S,H,R]."""
         cfg = self.cfg
-        B, S, _ = x.shape
-        q = self.wq(x) if cfg.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        B, S, D = x.shape
+        x2 = x.reshape(B * S, D)
+        q = self.wq(x2) if cfg.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x2)))
         q = q.reshape(B, S, cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope(q_pe, cos[:, None, :], sin[:, None, :])  # cos [S,R/2] over H
 
     def _latents(self, x, cos, sin):
         """x [B,S,D], cos/sin [S,R/2] -> normalised c_kv [B,S,C], rotated k_pe [B,S,R] (shared by all heads)."""
-        kv = self.wkv_a(x)
+        kv = dense(self.wkv_a, x)
         C = self.cfg.kv_lora_rank
         return self.kv_norm(kv[..., :C]), apply_rope(kv[..., C:], cos, sin)
 
@@ -78,7 +85,7 @@ class MLA(nnx.Module):
         cfg = self.cfg
         B, T, _ = c_kv.shape
         H, N = cfg.num_attention_heads, cfg.qk_nope_head_dim
-        kvb = self.wkv_b(c_kv).reshape(B, T, H, N + cfg.v_head_dim)
+        kvb = dense(self.wkv_b, c_kv).reshape(B, T, H, N + cfg.v_head_dim)
         k_nope, v = kvb[..., :N], kvb[..., N:]
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (B, T, H, cfg.qk_rope_head_dim))
         return jnp.concatenate([k_nope, k_pe], axis=-1), v
@@ -90,7 +97,7 @@ class MLA(nnx.Module):
         scores = jnp.where(mask[None, None], scores, jnp.asarray(-jnp.inf, scores.dtype))
         p = _softmax(scores, q.dtype)
         o = jnp.einsum("bhst,bthv->bshv", p, v)
-        return self.wo(o.reshape(B, S, -1))
+        return self.wo(o.reshape(B * S, -1)).reshape(B, S, -1)
 
     # --------------------------------------------------------------- forward
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, start_pos=0,
@@ -148,4 +155,4 @@ class MLA(nnx.Module):
         p = _softmax(scores, q_nope.dtype)
         o_lat = jnp.einsum("bhst,btc->bshc", p, c_kv)
         o = jnp.einsum("bshc,chv->bshv", o_lat, w_uv)
-        return self.wo(o.reshape(B, S, H * cfg.v_head_dim))
+        return self.wo(o.reshape(B * S, H * cfg.v_head_dim)).reshape(B, S, -1)

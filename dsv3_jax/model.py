@@ -27,7 +27,7 @@ from flax import nnx
 from dsv3 import checkpoint
 from dsv3.config import ModelConfig
 from dsv3.types import LossOutput
-from dsv3_jax.mla import MLA, linear
+from dsv3_jax.mla import MLA, dense, linear
 from dsv3_jax.moe import sequence_balance_loss
 from dsv3_jax.mtp import Block, MTPModule
 from dsv3_jax.norm import RMSNorm, normal_init
@@ -125,7 +125,7 @@ class DeepSeekV3(nnx.Module):
     def logits(self, tokens):
         """Traceable forward without input checks: tokens [B,T] -> logits [B,T,V]."""
         h, _, _, _ = self._trunk(tokens)
-        return self.head(self.norm(h))
+        return dense(self.head, self.norm(h))
 
     def __call__(self, tokens) -> jax.Array:
         self._check_tokens(tokens)
@@ -136,7 +136,7 @@ class DeepSeekV3(nnx.Module):
     def forward_with_stats(self, tokens):
         """tokens [B,T] -> (logits [B,T,V], counts [n_moe_layers, E]) of the main model; bias untouched."""
         h, stats, _, _ = self._trunk(tokens)
-        return self.head(self.norm(h)), self._stack_counts(stats)
+        return dense(self.head, self.norm(h)), self._stack_counts(stats)
 
     def _stack_counts(self, stats):
         if not stats:
@@ -157,14 +157,14 @@ class DeepSeekV3(nnx.Module):
         T = input_ids.shape[1]
         h, stats, (cos, sin), _ = self._trunk(input_ids)
         h = self.norm(h)
-        main = cross_entropy(self.head(h), labels)
+        main = cross_entropy(dense(self.head, h), labels)
         mtp_losses = []
         for k, module in enumerate(self.mtp, start=1):
             tail = jnp.arange(T) >= T - k
             ids_k = jnp.where(tail, 0, jnp.roll(input_ids, -k, axis=1))
             lab_k = jnp.where(tail, IGNORE_INDEX, jnp.roll(labels, -k, axis=1))
             h, st = module(h, self.embed(ids_k), cos, sin)
-            mtp_losses.append(cross_entropy(self.head(module.norm(h)), lab_k))
+            mtp_losses.append(cross_entropy(dense(self.head, module.norm(h)), lab_k))
             stats.append(st)
         D = len(self.mtp)
         mtp_losses = jnp.stack(mtp_losses) if mtp_losses else jnp.zeros((0,), jnp.float32)
@@ -206,7 +206,7 @@ class DeepSeekV3(nnx.Module):
         """tokens [B,S] at positions start_pos.. -> (logits [B,S,V], updated cache). start_pos may be traced."""
         self._check_tokens(tokens, start_pos, cache_len=next(iter(cache[0].values())).shape[1] if cache else None)
         h, _, _, cache = self._trunk(jnp.asarray(tokens), start_pos, cache)
-        return self.head(self.norm(h)), cache
+        return dense(self.head, self.norm(h)), cache
 
     # ------------------------------------------------------ canonical state
     def _canonical_vars(self) -> Iterator[tuple[str, nnx.Variable, str]]:

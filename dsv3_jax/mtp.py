@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3.config import ModelConfig
-from dsv3_jax.mla import MLA, linear
+from dsv3_jax.mla import MLA, dense, linear
 from dsv3_jax.moe import MLP, MoE
 from dsv3_jax.norm import RMSNorm
 
@@ -68,6 +68,6 @@ class MTPModule(nnx.Module):
     def __call__(self, h_prev: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array):
         """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (embed of t_{i+k}), cos/sin [T,R/2]
         -> (h^k [B,T,D] before norm, MoEOutput)."""
-        x = self.eh_proj(jnp.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
+        x = dense(self.eh_proj, jnp.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
         h, stats, _ = self.block(x, cos, sin)
         return h, stats
