@@ -27,7 +27,6 @@ Flax kernels: w1/w3 [E, D, F], w2 [E, F, D] (torch: [E, F, D], [E, D, F]).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -125,78 +124,6 @@ def _block_layout(sizes: jax.Array, M: int, bm: int):
     return bexp, src, valid, pos
 
 
-@jax.custom_vjp
-def _take_experts(w: jax.Array, bexp: jax.Array) -> jax.Array:
-    """w[bexp] for stacked expert weights w [E, ...]: a plain gather forward; the transpose is the
-    one-hot matmul onehot(bexp)^T @ g (exact weights 1 and 0), not the slow serial scatter-add that
-    the gradient of a gather lowers to on XLA:CPU."""
-    return w[bexp]
-
-
-def _take_experts_fwd(w, bexp):
-    return w[bexp], (bexp, w.shape[0])
-
-
-def _take_experts_bwd(res, g):
-    bexp, E = res
-    oh = (jnp.arange(E, dtype=bexp.dtype)[:, None] == bexp[None, :]).astype(g.dtype)     # [E, nb]
-    dw = jnp.dot(oh, g.reshape(g.shape[0], -1), precision=jax.lax.Precision.HIGHEST)
-    return dw.reshape(E, *g.shape[1:]), None
-
-
-_take_experts.defvjp(_take_experts_fwd, _take_experts_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _rows_in(x, src, valid, pos, K):
-    """xb[r] = x[src[r]] on valid padded rows, else 0. Each row of x [N, D] feeds exactly the K padded
-    rows pos.reshape(N, K) (K=1: sorted rows), so the transpose is a gather and a sum over K."""
-    return jnp.where(valid[:, None], x[src], 0)
-
-
-def _rows_in_fwd(x, src, valid, pos, K):
-    return _rows_in(x, src, valid, pos, K), (src, valid, pos)
-
-
-def _rows_in_bwd(K, res, g):
-    src, valid, pos = res
-    dx = g[pos].reshape(pos.shape[0] // K, K, g.shape[1])
-    acc = dx[:, 0]
-    for k in range(1, K):  # fixed order over the K slots
-        acc = acc + dx[:, k]
-    return acc, None, None, None
-
-
-_rows_in.defvjp(_rows_in_fwd, _rows_in_bwd)
-
-
-@jax.custom_vjp
-def _rows_out(yb, pos, src, valid):
-    """y[j] = yb[pos[j]]: padded rows back to pair order (pos injective; src its inverse on valid
-    rows), so the transpose is the gather where(valid, g[src], 0) instead of a scatter-add."""
-    return yb[pos]
-
-
-def _rows_out_fwd(yb, pos, src, valid):
-    return yb[pos], (pos, src, valid)
-
-
-def _rows_out_bwd(res, g):
-    pos, src, valid = res
-    return jnp.where(valid[:, None], g[src], 0), None, None, None
-
-
-_rows_out.defvjp(_rows_out_fwd, _rows_out_bwd)
-
-
-def _block_swiglu(xb, bexp, w1, w2, w3):
-    """xb [nb, bm, D] (block g holds expert bexp[g]) -> [nb*bm, D]; one batched matmul per weight."""
-    D = xb.shape[-1]
-    h = silu(jnp.einsum("gmd,gdf->gmf", xb, _take_experts(w1, bexp))) * jnp.einsum(
-        "gmd,gdf->gmf", xb, _take_experts(w3, bexp))
-    return jnp.einsum("gmf,gfd->gmd", h, _take_experts(w2, bexp)).reshape(-1, D)
-
-
 def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int, rows=None):
     """Grouped SwiGLU on expert-sorted rows -> [M, D] (sorted order).
 
@@ -206,11 +133,12 @@ def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int, rows=None):
     M = xs.shape[0] if rows is None else rows.shape[0]
     D = xs.shape[1]
     bexp, src, valid, pos = _block_layout(sizes, M, bm)
-    if rows is None:
-        xb = _rows_in(xs, src, valid, pos, 1)
-    else:
-        xb = jnp.where(valid[:, None], xs[rows[src]], 0)
-    return _block_swiglu(xb.reshape(bexp.shape[0], bm, D), bexp, w1, w2, w3), pos
+    if rows is not None:
+        src = rows[src]
+    xb = jnp.where(valid[:, None], xs[src], 0).reshape(bexp.shape[0], bm, D)
+    h = silu(jnp.einsum("gmd,gdf->gmf", xb, w1[bexp])) * jnp.einsum("gmd,gdf->gmf", xb, w3[bexp])
+    yb = jnp.einsum("gmf,gfd->gmd", h, w2[bexp]).reshape(-1, D)
+    return yb, pos
 
 
 def _ragged_swiglu(xs, sizes, w1, w2, w3):
@@ -252,12 +180,8 @@ class Experts(nnx.Module):
             ys = _ragged_swiglu(x[order // K], sizes, w1, w2, w3)  # [M, D] expert-sorted rows
             return ys[inv].reshape(N, K, D)                        # back to (token, slot) order
         if impl == "blocksparse":  # one gather in (token -> padded block row), one out
-            M, bm = N * K, default_block_rows(N * K, E)
-            bexp, src, valid, pos = _block_layout(sizes, M, bm)
-            q, p = order[src], pos[inv]  # pair of each padded row; padded row of each pair (inverses)
-            xb = _rows_in(x, q // K, valid, p, K)
-            yb = _block_swiglu(xb.reshape(bexp.shape[0], bm, D), bexp, w1, w2, w3)
-            return _rows_out(yb, p, q, valid).reshape(N, K, D)
+            yb, pos = _blocksparse_swiglu(x, sizes, w1, w2, w3, default_block_rows(N * K, E), rows=order // K)
+            return yb[pos[inv]].reshape(N, K, D)
         raise ValueError(f"expert impl must be 'blocksparse' or 'ragged', got {impl!r}")
 
 
