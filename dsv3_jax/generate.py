@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv3.generation import check_generate_args, decode_loop
+
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_k: Optional[int],
                 top_p: Optional[float]) -> jax.Array:
@@ -53,42 +55,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
              eos: Optional[int] = None, cache: str = "latent",
              on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
     """New tokens per prompt (cut after `eos`, which is kept). on_token(row, token) streams them."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and no empty prompt")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    B, lens = len(prompts), [len(p) for p in prompts]
-    new: list[list[int]] = [[] for _ in range(B)]
-    if max_new_tokens == 0:
-        return new
-    V = model.cfg.vocab_size
-    for p in prompts:
-        if min(p) < 0 or max(p) >= V:
-            raise ValueError(f"prompt token ids must lie in [0, {V})")
-    kv = model.init_cache(B, max(lens) + max_new_tokens, kind=cache)
-    key = jax.random.key(seed)
+    check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size)
+    kv = model.init_cache(len(prompts), max(map(len, prompts)) + max_new_tokens, kind=cache)
     sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
-    P = min(lens)
-    key, sub = jax.random.split(key)
-    prefill = jnp.asarray([list(p[:P]) for p in prompts], jnp.int32)
-    sampled, kv = _decode(model, prefill, kv, jnp.int32(0), sub, **sampling)
-    done = [False] * B
-    pos = P  # position of the token being chosen now
-    while True:
-        sampled_h = np.asarray(sampled).tolist()
-        fed = []
-        for b in range(B):
-            tok = prompts[b][pos] if pos < lens[b] else sampled_h[b]
-            fed.append(tok)
-            if pos >= lens[b] and not done[b]:
-                new[b].append(tok)
-                if on_token is not None:
-                    on_token(b, tok)
-                done[b] = (eos is not None and tok == eos) or len(new[b]) >= max_new_tokens
-        if all(done):
-            return new
+    key = jax.random.key(seed)
+
+    def step(tokens: list[list[int]], pos: int) -> list[int]:
+        nonlocal kv, key
         key, sub = jax.random.split(key)
-        sampled, kv = _decode(model, jnp.asarray(fed, jnp.int32)[:, None], kv, jnp.int32(pos), sub, **sampling)
-        pos += 1
+        sampled, kv = _decode(model, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(pos), sub, **sampling)
+        return np.asarray(sampled).tolist()
+
+    return decode_loop(prompts, max_new_tokens, eos, on_token, step)

@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from dsv3.generation import check_generate_args, decode_loop
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
                 generator: torch.Generator) -> torch.Tensor:
@@ -43,33 +45,13 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
              eos: Optional[int] = None, cache: str = "latent",
              on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
     """New tokens per prompt (cut after `eos`, which is kept). on_token(row, token) streams them."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and no empty prompt")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    B, lens = len(prompts), [len(p) for p in prompts]
-    new: list[list[int]] = [[] for _ in range(B)]
-    if max_new_tokens == 0:
-        return new
+    check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size)
     device = model.head.weight.device
-    kv = model.init_cache(B, max(lens) + max_new_tokens, kind=cache)
+    kv = model.init_cache(len(prompts), max(map(len, prompts)) + max_new_tokens, kind=cache)
     gen = torch.Generator().manual_seed(seed)
-    P = min(lens)
-    logits, _ = model.forward_cached(torch.tensor([list(p[:P]) for p in prompts], device=device), kv, 0)
-    done = [False] * B
-    pos = P  # position of the token being chosen now
-    while True:
-        sampled = sample_next(logits[:, -1], temperature, top_k, top_p, gen).tolist()
-        fed = []
-        for b in range(B):
-            tok = prompts[b][pos] if pos < lens[b] else sampled[b]
-            fed.append(tok)
-            if pos >= lens[b] and not done[b]:
-                new[b].append(tok)
-                if on_token is not None:
-                    on_token(b, tok)
-                done[b] = (eos is not None and tok == eos) or len(new[b]) >= max_new_tokens
-        if all(done):
-            return new
-        logits, _ = model.forward_cached(torch.tensor(fed, device=device)[:, None], kv, pos)
-        pos += 1
+
+    def step(tokens: list[list[int]], pos: int) -> list[int]:
+        logits, _ = model.forward_cached(torch.tensor(tokens, device=device), kv, pos)
+        return sample_next(logits[:, -1], temperature, top_k, top_p, gen).tolist()
+
+    return decode_loop(prompts, max_new_tokens, eos, on_token, step)
