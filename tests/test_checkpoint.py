@@ -2,7 +2,6 @@
 
 import json
 import os
-import struct
 
 import ml_dtypes
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from dsv3 import ModelConfig
 from dsv3 import checkpoint as ck
 from dsv3.checkpoint import CheckpointError
+from safetensors_fp8 import write_safetensors
 
 TINY = ModelConfig.preset("tiny")
 
@@ -19,21 +19,6 @@ def _random_state(cfg, seed=0, dtype=np.float32):
     rng = np.random.default_rng(seed)
     return {k: rng.standard_normal(s).astype(dtype) for k, s in ck.canonical_shapes(cfg).items()}
 
-
-def _write_safetensors(path, tensors):
-    """A minimal safetensors writer (handles FP8, which safetensors' numpy API does not)."""
-    names = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
-             np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
-    header, blobs, off = {}, [], 0
-    for k, v in tensors.items():
-        b = np.ascontiguousarray(v).tobytes()
-        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 # ------------------------------------------------------------- the name table
@@ -181,7 +166,7 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path):
             quantised[name] = (q, s)
     assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in quantised
     os.remove(tmp_path / "model.safetensors")
-    _write_safetensors(tmp_path / "model.safetensors", tensors)
+    write_safetensors(tmp_path / "model.safetensors", tensors)
     conf = json.loads((tmp_path / "config.json").read_text())
     conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                    "weight_block_size": [block, block]}
@@ -198,7 +183,7 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path):
 
 
 def test_fp8_weight_without_scale_is_an_error(tmp_path):
-    _write_safetensors(tmp_path / "model.safetensors",
+    write_safetensors(tmp_path / "model.safetensors",
                        {"model.norm.weight": np.zeros((4, 4), ml_dtypes.float8_e4m3fn)})
     with pytest.raises(CheckpointError, match="FP8 tensors without weight_scale_inv"):
         ck.read_hf_tensors(str(tmp_path))
@@ -244,7 +229,7 @@ def test_partial_mtp_layer_is_an_error(tmp_path):
     hf = ck.canonical_to_hf(state, TINY)
     del hf[f"model.layers.{TINY.num_hidden_layers}.eh_proj.weight"]
     TINY.save_pretrained(tmp_path)
-    _write_safetensors(tmp_path / "model.safetensors", hf)
+    write_safetensors(tmp_path / "model.safetensors", hf)
     with pytest.raises(CheckpointError, match=r"missing \(1\): mtp\.0\.eh_proj\.weight"):
         ck.load_canonical(str(tmp_path))
 

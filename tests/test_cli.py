@@ -11,6 +11,7 @@ from dsv3 import ModelConfig
 from dsv3.checkpoint import canonical_shapes, load_canonical, read_safetensors, save_canonical
 from dsv3.cli import build_parser, generate_text, info_dict, main, train_config_from_args
 from dsv3.training import TrainConfig, latest_checkpoint, read_metrics
+from safetensors_fp8 import write_safetensors
 
 TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)
 
@@ -134,7 +135,7 @@ def _fp8_checkpoint(directory):
                             np.float32)
             tensors[name] = (w / scale[0, 0]).astype(ml_dtypes.float8_e4m3fn)
             tensors[name + "_scale_inv"] = scale
-    _write(os.path.join(directory, "model.safetensors"), tensors)
+    write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
     conf = json.load(open(os.path.join(directory, "config.json")))
     conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                    "weight_block_size": [128, 128]}
@@ -142,21 +143,6 @@ def _fp8_checkpoint(directory):
         json.dump(conf, f)
     return cfg
 
-
-def _write(path, tensors):
-    import struct
-
-    names = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
-    header, blobs, off = {}, [], 0
-    for k, v in tensors.items():
-        b = np.ascontiguousarray(v).tobytes()
-        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 def test_convert_fp8_to_bf16(tmp_path, capsys):
