@@ -14,7 +14,6 @@ import sys
 import tempfile
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -22,11 +21,8 @@ import parity_util  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread):
+    """Every parity test on one torch thread (the root conftest's fixture)."""
 
 
 def pytest_configure(config):

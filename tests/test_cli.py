@@ -16,14 +16,7 @@ from safetensors_fp8 import write_safetensors
 TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ TINY = ModelConfig.preset("tiny").replace(vocab_size=256)
 STEPS = 50
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(backend, sampler, tcfg):

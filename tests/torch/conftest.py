@@ -13,13 +13,9 @@ from dsv3 import ModelConfig
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_seed():
-    """Applies to tests under tests/torch only; restored for the rest of a session."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_and_seed(one_torch_thread):
+    """Tests under tests/torch only: one thread (root conftest fixture, restored afterwards), seed 0."""
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
