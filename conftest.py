@@ -4,6 +4,7 @@
   intermediates in fp32, which moves bf16 results away from torch's and HF's
   op-by-op rounding (the bf16 bit-parity tests rely on this).
 - fp32 matmuls at full precision (REFERENCE §9.2.7; a no-op on CPU, needed on GPU/TPU).
+- ``dsv3.runtime.configure()``: the settings the ``dsv3`` command runs with.
 
 This root conftest is loaded before any test module or sub-directory conftest,
 so the order in which pytest collects files cannot change the numerics.
@@ -15,6 +16,10 @@ import sys
 assert "jax" not in sys.modules, "jax was imported before the root conftest could configure XLA"
 if "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+
+from dsv3 import runtime  # noqa: E402
+
+runtime.configure()  # the XLA:CPU dot emitter and allocator settings the dsv3 command runs with
 
 import jax  # noqa: E402
 

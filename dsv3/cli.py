@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from dsv3 import runtime
 from dsv3.config import PRESETS, ModelConfig
 from dsv3.training import DTYPES, FRAMEWORKS, TrainConfig
 
@@ -325,6 +326,7 @@ def cmd_bench(argv: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    runtime.configure()  # before torch or jax allocate or compile anything
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)

@@ -132,7 +132,7 @@ def _versions() -> dict:
 
 
 def run(args) -> int:
-    from dsv3 import flops
+    from dsv3 import flops, runtime
     from dsv3.bench import report
     from dsv3.bench.common import Ctx, framework_peak_key
     from dsv3.bench.timing import environment, loadavg
@@ -157,7 +157,9 @@ def run(args) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.decode_reps = args.decode_reps or (8 if q else 20)
     decode_steps = 8
+    rt = runtime.configure()  # no-op when the dsv3 command already did it
     env = environment(args.device)
+    env["malloc"] = rt["malloc"]
     env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper() if args.omp_wait_policy else os.environ.get("OMP_WAIT_POLICY")
     if args.device == "cuda":
         os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu")

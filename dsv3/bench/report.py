@@ -123,6 +123,12 @@ def _f(x, fmt="{:.1f}", none="–"):
     return fmt.format(x)
 
 
+def _malloc(settings) -> str:
+    if not settings:
+        return "default"
+    return ", ".join(f"{k} {v >> 20} MiB" for k, v in settings.items())
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     env = m["env"]
@@ -135,6 +141,7 @@ def markdown(res: dict) -> str:
              f"(OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY') or 'unset'}) · "
              f"jax {m['versions'].get('jax')} · transformers {m['versions'].get('transformers')} · "
              f"load avg start {env.get('loadavg_start')} end {m.get('loadavg_end')} · {env.get('time_utc')}"
+             f" · XLA_FLAGS `{env.get('XLA_FLAGS') or ''}` · malloc {_malloc(env.get('malloc'))}"
              + (f" · commit {m['git']['commit'][:10]}{' (dirty)' if m['git'].get('dirty') else ''}"
                 if m.get("git", {}).get("commit") else ""))
     L.append("")

@@ -67,10 +67,16 @@ def test_latent_cache_holds_c_kv_and_k_pe(model):
     assert n["v"].shape == (3, 7, CFG.num_attention_heads, CFG.v_head_dim)
 
 
+# As in the torch test: changing later tokens changes where every other token's row
+# lands in the grouped expert matmul, and XLA:CPU's dot rounds by row position (measured
+# 9e-8 with the dot emitter dsv3.runtime selects). A leak moves logits by ~1e-2 or more.
+ULP_NOISE = 1e-6
+
+
 def test_causality(model, tokens, full_logits):
     t2 = tokens.at[:, 6:].set((tokens[:, 6:] + 1) % CFG.vocab_size)
     out = np.asarray(model(t2))
-    np.testing.assert_array_equal(out[:, :6], full_logits[:, :6])
+    assert np.abs(out[:, :6] - full_logits[:, :6]).max() <= ULP_NOISE
     assert np.abs(out[:, 6:] - full_logits[:, 6:]).max() > 1e-3
 
 
