@@ -42,7 +42,9 @@ class TorchBackend:
                                            foreach=False)
         self.loss_fn = model.compute_loss
         if tcfg.compile:
-            self.loss_fn = torch.compile(model.compute_loss, dynamic=False)
+            # Automatic dynamic shapes: each MoE layer's per-expert row counts change every step;
+            # dynamic=False guarded on them and recompiled every step until the recompile limit.
+            self.loss_fn = torch.compile(model.compute_loss)
 
     def _autocast(self):
         if self.tcfg.dtype == "bfloat16":

@@ -135,7 +135,7 @@ def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = Fal
         make_backend = mod.make_backend
     except (ImportError, AttributeError):
         return None
-    kw = {"compile": False} if framework == "torch" else {}
+    kw = {"compile": compile_} if framework == "torch" else {}
     tcfg = TrainConfig(framework=framework, batch_size=ctx.batch, seq_len=ctx.seq, lr=LR, beta1=BETAS[0],
                        beta2=BETAS[1], weight_decay=WEIGHT_DECAY, grad_clip=CLIP,
                        dtype="bfloat16" if ctx.dtype == "bf16" else "float32", progress=False, plots=False, **kw)
@@ -143,15 +143,7 @@ def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = Fal
         ctx.dtype_note = "train rows: bf16 compute with fp32 master weights (the training backends' bf16 mode)"
     backend = make_backend(ctx.config(mtp), tcfg)
     backend.load_canonical_state(ctx.weights(mtp))
-    desc = f"dsv3_{framework}.train.make_backend(...).train_step"
-    if compile_:
-        # torch.compile with its default (automatic) dynamic shapes. The backend's own
-        # compile=True uses dynamic=False, which recompiles the MoE expert loop for every new
-        # list of per-expert counts (guard on the split sizes) until the recompile limit.
-        import torch
-
-        backend.loss_fn = torch.compile(backend.model.compute_loss)
-        desc += " with loss_fn = torch.compile(model.compute_loss) (default dynamic)"
+    desc = f"dsv3_{framework}.train.make_backend(...).train_step" + (" (compile=True)" if compile_ else "")
     batch = [(np.asarray(ctx.inputs, np.int32), np.asarray(ctx.labels, np.int32))]
     last = {}
 
