@@ -138,3 +138,24 @@ def test_targets_and_markdown_from_synthetic_results(tmp_path):
     assert "| torch | 1024 | 10000 | 5000 | 2.00× |" in md
     assert "error: RuntimeError: boom" in md
     assert os.path.getsize(paths["png"]) > 10_000
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_profile_attributes_step_time(framework):
+    """python -m dsv3.bench.profile runs the bench's training step under the framework's profiler
+    (its own process: the JAX path sets XLA_FLAGS before JAX starts) and attributes the time."""
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dsv3.bench.profile", "--preset", "tiny", "--framework", framework,
+                          "--batch", "2", "--seq", "16", "--steps", "1"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = dict(re.findall(r"^\| (.+?) \| ([\d.]+) \|", out.stdout, flags=re.M))
+    if framework == "torch":
+        assert float(rows["`aten::mm`"]) > 0
+    else:
+        assert float(rows["MoE: expert matmuls"]) > 0 and float(rows["attention: score and value matmuls"]) > 0
+        assert "unattributed (no HLO metadata)" not in rows or \
+            float(rows["unattributed (no HLO metadata)"]) < float(rows["MoE: expert matmuls"])

@@ -1,6 +1,7 @@
 """The machine's matmul peak, measured per framework and dtype in the same run.
 
 The peak is the best throughput over a sweep of square and rectangular shapes,
+each in both operand layouts the models use (A @ B and the Linear layout A @ W.T),
 small cache-resident ones included (on a CPU a large square product is often
 memory-bound and is *not* the peak). Each shape is timed like every other row
 (first call apart, warm-up, median of several repetitions); the peak is the
@@ -37,19 +38,22 @@ def _reps_for(one_call_s: float, target_s: float, lo: int = 3, hi: int = 50) -> 
 
 
 def _sweep(make_fn, sync, shapes, target_s: float) -> dict:
+    """make_fn(M, K, N) -> {layout: fn}: each shape in each operand layout the models use
+    ("nn": A @ B; "nt": A @ W.T, the nn.Linear / F.linear layout)."""
     rows = []
     for (M, K, N) in shapes:
-        fn = make_fn(M, K, N)
-        t0 = time.perf_counter()
-        sync(fn())
-        sync(fn())
-        one = (time.perf_counter() - t0) / 2
-        t = measure(fn, sync, warmup=1, reps=_reps_for(one, target_s))
-        gflops = 2.0 * M * K * N / t.median_s / 1e9
-        rows.append({"shape": [M, K, N], "median_s": t.median_s, "iqr_rel": t.iqr_rel,
-                     "reps": t.reps, "gflops": gflops})
+        for layout, fn in make_fn(M, K, N).items():
+            t0 = time.perf_counter()
+            sync(fn())
+            sync(fn())
+            one = (time.perf_counter() - t0) / 2
+            t = measure(fn, sync, warmup=1, reps=_reps_for(one, target_s))
+            gflops = 2.0 * M * K * N / t.median_s / 1e9
+            rows.append({"shape": [M, K, N], "layout": layout, "median_s": t.median_s, "iqr_rel": t.iqr_rel,
+                         "reps": t.reps, "gflops": gflops})
     best = max(rows, key=lambda r: r["gflops"])
-    return {"peak_gflops": best["gflops"], "peak_shape": best["shape"], "sweep": rows}
+    return {"peak_gflops": best["gflops"], "peak_shape": best["shape"], "peak_layout": best["layout"],
+            "sweep": rows}
 
 
 def torch_peak(device: str, dtype: str, quick: bool) -> dict:
@@ -62,8 +66,9 @@ def torch_peak(device: str, dtype: str, quick: bool) -> dict:
     def make(M, K, N):
         a = torch.randn(M, K, generator=gen).to(device=device, dtype=tdt)
         b = torch.randn(K, N, generator=gen).to(device=device, dtype=tdt)
+        w = torch.randn(N, K, generator=gen).to(device=device, dtype=tdt)
         c = torch.empty(M, N, device=device, dtype=tdt)
-        return lambda: torch.mm(a, b, out=c)
+        return {"nn": lambda: torch.mm(a, b, out=c), "nt": lambda: torch.mm(a, w.t(), out=c)}
 
     with torch.inference_mode():
         out = _sweep(make, sync, shapes_for(device, quick), 0.15 if quick else 0.4)
@@ -81,11 +86,13 @@ def jax_peak(device: str, dtype: str, quick: bool) -> dict:
     rng = np.random.default_rng(0)
     # fp32 on GPU/TPU: the default precision may use reduced-precision passes.
     mm = jax.jit(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST))
+    mm_t = jax.jit(lambda a, w: jnp.matmul(a, w.T, precision=jax.lax.Precision.HIGHEST))
 
     def make(M, K, N):
-        a = jax.device_put(jnp.asarray(rng.standard_normal((M, K), dtype=np.float32), dtype=jdt), dev)
-        b = jax.device_put(jnp.asarray(rng.standard_normal((K, N), dtype=np.float32), dtype=jdt), dev)
-        return lambda: mm(a, b)
+        put = lambda *shape: jax.device_put(  # noqa: E731
+            jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype=jdt), dev)
+        a, b, w = put(M, K), put(K, N), put(N, K)
+        return {"nn": lambda: mm(a, b), "nt": lambda: mm_t(a, w)}
 
     out = _sweep(make, jax_sync, shapes_for(device, quick), 0.15 if quick else 0.4)
     out.update(framework="jax", dtype=dtype, device=str(dev))

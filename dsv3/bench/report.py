@@ -150,8 +150,9 @@ def markdown(res: dict) -> str:
     L.append("")
     peaks = res.get("peaks", {})
     if peaks:
-        L.append("**Matmul peak** (best median over the shape sweep, same run): " + ", ".join(
+        L.append("**Matmul peak** (best median over the shape sweep, layouts nn = A·B and nt = A·Wᵀ, same run): " + ", ".join(
             f"{k} {v['peak_gflops']:.1f} GFLOP/s at {'×'.join(map(str, v['peak_shape']))}"
+            + (f" ({v['peak_layout']})" if v.get("peak_layout") else "")
             + (f" (sweep at start {v['peak_gflops_start']:.1f}, at end {v['peak_gflops_end']:.1f}; MFU uses the higher)"
                if "peak_gflops_end" in v else "") for k, v in peaks.items()))
         L.append("")
