@@ -127,7 +127,7 @@ def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int, rows=None):
 
     The padded-row -> source-row map is built by scatters, so XLA:CPU materialises it once:
     composed index arithmetic would be fused into the [nb*bm, D] gather and recomputed for every
-    element (measured: the MoE forward 1.5x slower)."""
+    element (measured: the MoE layer forward 1.2-1.4x slower)."""
     M = xs.shape[0] if rows is None else rows.shape[0]
     D = xs.shape[1]
     bexp, pos = _block_layout(sizes, M, bm)
