@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=None,
                    help="config preset (tiny, small, ...); default: small, the peer-small comparison shape")
     g.add_argument("--config", default=None, help="a HF-style config.json (or a checkpoint directory)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                        help="default: cuda when torch finds a GPU, else cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--quick", action="store_true",
                         help="fewer repetitions and contexts, torch.compile only with MTP on")
@@ -158,11 +159,6 @@ def run(args) -> int:
     args.decode_reps = args.decode_reps or (8 if q else 20)
     decode_steps = 8
     rt = runtime.configure()  # no-op when the dsv3 command already did it
-    env = environment(args.device)
-    env["malloc"] = rt["malloc"]
-    env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper() if args.omp_wait_policy else os.environ.get("OMP_WAIT_POLICY")
-    if args.device == "cuda":
-        os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu")
     import tempfile
 
     # A private, empty inductor cache: torch.compile's first-call time is then honest (no kernels
@@ -178,9 +174,16 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device is None:  # the device it finds
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         print("dsv3 bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
+    if args.device == "cuda":
+        os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu")  # read when jax first starts its backends
+    env = environment(args.device)
+    env["malloc"] = rt["malloc"]
+    env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper() if args.omp_wait_policy else os.environ.get("OMP_WAIT_POLICY")
     ctx = Ctx(args=args, cfg=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
               contexts=_contexts(args, cfg, decode_steps), decode_batch=args.decode_batch or args.batch,
               decode_steps=decode_steps, warmup=args.warmup, reps=args.reps)
