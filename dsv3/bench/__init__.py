@@ -97,6 +97,15 @@ def random_state(cfg, seed: int) -> dict:
     return out
 
 
+def set_work(ctx, seed: int) -> None:
+    """The bench's weights and batch on ctx: random_state(seed) and tokens [B, T + 1] from seed + 1."""
+    import numpy as np
+
+    ctx.state = random_state(ctx.cfg, seed)
+    rng = np.random.default_rng(seed + 1)
+    ctx.tokens = rng.integers(0, ctx.cfg.vocab_size, (ctx.batch, ctx.seq + 1)).astype(np.int32)
+
+
 def _contexts(args, cfg, steps: int) -> list[int]:
     if args.contexts:
         want = [int(x) for x in args.contexts.split(",") if x.strip()]
@@ -169,7 +178,6 @@ def run(args) -> int:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     inductor_cache = tempfile.TemporaryDirectory(prefix="dsv3-bench-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache.name
-    import numpy as np
     import torch
 
     if args.threads:
@@ -188,9 +196,7 @@ def run(args) -> int:
               contexts=_contexts(args, cfg, decode_steps), decode_batch=args.decode_batch or args.batch,
               decode_steps=decode_steps, warmup=args.warmup, reps=args.reps)
     ctx.log = lambda s: print(s, flush=True)
-    ctx.state = random_state(cfg, args.seed)
-    rng = np.random.default_rng(args.seed + 1)
-    ctx.tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
+    set_work(ctx, args.seed)
     t_start = time.perf_counter()
     ctx.log(f"dsv3 bench: {name}, {args.device} {args.dtype}, batch {args.batch} x seq {args.seq}, "
             f"torch threads {torch.get_num_threads()}, load {env['loadavg_start']}")

@@ -48,17 +48,13 @@ def _setup(args):
 
 def _backend_step(args):
     """(step, description) of the bench's training step for this framework."""
-    import numpy as np
-
-    from dsv3.bench import _config, random_state
+    from dsv3.bench import _config, set_work
     from dsv3.bench.common import Ctx, backend_train_step
 
     cfg, name = _config(args)
     ctx = Ctx(args=args, cfg=cfg, device="cpu", dtype="fp32", batch=args.batch, seq=args.seq, contexts=[],
               decode_batch=args.batch, decode_steps=0, warmup=0, reps=0)
-    ctx.state = random_state(cfg, 0)
-    rng = np.random.default_rng(1)
-    ctx.tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
+    set_work(ctx, seed=0)  # dsv3 bench's default --seed: the same weights and batch
     step, desc = backend_train_step(ctx, args.framework, mtp=args.mtp)
     return step, f"{name}, batch {args.batch} x seq {args.seq}, MTP {'on' if args.mtp else 'off'}: {desc}"
 
@@ -109,12 +105,13 @@ def component(opcode: str, op_name: str) -> str:
 def profile_jax(step, steps: int, rows: int, dump: str) -> str:
     import jax
 
-    trace_dir = tempfile.mkdtemp(prefix="dsv3-jax-trace-")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(steps):
-            step()
-    trace = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
-    events = json.load(gzip.open(trace))["traceEvents"]
+    with tempfile.TemporaryDirectory(prefix="dsv3-jax-trace-") as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                step()
+        trace = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+        with gzip.open(trace) as f:
+            events = json.load(f)["traceEvents"]
     meta = _hlo_metadata(dump)
     per_op: collections.Counter = collections.Counter()
     for e in events:
