@@ -179,13 +179,18 @@ def test_torch_bf16_autocast_keeps_fp32_master_weights(config_dir, corpus):
 
 def test_torch_compile_trains_like_eager_without_recompiling_every_step():
     """compile=True: the same losses as eager, and the graphs stop changing after the second step
-    (automatic dynamic shapes absorb the per-expert row counts, which change every step)."""
+    (automatic dynamic shapes absorb the per-expert row counts, which change every step).
+
+    Compilation is the whole cost, and each MoE block adds its own graphs (the per-expert row
+    counts end a graph), so the model is the tiny preset cut to two layers: one dense layer, one
+    MoE layer and the MoE block of the MTP depth, i.e. every kind of block and two routers."""
     import torch._dynamo.utils
 
     from dsv3.bench import random_state
 
     make_backend = _backend("torch")
-    cfg = ModelConfig.preset("tiny")
+    cfg = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
+    assert cfg.first_k_dense_replace == 1 and cfg.n_moe_layers == 1 and cfg.num_nextn_predict_layers == 1
     state = random_state(cfg, 0)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, 33)).astype(np.int32)
     batches = [[(t[:, :-1], t[:, 1:])] for t in (np.roll(tokens, i, axis=1) for i in range(4))]
