@@ -35,8 +35,7 @@ class JaxAdapter(Adapter):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.dtype = jax_dtype(ctx.dtype)
-        self.device = jax_device(ctx.device)
+        self.dtype, self.device = jax_dtype(ctx.dtype), jax_device(ctx.device)
 
     def sync(self, out) -> None:
         jax_sync(out)

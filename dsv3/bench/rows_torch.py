@@ -24,8 +24,7 @@ class TorchAdapter(Adapter):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.sync = torch_sync(ctx.device)
-        self.dtype = torch_dtype(ctx.dtype)
+        self.sync, self.dtype = torch_sync(ctx.device), torch_dtype(ctx.dtype)
 
     def inference(self):
         import torch
