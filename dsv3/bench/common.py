@@ -34,17 +34,13 @@ class Ctx:
     peaks: dict = field(default_factory=dict)  # framework -> peak GFLOP/s
     log: Callable[[str], None] = print
 
-    @property
-    def cfg_nomtp(self) -> ModelConfig:
-        return self.cfg.replace(num_nextn_predict_layers=0)
-
     def weights(self, mtp: bool) -> dict:
         if mtp:
             return self.state
         return {k: v for k, v in self.state.items() if not k.startswith("mtp.")}
 
     def config(self, mtp: bool) -> ModelConfig:
-        return self.cfg if mtp else self.cfg_nomtp
+        return self.cfg if mtp else self.cfg.replace(num_nextn_predict_layers=0)
 
     @property
     def inputs(self) -> np.ndarray:

@@ -10,9 +10,7 @@ best median throughput.
 
 from __future__ import annotations
 
-import time
-
-from dsv3.bench.timing import measure
+from dsv3.bench.timing import call_s, measure
 
 # (M, K, N): C[M, N] = A[M, K] @ B[K, N]
 CPU_SHAPES = [
@@ -43,10 +41,7 @@ def _sweep(make_fn, sync, shapes, target_s: float) -> dict:
     rows = []
     for (M, K, N) in shapes:
         for layout, fn in make_fn(M, K, N).items():
-            t0 = time.perf_counter()
-            sync(fn())
-            sync(fn())
-            one = (time.perf_counter() - t0) / 2
+            one = (call_s(fn, sync) + call_s(fn, sync)) / 2
             t = measure(fn, sync, warmup=1, reps=_reps_for(one, target_s))
             gflops = 2.0 * M * K * N / t.median_s / 1e9
             rows.append({"shape": [M, K, N], "layout": layout, "median_s": t.median_s, "iqr_rel": t.iqr_rel,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -31,9 +31,23 @@ class Row(NamedTuple):
 
 
 class Adapter:
-    """What one framework supplies to the drivers; the defaults are the framework-free ones."""
+    """What one framework supplies to the drivers; its subclasses are ``rows_torch.TorchAdapter``,
+    ``rows_jax.JaxAdapter`` and ``rows_hf.HFAdapter``.
 
-    framework = ""  # the rows' ``framework`` field; PeakMemory's allocator choice
+    - ``framework``: the rows' ``framework`` field (and PeakMemory's allocator choice);
+    - ``sync(out)``: wait until ``out`` (and the device) is finished;
+    - ``train_rows()``: :class:`Row` s whose ``make()`` gives (step, description), ``step()`` one
+      optimizer step returning the loss; ``prefill_rows()``: rows whose ``make()`` gives a forward
+      of no arguments;
+    - ``decoder()``: (init_cache(batch, max_len, kind), forward_cached(tokens, cache, pos) -> (logits, cache));
+    - ``tokens(a)``: int token ids [B, S] on the device; ``next_token(logits)``: the greedy next token [B, 1];
+    - ``moe_and_dense(x, dense_w)``: {"moe" | "dense": (forward(), forward_and_backward(), extra row
+      fields)} from the numpy arrays of :func:`moe_inputs`;
+    - ``matmuls(M, K, N)``: {"nn": A[M,K] @ B[K,N], "nt": A @ W[N,K].T} as calls of no arguments, and
+      ``peak_info()``, the peak sweep's record of the device.
+    """
+
+    framework = ""
 
     def __init__(self, ctx: Ctx):
         self.ctx = ctx
@@ -42,9 +56,6 @@ class Adapter:
     def peak_key(self) -> str:
         return framework_peak_key(self.framework)
 
-    def sync(self, out) -> None:  # wait for ``out`` (and the device) to be finished
-        raise NotImplementedError
-
     def scope(self):
         """The context every row of this framework runs in."""
         return contextlib.nullcontext()
@@ -52,35 +63,6 @@ class Adapter:
     def inference(self):
         """The context of forward-only timing."""
         return contextlib.nullcontext()
-
-    def train_rows(self) -> Iterator[Row]:  # make() -> (step, description); step() -> loss
-        return iter(())
-
-    def prefill_rows(self) -> Iterator[Row]:  # make() -> forward(), no arguments
-        return iter(())
-
-    def decoder(self):
-        """(init_cache(batch, max_len, kind), forward_cached(tokens, cache, pos) -> (logits, cache))."""
-        raise NotImplementedError
-
-    def tokens(self, a: np.ndarray):
-        """Integer token ids [B, S] as the framework's array on the bench's device."""
-        raise NotImplementedError
-
-    def next_token(self, logits):
-        """The greedy next token [B, 1] from logits [B, S, V]."""
-        raise NotImplementedError
-
-    def moe_and_dense(self, x: np.ndarray, dense_w: tuple) -> dict:
-        """{"moe" | "dense": (forward(), forward_and_backward(), extra row fields)}."""
-        raise NotImplementedError
-
-    def matmuls(self, M: int, K: int, N: int) -> dict:
-        """{"nn": A[M,K] @ B[K,N], "nt": A @ W[N,K].T} as calls of no arguments (the peak sweep)."""
-        raise NotImplementedError
-
-    def peak_info(self) -> dict:
-        return {}
 
 
 def run_rows(ctx: Ctx, ad: Adapter, sections) -> None:

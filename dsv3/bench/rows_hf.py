@@ -42,7 +42,7 @@ class HFAdapter(TorchAdapter):
         except Exception:  # noqa: BLE001 - cosmetic
             pass
         with tempfile.TemporaryDirectory(prefix="dsv3-bench-hf-") as d:
-            save_canonical(d, self.ctx.weights(False), self.ctx.cfg_nomtp)
+            save_canonical(d, self.ctx.weights(False), self.ctx.config(False))
             self.directory = d
             try:
                 yield
