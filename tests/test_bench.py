@@ -141,6 +141,37 @@ def test_targets_and_markdown_from_synthetic_results(tmp_path):
     assert os.path.getsize(paths["png"]) > 10_000
 
 
+def test_end_peak_sweep_sets_mfu_from_the_higher_peak(monkeypatch):
+    """Without --quick the peak is swept again at the end; MFU uses the higher of the two sweeps."""
+    from types import SimpleNamespace
+
+    import dsv3.bench as bench
+
+    ctx = SimpleNamespace(peaks={"torch": 100.0, "jax": 50.0}, rows=[
+        {"framework": "hf", "gflops": 40.0, "mfu": 0.4}, {"framework": "jax", "gflops": 40.0, "mfu": 0.8},
+        {"framework": "torch", "gflops": 10.0, "mfu": None}])
+    peaks = {"torch": {"peak_gflops": 100.0}, "jax": {"peak_gflops": 50.0}}
+    monkeypatch.setattr(bench, "_peaks", lambda *a: {"torch": {"peak_gflops": 200.0}, "jax": {"peak_gflops": 40.0}})
+    bench._end_peaks(ctx, peaks, ["torch", "jax"], set())
+    assert peaks["torch"] == {"peak_gflops": 200.0, "peak_gflops_start": 100.0, "peak_gflops_end": 200.0}
+    assert peaks["jax"] == {"peak_gflops": 50.0, "peak_gflops_start": 50.0, "peak_gflops_end": 40.0}
+    assert [r["mfu"] for r in ctx.rows] == [0.2, 0.8, None]  # HF rows use torch's peak
+
+
+def test_cache_nbytes_walks_nested_caches():
+    import numpy as np
+
+    from dsv3.bench.rows import nbytes
+
+    class Cache:  # like dsv3_torch's KVCache: fields, one of them a list of per-layer dicts
+        def __init__(self):
+            self.kind, self.max_len = "latent", 3
+            self.layers = [{"c_kv": np.zeros((2, 3), np.float32)}, {"c_kv": np.zeros(4, np.int8)}]
+
+    assert nbytes(Cache()) == 24 + 4
+    assert nbytes([(np.zeros(2), {"a": np.zeros(1, np.float32)})]) == 16 + 4
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_profile_attributes_step_time(framework):
     """python -m dsv3.bench.profile runs the bench's training step under the framework's profiler

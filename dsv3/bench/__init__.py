@@ -22,7 +22,7 @@ import time
 
 SECTIONS = ("peak", "train", "compile", "hf", "prefill", "decode", "moe")
 FRAMEWORKS = ("torch", "jax")
-PEER_SMALL = "peer-small"
+DECODE_STEPS = 8  # one-token steps timed per decoding row (the cache holds context + these)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,37 +141,65 @@ def _versions() -> dict:
     return v
 
 
-def run(args) -> int:
-    from dsv3 import flops, runtime
-    from dsv3.bench import report
-    from dsv3.bench.common import Ctx, framework_peak_key
-    from dsv3.bench.timing import environment, loadavg
+class _Usage(Exception):
+    """A command line the bench refuses (exit status 2)."""
 
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    bad = skip - set(SECTIONS)
-    if bad:
-        print(f"dsv3 bench: unknown --skip sections {sorted(bad)}; choose from {SECTIONS}", file=sys.stderr)
+
+def run(args) -> int:
+    from dsv3.bench import report
+
+    try:
+        cfg, name, frameworks = _parse(args)
+        inductor_cache = _start_torch(args)  # noqa: F841 - removed when run returns
+    except _Usage as e:
+        print(f"dsv3 bench: {e}", file=sys.stderr)
         return 2
+    ctx, env = _make_ctx(args, cfg)
+    t_start = time.perf_counter()
+    ctx.log(f"dsv3 bench: {name}, {args.device} {args.dtype}, batch {args.batch} x seq {args.seq}, "
+            f"torch threads {_torch_threads()}, load {env['loadavg_start']}")
+    peaks = _peaks(ctx, frameworks, args.skip, "start") if "peak" not in args.skip else {}
+    ctx.peaks = {k: v["peak_gflops"] for k, v in peaks.items()}  # Ctx.add reads GFLOP/s per framework
+    _run_rows(ctx, frameworks, args.skip)
+    if "peak" not in args.skip and not args.quick:
+        _end_peaks(ctx, peaks, frameworks, args.skip)
+    res = _results(ctx, name, frameworks, env, peaks, round(time.perf_counter() - t_start, 1))
+    res["targets"] = report.evaluate_targets(res)
+    paths = report.write_all(res, args.out)
+    print()
+    print(report.markdown(res))
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']} in {res['meta']['wall_s']} s")
+    return 0
+
+
+def _parse(args):
+    """Checks the command line and fills the defaults; (config, its name, frameworks)."""
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(SECTIONS):
+        raise _Usage(f"unknown --skip sections {sorted(skip - set(SECTIONS))}; choose from {SECTIONS}")
     args.skip = skip
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     if set(frameworks) - set(FRAMEWORKS):
-        print(f"dsv3 bench: --frameworks must be among {FRAMEWORKS}", file=sys.stderr)
-        return 2
+        raise _Usage(f"--frameworks must be among {FRAMEWORKS}")
     cfg, name = _config(args)
     if args.seq > cfg.max_position_embeddings:
-        print(f"dsv3 bench: --seq {args.seq} exceeds max_position_embeddings={cfg.max_position_embeddings}",
-              file=sys.stderr)
-        return 2
+        raise _Usage(f"--seq {args.seq} exceeds max_position_embeddings={cfg.max_position_embeddings}")
     q = args.quick
     args.reps = args.reps or (3 if q else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.decode_reps = args.decode_reps or (8 if q else 20)
-    decode_steps = 8
-    rt = runtime.configure()  # no-op when the dsv3 command already did it
+    return cfg, name, frameworks
+
+
+def _start_torch(args):
+    """Process settings read when torch starts, then torch and the device; returns the private
+    inductor cache directory (empty: torch.compile's first-call time is then honest, with no kernels
+    reused from earlier runs, and concurrent compiles elsewhere cannot corrupt it)."""
     import tempfile
 
-    # A private, empty inductor cache: torch.compile's first-call time is then honest (no kernels
-    # reused from earlier runs) and concurrent compiles elsewhere cannot corrupt it.
+    from dsv3 import runtime
+
+    runtime.configure()  # no-op when the dsv3 command already did it
     if args.omp_wait_policy:
         if "torch" in sys.modules:
             print("dsv3 bench: torch is already loaded; --omp-wait-policy has no effect", file=sys.stderr)
@@ -185,95 +213,113 @@ def run(args) -> int:
     if args.device is None:  # the device it finds
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("dsv3 bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
+        raise _Usage("--device cuda but torch.cuda.is_available() is False")
     if args.device == "cuda":
         os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu")  # read when jax first starts its backends
+    return inductor_cache
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _make_ctx(args, cfg):
+    """The run's Ctx (weights and batch from --seed) and the environment record."""
+    from dsv3 import runtime
+    from dsv3.bench.common import Ctx
+    from dsv3.bench.timing import environment
+
     env = environment(args.device)
-    env["malloc"] = rt["malloc"]
+    env["malloc"] = runtime.configure()["malloc"]
     env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper() if args.omp_wait_policy else os.environ.get("OMP_WAIT_POLICY")
     ctx = Ctx(args=args, cfg=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
-              contexts=_contexts(args, cfg, decode_steps), decode_batch=args.decode_batch or args.batch,
-              decode_steps=decode_steps, warmup=args.warmup, reps=args.reps)
+              contexts=_contexts(args, cfg, DECODE_STEPS), decode_batch=args.decode_batch or args.batch,
+              decode_steps=DECODE_STEPS, warmup=args.warmup, reps=args.reps)
     ctx.log = lambda s: print(s, flush=True)
     set_work(ctx, args.seed)
-    t_start = time.perf_counter()
-    ctx.log(f"dsv3 bench: {name}, {args.device} {args.dtype}, batch {args.batch} x seq {args.seq}, "
-            f"torch threads {torch.get_num_threads()}, load {env['loadavg_start']}")
+    return ctx, env
+
+
+def _adapter(ctx, framework: str):
+    if framework == "jax":
+        from dsv3.bench.rows_jax import JaxAdapter
+
+        return JaxAdapter(ctx)
+    if framework == "hf":
+        from dsv3.bench.rows_hf import HFAdapter
+
+        return HFAdapter(ctx)
+    from dsv3.bench.rows_torch import TorchAdapter
+
+    return TorchAdapter(ctx)
+
+
+def _run_rows(ctx, frameworks, skip) -> None:
+    """Every row: torch, then JAX, then the Hugging Face reference (training step and prefill)."""
+    from dsv3.bench import rows, rows_hf
 
     sections = [s for s in ("train", "prefill", "decode", "moe") if s not in skip]
-    peaks_full = _peaks(ctx, frameworks, skip, "start") if "peak" not in skip else {}
-    # Ctx.add reads ctx.peaks[framework] as a number (GFLOP/s).
-    ctx.peaks = {k: v["peak_gflops"] for k, v in peaks_full.items()}
-
-    if "torch" in frameworks:
-        from dsv3.bench import rows_torch
-
-        ctx.log("torch")
-        if "train" in sections:
-            rows_torch.train_rows(ctx)
-        if "prefill" in sections:
-            rows_torch.prefill_rows(ctx)
-        if "decode" in sections:
-            ctx.guard("decode", "torch", "torch", lambda: rows_torch.decode_rows(ctx))
-        if "moe" in sections:
-            rows_torch.moe_rows(ctx)
-    if "jax" in frameworks:
-        from dsv3.bench import rows_jax
-
-        ctx.log("jax")
-        rows_jax.run_all(ctx, sections)
+    for fw in (f for f in FRAMEWORKS if f in frameworks):
+        ctx.log(fw)
+        rows.run_rows(ctx, _adapter(ctx, fw), sections)
     if "hf" not in skip:
-        from dsv3.bench import rows_hf
-
         ctx.log("Hugging Face transformers (reference)")
-        rows_hf.run_all(ctx, [s for s in sections if s in ("train", "prefill")])
+        if not rows_hf.available():
+            ctx.log("  transformers not installed: no HF reference rows")
+            return
+        rows.run_rows(ctx, _adapter(ctx, "hf"), [s for s in sections if s in ("train", "prefill")])
 
-    if "peak" not in skip and not q:
-        # The sweep again at the end: on a shared machine the peak drifts with the load.
-        # MFU uses the higher of the two (the conservative utilisation).
-        for fw, v in _peaks(ctx, frameworks, skip, "end").items():
-            peaks_full[fw]["peak_gflops_end"] = v["peak_gflops"]
-            peaks_full[fw]["peak_gflops_start"] = peaks_full[fw]["peak_gflops"]
-            best = max(v["peak_gflops"], peaks_full[fw]["peak_gflops"])
-            if best > ctx.peaks[fw]:
-                for r in ctx.rows:
-                    if r.get("mfu") is not None and framework_peak_key(r["framework"]) == fw:
-                        r["mfu"] = r["gflops"] / best
-            peaks_full[fw]["peak_gflops"] = best
-    res = {
-        "meta": {
-            "config_name": name, "config": cfg.to_hf_dict(), "is_peer_small_shape": _is_peer_small(cfg),
-            "device": args.device, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
-            "quick": q, "contexts": ctx.contexts, "decode_batch": ctx.decode_batch, "decode_steps": decode_steps,
-            "reps": args.reps, "warmup": args.warmup, "decode_reps": args.decode_reps, "seed": args.seed,
-            "frameworks": frameworks, "skip": sorted(skip), "torch_threads": torch.get_num_threads(),
-            "mtp_depths": cfg.num_nextn_predict_layers, "layers": cfg.num_hidden_layers,
-            "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
-            "env": env, "versions": _versions(), "git": _git(), "loadavg_end": loadavg(),
-            "wall_s": round(time.perf_counter() - t_start, 1),
-        },
-        "flops": flops.summary(cfg, args.seq, args.batch, dtype=args.dtype),
-        "peaks": peaks_full,
-        "rows": ctx.rows,
+
+def _end_peaks(ctx, peaks, frameworks, skip) -> None:
+    """The sweep again at the end: on a shared machine the peak drifts with the load.
+    MFU uses the higher of the two (the conservative utilisation)."""
+    from dsv3.bench.common import framework_peak_key
+
+    for fw, v in _peaks(ctx, frameworks, skip, "end").items():
+        if fw not in peaks:
+            continue
+        p = peaks[fw]
+        p["peak_gflops_end"], p["peak_gflops_start"] = v["peak_gflops"], p["peak_gflops"]
+        best = max(v["peak_gflops"], p["peak_gflops"])
+        if best > ctx.peaks[fw]:
+            for r in ctx.rows:
+                if r.get("mfu") is not None and framework_peak_key(r["framework"]) == fw:
+                    r["mfu"] = r["gflops"] / best
+        p["peak_gflops"] = best
+
+
+def _results(ctx, name, frameworks, env, peaks, wall_s) -> dict:
+    from dsv3 import flops
+    from dsv3.bench.timing import loadavg
+
+    args, cfg = ctx.args, ctx.cfg
+    meta = {
+        "config_name": name, "config": cfg.to_hf_dict(), "is_peer_small_shape": _is_peer_small(cfg),
+        "device": args.device, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+        "quick": args.quick, "contexts": ctx.contexts, "decode_batch": ctx.decode_batch,
+        "decode_steps": ctx.decode_steps, "reps": args.reps, "warmup": args.warmup,
+        "decode_reps": args.decode_reps, "seed": args.seed, "frameworks": frameworks,
+        "skip": sorted(args.skip), "torch_threads": _torch_threads(),
+        "mtp_depths": cfg.num_nextn_predict_layers, "layers": cfg.num_hidden_layers,
+        "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "env": env, "versions": _versions(), "git": _git(), "loadavg_end": loadavg(), "wall_s": wall_s,
     }
-    res["targets"] = report.evaluate_targets(res)
-    paths = report.write_all(res, args.out)
-    print()
-    print(report.markdown(res))
-    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']} in {res['meta']['wall_s']} s")
-    return 0
+    return {"meta": meta, "flops": flops.summary(cfg, args.seq, args.batch, dtype=args.dtype),
+            "peaks": peaks, "rows": ctx.rows}
 
 
 def _peaks(ctx, frameworks, skip, when: str) -> dict:
+    """The matmul peak of torch (also when only the HF rows use it) and of JAX."""
     from dsv3.bench import peak
 
     out = {}
-    for fw, fn in (("torch", peak.torch_peak), ("jax", peak.jax_peak)):
+    for fw in FRAMEWORKS:
         if fw in frameworks or (fw == "torch" and "hf" not in skip):
             ctx.log(f"matmul peak sweep ({when}): {fw} {ctx.dtype}")
             try:
-                out[fw] = fn(ctx.device, ctx.dtype, ctx.args.quick)
+                out[fw] = peak.measure_peak(_adapter(ctx, fw), ctx.args.quick)
                 ctx.log(f"  {fw}: {out[fw]['peak_gflops']:.1f} GFLOP/s at {out[fw]['peak_shape']}")
             except Exception as e:  # noqa: BLE001 - reported
                 ctx.log(f"  {fw} peak failed: {e}")

@@ -33,11 +33,6 @@ class Ctx:
     rows: list = field(default_factory=list)
     peaks: dict = field(default_factory=dict)  # framework -> peak GFLOP/s
     log: Callable[[str], None] = print
-    dtype_note: Optional[str] = None
-
-    @property
-    def cfg_nomtp(self) -> ModelConfig:
-        return self.cfg.replace(num_nextn_predict_layers=0)
 
     def weights(self, mtp: bool) -> dict:
         if mtp:
@@ -45,7 +40,7 @@ class Ctx:
         return {k: v for k, v in self.state.items() if not k.startswith("mtp.")}
 
     def config(self, mtp: bool) -> ModelConfig:
-        return self.cfg if mtp else self.cfg_nomtp
+        return self.cfg if mtp else self.cfg.replace(num_nextn_predict_layers=0)
 
     @property
     def inputs(self) -> np.ndarray:
@@ -120,27 +115,23 @@ def framework_peak_key(framework: str) -> str:
 
 def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = False):
     """The training engineer's step (``dsv3_<framework>.train.make_backend``, what
-    ``dsv3 train`` runs), on the bench's weights and batch; None if it does not exist.
+    ``dsv3 train`` runs), on the bench's weights and batch.
 
     Returns (step, description); ``step()`` runs one optimizer step (forward,
     backward, clip, AdamW, router-bias update) and returns the loss as a float
-    (which also synchronises).
+    (which also synchronises); ``step.last`` holds the backend's metrics of the
+    latest step (main_loss, grad_norm, ...).
     """
     import importlib
 
-    try:
-        from dsv3.training import TrainConfig
+    from dsv3.training import TrainConfig
 
-        mod = importlib.import_module(f"dsv3_{framework}.train")
-        make_backend = mod.make_backend
-    except (ImportError, AttributeError):
-        return None
+    make_backend = importlib.import_module(f"dsv3_{framework}.train").make_backend
     kw = {"compile": compile_} if framework == "torch" else {}
     tcfg = TrainConfig(framework=framework, batch_size=ctx.batch, seq_len=ctx.seq, lr=LR, beta1=BETAS[0],
                        beta2=BETAS[1], weight_decay=WEIGHT_DECAY, grad_clip=CLIP,
+                       # bf16: the backends' bf16 mode, bf16 compute with fp32 master weights
                        dtype="bfloat16" if ctx.dtype == "bf16" else "float32", progress=False, plots=False, **kw)
-    if ctx.dtype == "bf16":
-        ctx.dtype_note = "train rows: bf16 compute with fp32 master weights (the training backends' bf16 mode)"
     backend = make_backend(ctx.config(mtp), tcfg)
     backend.load_canonical_state(ctx.weights(mtp))
     desc = f"dsv3_{framework}.train.make_backend(...).train_step" + (" (compile=True)" if compile_ else "")
@@ -153,5 +144,5 @@ def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = Fal
         last.update(out)
         return float(out["loss"])
 
-    step.last = last  # the backend's metrics of the latest step (main_loss, grad_norm, ...)
+    step.last = last
     return step, desc

@@ -10,9 +10,7 @@ best median throughput.
 
 from __future__ import annotations
 
-import time
-
-from dsv3.bench.timing import jax_sync, measure, torch_sync
+from dsv3.bench.timing import call_s, measure
 
 # (M, K, N): C[M, N] = A[M, K] @ B[K, N]
 CPU_SHAPES = [
@@ -43,10 +41,7 @@ def _sweep(make_fn, sync, shapes, target_s: float) -> dict:
     rows = []
     for (M, K, N) in shapes:
         for layout, fn in make_fn(M, K, N).items():
-            t0 = time.perf_counter()
-            sync(fn())
-            sync(fn())
-            one = (time.perf_counter() - t0) / 2
+            one = (call_s(fn, sync) + call_s(fn, sync)) / 2
             t = measure(fn, sync, warmup=1, reps=_reps_for(one, target_s))
             gflops = 2.0 * M * K * N / t.median_s / 1e9
             rows.append({"shape": [M, K, N], "layout": layout, "median_s": t.median_s, "iqr_rel": t.iqr_rel,
@@ -56,52 +51,10 @@ def _sweep(make_fn, sync, shapes, target_s: float) -> dict:
             "sweep": rows}
 
 
-def torch_peak(device: str, dtype: str, quick: bool) -> dict:
-    import torch
-
-    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    sync = torch_sync(device)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def make(M, K, N):
-        a = torch.randn(M, K, generator=gen).to(device=device, dtype=tdt)
-        b = torch.randn(K, N, generator=gen).to(device=device, dtype=tdt)
-        w = torch.randn(N, K, generator=gen).to(device=device, dtype=tdt)
-        c = torch.empty(M, N, device=device, dtype=tdt)
-        return {"nn": lambda: torch.mm(a, b, out=c), "nt": lambda: torch.mm(a, w.t(), out=c)}
-
-    with torch.inference_mode():
-        out = _sweep(make, sync, shapes_for(device, quick), 0.15 if quick else 0.4)
-    out.update(framework="torch", dtype=dtype, device=device, threads=torch.get_num_threads())
+def measure_peak(ad, quick: bool) -> dict:
+    """The sweep with one framework's adapter (``rows.Adapter.matmuls``)."""
+    ctx = ad.ctx
+    with ad.scope(), ad.inference():
+        out = _sweep(ad.matmuls, ad.sync, shapes_for(ctx.device, quick), 0.15 if quick else 0.4)
+    out.update(framework=ad.peak_key, dtype=ctx.dtype, **ad.peak_info())
     return out
-
-
-def jax_peak(device: str, dtype: str, quick: bool) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    jdt = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
-    dev = jax_device(device)
-    rng = np.random.default_rng(0)
-    # fp32 on GPU/TPU: the default precision may use reduced-precision passes.
-    mm = jax.jit(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST))
-    mm_t = jax.jit(lambda a, w: jnp.matmul(a, w.T, precision=jax.lax.Precision.HIGHEST))
-
-    def make(M, K, N):
-        put = lambda *shape: jax.device_put(  # noqa: E731
-            jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype=jdt), dev)
-        a, b, w = put(M, K), put(K, N), put(N, K)
-        return {"nn": lambda: mm(a, b), "nt": lambda: mm_t(a, w)}
-
-    out = _sweep(make, jax_sync, shapes_for(device, quick), 0.15 if quick else 0.4)
-    out.update(framework="jax", dtype=dtype, device=str(dev))
-    return out
-
-
-def jax_device(device: str):
-    import jax
-
-    if device.startswith("cuda"):
-        return jax.devices("gpu")[0]
-    return jax.devices("cpu")[0]

@@ -34,31 +34,31 @@ def _target(name: str, value, threshold, ok: Optional[bool], note: str = "") -> 
 
 def evaluate_targets(res: dict) -> list[dict]:
     """The issue's targets, reported (never asserted)."""
-    t: list[dict] = []
-    has_mtp = res["meta"]["mtp_depths"] > 0
-    # 1. our torch train step >= HF's, on the same work (MTP off: HF has no MTP)
-    torch_nomtp = _best(_rows(res, "train", framework="torch", mtp=False))
-    hf = _best(_rows(res, "train", framework="hf"))
-    if torch_nomtp and hf:
-        r = torch_nomtp["tokens_per_s"] / hf["tokens_per_s"]
-        t.append(_target("torch train step >= HF (MTP off both)", round(r, 3), ">= 1.0", r >= 1.0,
-                         f"{torch_nomtp['name']} vs {hf['name']}"))
-    else:
-        t.append(_target("torch train step >= HF (MTP off both)", None, ">= 1.0", None, "rows missing"))
-    # 2. JAX jit >= 0.9x the fastest torch, same work (MTP as configured)
-    mtp = has_mtp
+    return [*_train_targets(res), *_decode_targets(res), *_moe_targets(res), *_mtp_targets(res)]
+
+
+def _ratio_target(name: str, a: Optional[dict], b: Optional[dict], threshold: str, want: float) -> dict:
+    """Rows a and b's tokens/s ratio against ``want`` (n/a when a row is missing)."""
+    if not (a and b):
+        return _target(name, None, threshold, None, "rows missing")
+    r = a["tokens_per_s"] / b["tokens_per_s"]
+    return _target(name, round(r, 3), threshold, r >= want, f"{a['name']} vs {b['name']}")
+
+
+def _train_targets(res: dict) -> list[dict]:
+    m = res["meta"]
+    # our torch train step >= HF's, on the same work (MTP off: HF has no MTP)
+    t = [_ratio_target("torch train step >= HF (MTP off both)", _best(_rows(res, "train", framework="torch", mtp=False)),
+                       _best(_rows(res, "train", framework="hf")), ">= 1.0", 1.0)]
+    # JAX jit >= 0.9x the fastest torch, same work (MTP as configured)
+    mtp = m["mtp_depths"] > 0
     jx = _best(_rows(res, "train", framework="jax", mtp=mtp))
-    tb = _best(_rows(res, "train", framework="torch", mtp=mtp))
-    if jx and tb:
-        r = jx["tokens_per_s"] / tb["tokens_per_s"]
-        t.append(_target("JAX jit >= 0.9x fastest torch", round(r, 3), ">= 0.9", r >= 0.9,
-                         f"{jx['name']} vs {tb['name']}"))
-    else:
-        t.append(_target("JAX jit >= 0.9x fastest torch", None, ">= 0.9", None, "rows missing"))
-    # 3. JAX >= 3x MaxText's ~1,450 tok/s (only meaningful for peer-small, CPU fp32, 256 x 8); MaxText's
+    t.append(_ratio_target("JAX jit >= 0.9x fastest torch", jx, _best(_rows(res, "train", framework="torch", mtp=mtp)),
+                           ">= 0.9", 0.9))
+    # JAX >= 3x MaxText's ~1,450 tok/s (only meaningful for peer-small, CPU fp32, 256 x 8); MaxText's
     # figure is the reference's work (no MTP), so the MTP-off row when there is one
-    comparable = res["meta"]["is_peer_small_shape"] and res["meta"]["device"] == "cpu" and \
-        res["meta"]["dtype"] == "fp32" and res["meta"]["seq"] == 256 and res["meta"]["batch"] == 8
+    comparable = m["is_peer_small_shape"] and m["device"] == "cpu" and m["dtype"] == "fp32" and \
+        m["seq"] == 256 and m["batch"] == 8
     jx_ref = _best(_rows(res, "train", framework="jax", mtp=False)) or jx
     if jx_ref:
         r = jx_ref["tokens_per_s"] / MAXTEXT_TOK_S
@@ -66,38 +66,46 @@ def evaluate_targets(res: dict) -> list[dict]:
                          (r >= 3.0) if comparable else None,
                          f"{jx_ref['name']}: {jx_ref['tokens_per_s']:.0f} tok/s"
                          + ("" if comparable else "; not the peer-small CPU fp32 256x8 shape: not comparable")))
-    # 4. fastest step >= 70% of the measured matmul peak in model FLOPs
+    # fastest step >= 70% of the measured matmul peak in model FLOPs
     fastest = _best([r for r in _rows(res, "train") if r.get("mfu") is not None], "mfu")
     if fastest:
         t.append(_target("fastest train step >= 70% of matmul peak (MFU)", round(fastest["mfu"], 3), ">= 0.70",
                          fastest["mfu"] >= 0.70, f"{fastest['name']}: {fastest['gflops']:.1f} GFLOP/s"))
-    # 5. absorbed decoding beats naive from 1024 up; aim 3x at 4096
+    return t
+
+
+def _decode_targets(res: dict) -> list[dict]:
+    """Absorbed decoding beats naive from 1024 up (aim 3x at 4096); the latent cache holds exactly
+    kv_lora_rank + qk_rope_head_dim values per token per layer."""
+    t: list[dict] = []
     for fw in ("torch", "jax"):
         lat = {r["context"]: r for r in _rows(res, "decode", framework=fw, kind="latent")}
         nai = {r["context"]: r for r in _rows(res, "decode", framework=fw, kind="naive")}
-        common = sorted(set(lat) & set(nai))
-        big = [n for n in common if n >= 1024]
-        if big:
-            ratios = {n: lat[n]["tokens_per_s"] / nai[n]["tokens_per_s"] for n in big}
-            ok = all(v > 1.0 for v in ratios.values())
-            t.append(_target(f"{fw}: absorbed decoding beats naive from 1024 up",
-                             {str(n): round(v, 2) for n, v in ratios.items()}, "> 1.0", ok))
-            top = max(ratios)
-            if top >= 4000:  # 4096, or 4096 minus the decode steps when the config caps the context
-                t.append(_target(f"{fw}: absorbed 3x naive at ~4096 (aim)", round(ratios[top], 2), ">= 3.0",
-                                 ratios[top] >= 3.0, f"context {top}"))
-        else:
+        big = [n for n in sorted(set(lat) & set(nai)) if n >= 1024]
+        if not big:
             t.append(_target(f"{fw}: absorbed decoding beats naive from 1024 up", None, "> 1.0", None,
                              "no context >= 1024 measured"))
-    # 6. latent cache holds exactly kv_lora_rank + qk_rope_head_dim values per token per layer
+            continue
+        ratios = {n: lat[n]["tokens_per_s"] / nai[n]["tokens_per_s"] for n in big}
+        t.append(_target(f"{fw}: absorbed decoding beats naive from 1024 up",
+                         {str(n): round(v, 2) for n, v in ratios.items()}, "> 1.0",
+                         all(v > 1.0 for v in ratios.values())))
+        top = max(ratios)
+        if top >= 4000:  # 4096, or 4096 minus the decode steps when the config caps the context
+            t.append(_target(f"{fw}: absorbed 3x naive at ~4096 (aim)", round(ratios[top], 2), ">= 3.0",
+                             ratios[top] >= 3.0, f"context {top}"))
     want = res["meta"]["kv_lora_rank"] + res["meta"]["qk_rope_head_dim"]
     for fw in ("torch", "jax"):
         rows = _rows(res, "decode", framework=fw, kind="latent")
         if rows:
             got = rows[0]["cache_values_per_token_per_layer"]
-            t.append(_target(f"{fw}: latent cache = C + R values/token/layer", got, want,
-                             math.isclose(got, want)))
-    # 7. grouped MoE <= 1.3x a dense MLP of the same active FLOPs
+            t.append(_target(f"{fw}: latent cache = C + R values/token/layer", got, want, math.isclose(got, want)))
+    return t
+
+
+def _moe_targets(res: dict) -> list[dict]:
+    """Grouped MoE <= 1.3x a dense MLP of the same active FLOPs."""
+    t = []
     for fw in ("torch", "jax"):
         for phase in ("forward", "fwd+bwd"):
             m = _rows(res, "moe", framework=fw, kind="moe", phase=phase)
@@ -105,16 +113,22 @@ def evaluate_targets(res: dict) -> list[dict]:
             if m and d:
                 r = m[0]["median_s"] / d[0]["median_s"]
                 t.append(_target(f"{fw}: MoE layer {phase} <= 1.3x dense", round(r, 2), "<= 1.3", r <= 1.3))
-    # 8. MTP adds no more than its FLOP share
-    if has_mtp:
-        share = res["flops"]["mtp_flop_share"]
-        for fw, variant in (("torch", "eager"), ("torch", "compile"), ("jax", "jit")):
-            on = _rows(res, "train", framework=fw, variant=variant, mtp=True)
-            off = _rows(res, "train", framework=fw, variant=variant, mtp=False)
-            if on and off:
-                r = on[0]["median_s"] / off[0]["median_s"]
-                t.append(_target(f"{fw} {variant}: MTP time share <= FLOP share", round(r, 3),
-                                 f"<= {share:.3f}", r <= share))
+    return t
+
+
+def _mtp_targets(res: dict) -> list[dict]:
+    """MTP adds no more than its FLOP share."""
+    if res["meta"]["mtp_depths"] == 0:
+        return []
+    t = []
+    share = res["flops"]["mtp_flop_share"]
+    for fw, variant in (("torch", "eager"), ("torch", "compile"), ("jax", "jit")):
+        on = _rows(res, "train", framework=fw, variant=variant, mtp=True)
+        off = _rows(res, "train", framework=fw, variant=variant, mtp=False)
+        if on and off:
+            r = on[0]["median_s"] / off[0]["median_s"]
+            t.append(_target(f"{fw} {variant}: MTP time share <= FLOP share", round(r, 3),
+                             f"<= {share:.3f}", r <= share))
     return t
 
 
@@ -132,125 +146,158 @@ def _malloc(settings) -> str:
 
 
 def markdown(res: dict) -> str:
+    L = _header(res)
+    L += _table("### Training step (forward + backward + AdamW + bias update)", TRAIN_COLUMNS,
+                _section(res, "train"), 2, _train_cells(res))
     m = res["meta"]
-    env = m["env"]
-    L: list[str] = []
-    L.append(f"## `dsv3 bench` — {m['config_name']}, {m['device']} {m['dtype']}, batch {m['batch']} × seq {m['seq']}"
-             + (" (--quick)" if m["quick"] else ""))
-    L.append("")
-    L.append(f"{env.get('cpu_model')} · {env.get('cpu_count')} CPUs (affinity {env.get('cpu_affinity')}) · "
-             f"torch {m['versions'].get('torch')} threads {m.get('torch_threads')} "
-             f"(OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY') or 'unset'}) · "
-             f"jax {m['versions'].get('jax')} · transformers {m['versions'].get('transformers')} · "
-             f"load avg start {env.get('loadavg_start')} end {m.get('loadavg_end')} · {env.get('time_utc')}"
-             f" · XLA_FLAGS `{env.get('XLA_FLAGS') or ''}` · malloc {_malloc(env.get('malloc'))}"
-             + (f" · commit {m['git']['commit'][:10]}{' (dirty)' if m['git'].get('dirty') else ''}"
-                if m.get("git", {}).get("commit") else ""))
-    L.append("")
-    L.append("Median of timed repetitions after warm-up; IQR = inter-quartile range / median; "
-             "first = the first call alone (tracing, compilation). Ratios compare rows of this one run.")
-    L.append("")
-    peaks = res.get("peaks", {})
-    if peaks:
-        L.append("**Matmul peak** (best median over the shape sweep, layouts nn = A·B and nt = A·Wᵀ, same run): " + ", ".join(
-            f"{k} {v['peak_gflops']:.1f} GFLOP/s at {'×'.join(map(str, v['peak_shape']))}"
-            + (f" ({v['peak_layout']})" if v.get("peak_layout") else "")
-            + (f" (sweep at start {v['peak_gflops_start']:.1f}, at end {v['peak_gflops_end']:.1f}; MFU uses the higher)"
-               if "peak_gflops_end" in v else "") for k, v in peaks.items()))
-        L.append("")
-    fl = res["flops"]
-    L.append(f"**Model FLOPs** (`dsv3/flops.py`): train {fl['train_flops_per_token_mtp'] / 1e6:.2f} MFLOP/token "
-             f"with MTP, {fl['train_flops_per_token'] / 1e6:.2f} without (MTP share ×{fl['mtp_flop_share']:.3f}); "
-             f"{fl['params']['total'] / 1e6:.2f} M parameters, {fl['params']['active_per_token'] / 1e6:.2f} M active "
-             "per token.")
-    L.append("")
-    train = [r for r in res["rows"] if r["section"] == "train"]
-    if train:
-        hf = _best(_rows(res, "train", framework="hf"))
-        L.append("### Training step (forward + backward + AdamW + bias update)")
-        L.append("")
-        L.append("| implementation | MTP | tokens/s | median ms | IQR | first call s | GFLOP/s | MFU | vs HF | peak RSS MB | first main loss |")
-        L.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
-        for r in train:
-            if "error" in r:
-                L.append(f"| {r['name']} | {'on' if r.get('mtp') else 'off'} | error: {_err(r)} |||||||||")
-                continue
-            vs = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
-            L.append(f"| {r['name']} | {'on' if r.get('mtp') else 'off'} | {r['tokens_per_s']:.0f} | "
-                     f"{r['median_s'] * 1e3:.1f} | {r['iqr_rel']:.0%} | {r['first_s']:.2f} | {_f(r.get('gflops'))} | "
-                     f"{_f(r.get('mfu'), '{:.0%}')} | {_f(vs, '{:.2f}×')} | {_f(r.get('peak_mb'), '{:.0f}')} | "
-                     f"{_f(r.get('main_loss_first', r.get('loss_first')), '{:.5f}')} |")
-        L.append("")
-    pre = [r for r in res["rows"] if r["section"] == "prefill"]
-    if pre:
-        L.append(f"### Prefill forward (logits of {m['batch']} × {m['seq']} tokens)")
-        L.append("")
-        L.append("| implementation | tokens/s | median ms | IQR | first call s | GFLOP/s | MFU |")
-        L.append("|---|--:|--:|--:|--:|--:|--:|")
-        for r in pre:
-            if "error" in r:
-                L.append(f"| {r['name']} | error: {_err(r)} ||||||")
-                continue
-            L.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['median_s'] * 1e3:.1f} | {r['iqr_rel']:.0%} | "
-                     f"{r['first_s']:.2f} | {_f(r.get('gflops'))} | {_f(r.get('mfu'), '{:.0%}')} |")
-        L.append("")
-    dec = [r for r in res["rows"] if r["section"] == "decode"]
-    if dec:
-        L.append(f"### Decoding (batch {m['decode_batch']}, one token per step, cache sized context + "
-                 f"{m['decode_steps']})")
-        L.append("")
-        L.append("| framework | context | latent tok/s | naive tok/s | latent / naive | latent ms/step (IQR) | "
-                 "naive ms/step (IQR) | first call s (latent / naive) |")
-        L.append("|---|--:|--:|--:|--:|--:|--:|--:|")
-        for fw in ("torch", "jax"):
-            for n in m["contexts"]:
-                lat = [r for r in dec if r["framework"] == fw and r.get("kind") == "latent" and r.get("context") == n]
-                nai = [r for r in dec if r["framework"] == fw and r.get("kind") == "naive" and r.get("context") == n]
-                if not lat and not nai:
-                    continue
-                lat, nai = (lat[0] if lat else {}), (nai[0] if nai else {})
-                ratio = (lat["tokens_per_s"] / nai["tokens_per_s"]) if "tokens_per_s" in lat and \
-                    "tokens_per_s" in nai else None
-                L.append(f"| {fw} | {n} | {_f(lat.get('tokens_per_s'), '{:.0f}', _err(lat))} | "
-                         f"{_f(nai.get('tokens_per_s'), '{:.0f}', _err(nai))} | {_f(ratio, '{:.2f}×')} | "
-                         f"{_ms_iqr(lat)} | {_ms_iqr(nai)} | {_f(lat.get('first_s'), '{:.2f}')} / "
-                         f"{_f(nai.get('first_s'), '{:.2f}')} |")
-        L.append("")
-    L.extend(_cache_table(res))
-    moe = [r for r in res["rows"] if r["section"] == "moe"]
-    if moe:
-        L.append(f"### MoE layer alone vs a dense SwiGLU of the same active FLOPs (width "
-                 f"{fl['moe_layer_flops_per_token']['dense_equivalent_width']}, {m['batch'] * m['seq']} tokens)")
-        L.append("")
-        L.append("| framework | pass | MoE ms | dense ms | MoE / dense | MoE GFLOP/s | dense GFLOP/s |")
-        L.append("|---|---|--:|--:|--:|--:|--:|")
-        for fw in ("torch", "jax"):
-            errs = [r for r in moe if r["framework"] == fw and "error" in r]
-            for r in errs:
-                L.append(f"| {fw} | error: {_err(r)} ||||||")
-            for phase in ("forward", "fwd+bwd"):
-                a = [r for r in moe if r["framework"] == fw and r.get("kind") == "moe" and r.get("phase") == phase]
-                b = [r for r in moe if r["framework"] == fw and r.get("kind") == "dense" and r.get("phase") == phase]
-                if a and b:
-                    a, b = a[0], b[0]
-                    L.append(f"| {fw} | {phase} | {a['median_s'] * 1e3:.2f} | {b['median_s'] * 1e3:.2f} | "
-                             f"{a['median_s'] / b['median_s']:.2f}× | {a['gflops']:.1f} | {b['gflops']:.1f} |")
-        L.append("")
-    if res.get("targets"):
-        L.append("### Targets (reported, not asserted)")
-        L.append("")
-        L.append("| target | measured | want | status | note |")
-        L.append("|---|--:|--:|---|---|")
-        for t in res["targets"]:
-            v = t["value"]
-            v = ", ".join(f"{k}: {x}" for k, x in v.items()) if isinstance(v, dict) else _f(v, "{}")
-            L.append(f"| {t['target']} | {v} | {t['threshold']} | {t['status'].upper()} | {t['note']} |")
-        L.append("")
+    L += _table(f"### Prefill forward (logits of {m['batch']} × {m['seq']} tokens)", PREFILL_COLUMNS,
+                _section(res, "prefill"), 1, _prefill_cells)
+    L += _decode_table(res)
+    L += _cache_table(res)
+    L += _moe_table(res)
+    L += _targets_table(res)
     errors = [r for r in res["rows"] if "error" in r]
     if errors:
-        L.append(f"{len(errors)} row(s) failed; full tracebacks in the JSON file.")
-        L.append("")
+        L += [f"{len(errors)} row(s) failed; full tracebacks in the JSON file.", ""]
     return "\n".join(L)
+
+
+def _header(res: dict) -> list[str]:
+    """Title, machine and versions, how to read the figures, the matmul peak, the model FLOPs."""
+    m, fl = res["meta"], res["flops"]
+    env = m["env"]
+    L = [f"## `dsv3 bench` — {m['config_name']}, {m['device']} {m['dtype']}, batch {m['batch']} × seq {m['seq']}"
+         + (" (--quick)" if m["quick"] else ""), ""]
+    L += [f"{env.get('cpu_model')} · {env.get('cpu_count')} CPUs (affinity {env.get('cpu_affinity')}) · "
+          f"torch {m['versions'].get('torch')} threads {m.get('torch_threads')} "
+          f"(OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY') or 'unset'}) · "
+          f"jax {m['versions'].get('jax')} · transformers {m['versions'].get('transformers')} · "
+          f"load avg start {env.get('loadavg_start')} end {m.get('loadavg_end')} · {env.get('time_utc')}"
+          f" · XLA_FLAGS `{env.get('XLA_FLAGS') or ''}` · malloc {_malloc(env.get('malloc'))}"
+          + (f" · commit {m['git']['commit'][:10]}{' (dirty)' if m['git'].get('dirty') else ''}"
+             if m.get("git", {}).get("commit") else ""), ""]
+    L += ["Median of timed repetitions after warm-up; IQR = inter-quartile range / median; "
+          "first = the first call alone (tracing, compilation). Ratios compare rows of this one run.", ""]
+    if res.get("peaks"):
+        L += ["**Matmul peak** (best median over the shape sweep, layouts nn = A·B and nt = A·Wᵀ, same run): "
+              + ", ".join(_peak(k, v) for k, v in res["peaks"].items()), ""]
+    L += [f"**Model FLOPs** (`dsv3/flops.py`): train {fl['train_flops_per_token_mtp'] / 1e6:.2f} MFLOP/token "
+          f"with MTP, {fl['train_flops_per_token'] / 1e6:.2f} without (MTP share ×{fl['mtp_flop_share']:.3f}); "
+          f"{fl['params']['total'] / 1e6:.2f} M parameters, {fl['params']['active_per_token'] / 1e6:.2f} M active "
+          "per token.", ""]
+    return L
+
+
+def _peak(k: str, v: dict) -> str:
+    return (f"{k} {v['peak_gflops']:.1f} GFLOP/s at {'×'.join(map(str, v['peak_shape']))}"
+            + (f" ({v['peak_layout']})" if v.get("peak_layout") else "")
+            + (f" (sweep at start {v['peak_gflops_start']:.1f}, at end {v['peak_gflops_end']:.1f}; MFU uses the higher)"
+               if "peak_gflops_end" in v else ""))
+
+
+def _section(res: dict, section: str) -> list[dict]:
+    """Every row of a section, failed ones included."""
+    return [r for r in res["rows"] if r["section"] == section]
+
+
+def _table(title: str, columns: tuple[str, str], rows: list[dict], lead: int, cells) -> list[str]:
+    """A table of result rows, one line a row: ``cells(row)``, or for a failed row its first
+    ``lead`` cells and the error, the remaining columns left empty."""
+    if not rows:
+        return []
+    L = [title, "", *columns]
+    n = columns[0].count("|") - 1
+    for r in rows:
+        c = cells(r)
+        if "error" in r:
+            L.append("| " + " | ".join(c[:lead] + [f"error: {_err(r)} "]) + "|" * (n - lead))
+        else:
+            L.append("| " + " | ".join(c) + " |")
+    return L + [""]
+
+
+TRAIN_COLUMNS = ("| implementation | MTP | tokens/s | median ms | IQR | first call s | GFLOP/s | MFU | vs HF | "
+                 "peak RSS MB | first main loss |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+PREFILL_COLUMNS = ("| implementation | tokens/s | median ms | IQR | first call s | GFLOP/s | MFU |",
+                   "|---|--:|--:|--:|--:|--:|--:|")
+
+
+def _timing_cells(r: dict) -> list[str]:
+    return [f"{r['tokens_per_s']:.0f}", f"{r['median_s'] * 1e3:.1f}", f"{r['iqr_rel']:.0%}", f"{r['first_s']:.2f}",
+            _f(r.get("gflops")), _f(r.get("mfu"), "{:.0%}")]
+
+
+def _prefill_cells(r: dict) -> list[str]:
+    return [r["name"]] + ([] if "error" in r else _timing_cells(r))
+
+
+def _train_cells(res: dict):
+    hf = _best(_rows(res, "train", framework="hf"))
+
+    def cells(r: dict) -> list[str]:
+        lead = [r["name"], "on" if r.get("mtp") else "off"]
+        if "error" in r:
+            return lead
+        vs = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
+        return lead + _timing_cells(r) + [_f(vs, "{:.2f}×"), _f(r.get("peak_mb"), "{:.0f}"),
+                                          _f(r.get("main_loss_first", r.get("loss_first")), "{:.5f}")]
+
+    return cells
+
+
+def _decode_table(res: dict) -> list[str]:
+    m, dec = res["meta"], _section(res, "decode")
+    if not dec:
+        return []
+    L = [f"### Decoding (batch {m['decode_batch']}, one token per step, cache sized context + {m['decode_steps']})",
+         "", "| framework | context | latent tok/s | naive tok/s | latent / naive | latent ms/step (IQR) | "
+         "naive ms/step (IQR) | first call s (latent / naive) |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for fw in ("torch", "jax"):
+        for n in m["contexts"]:
+            lat, nai = ([r for r in dec if r["framework"] == fw and r.get("kind") == k and r.get("context") == n]
+                        for k in ("latent", "naive"))
+            if not lat and not nai:
+                continue
+            lat, nai = (lat[0] if lat else {}), (nai[0] if nai else {})
+            ratio = (lat["tokens_per_s"] / nai["tokens_per_s"]) if "tokens_per_s" in lat and \
+                "tokens_per_s" in nai else None
+            L.append(f"| {fw} | {n} | {_f(lat.get('tokens_per_s'), '{:.0f}', _err(lat))} | "
+                     f"{_f(nai.get('tokens_per_s'), '{:.0f}', _err(nai))} | {_f(ratio, '{:.2f}×')} | "
+                     f"{_ms_iqr(lat)} | {_ms_iqr(nai)} | {_f(lat.get('first_s'), '{:.2f}')} / "
+                     f"{_f(nai.get('first_s'), '{:.2f}')} |")
+    return L + [""]
+
+
+def _moe_table(res: dict) -> list[str]:
+    m, moe = res["meta"], _section(res, "moe")
+    if not moe:
+        return []
+    L = [f"### MoE layer alone vs a dense SwiGLU of the same active FLOPs (width "
+         f"{res['flops']['moe_layer_flops_per_token']['dense_equivalent_width']}, {m['batch'] * m['seq']} tokens)",
+         "", "| framework | pass | MoE ms | dense ms | MoE / dense | MoE GFLOP/s | dense GFLOP/s |",
+         "|---|---|--:|--:|--:|--:|--:|"]
+    for fw in ("torch", "jax"):
+        L += [f"| {fw} | error: {_err(r)} ||||||" for r in moe if r["framework"] == fw and "error" in r]
+        for phase in ("forward", "fwd+bwd"):
+            a, b = ([r for r in moe if r["framework"] == fw and r.get("kind") == k and r.get("phase") == phase]
+                    for k in ("moe", "dense"))
+            if a and b:
+                a, b = a[0], b[0]
+                L.append(f"| {fw} | {phase} | {a['median_s'] * 1e3:.2f} | {b['median_s'] * 1e3:.2f} | "
+                         f"{a['median_s'] / b['median_s']:.2f}× | {a['gflops']:.1f} | {b['gflops']:.1f} |")
+    return L + [""]
+
+
+def _targets_table(res: dict) -> list[str]:
+    if not res.get("targets"):
+        return []
+    L = ["### Targets (reported, not asserted)", "", "| target | measured | want | status | note |",
+         "|---|--:|--:|---|---|"]
+    for t in res["targets"]:
+        v = t["value"]
+        v = ", ".join(f"{k}: {x}" for k, x in v.items()) if isinstance(v, dict) else _f(v, "{}")
+        L.append(f"| {t['target']} | {v} | {t['threshold']} | {t['status'].upper()} | {t['note']} |")
+    return L + [""]
 
 
 def _cache_table(res: dict) -> list[str]:
@@ -290,6 +337,9 @@ def _err(r: dict) -> str:
 
 
 # ------------------------------------------------------------------------ chart
+COLORS = {"torch": "tab:red", "jax": "tab:blue", "hf": "tab:gray"}
+
+
 def chart(res: dict, path: str) -> None:
     import matplotlib
 
@@ -300,48 +350,60 @@ def chart(res: dict, path: str) -> None:
     m = res["meta"]
     fig.suptitle(f"dsv3 bench — {m['config_name']}, {m['device']} {m['dtype']}, batch {m['batch']} × seq {m['seq']}"
                  f" (load {m['env'].get('loadavg_start')})")
-    # (a) training tokens/s
-    ax = axes[0][0]
+    _train_panel(axes[0][0], res)
+    _prefill_panel(axes[0][1], res)
+    _decode_panel(axes[1][0], res)
+    _moe_panel(axes[1][1], res)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _train_panel(ax, res: dict) -> None:
+    """Training tokens/s with IQR bars and each row's MFU."""
     tr = _rows(res, "train")
     if tr:
-        names = [r["name"] for r in tr]
         vals = [r["tokens_per_s"] for r in tr]
-        errs = [[r["tokens_per_s"] - r["tokens"] / r["p25_s"] for r in tr],
-                [r["tokens"] / r["p75_s"] - r["tokens_per_s"] for r in tr]]
-        errs = [[abs(e) for e in errs[0]], [abs(e) for e in errs[1]]]
-        colors = [{"torch": "tab:red", "jax": "tab:blue", "hf": "tab:gray"}[r["framework"]] for r in tr]
-        ax.barh(names, vals, xerr=errs, color=colors)
+        errs = [[abs(r["tokens_per_s"] - r["tokens"] / r["p25_s"]) for r in tr],
+                [abs(r["tokens"] / r["p75_s"] - r["tokens_per_s"]) for r in tr]]
+        ax.barh([r["name"] for r in tr], vals, xerr=errs, color=[COLORS[r["framework"]] for r in tr])
         ax.invert_yaxis()
         for i, r in enumerate(tr):
             if r.get("mfu") is not None:
                 ax.text(vals[i], i, f" {r['mfu']:.0%} MFU", va="center", fontsize=8)
     ax.set_title("training step, tokens/s (median, IQR bars)")
     ax.set_xlabel("tokens/s")
-    # (b) prefill
-    ax = axes[0][1]
+
+
+def _prefill_panel(ax, res: dict) -> None:
     pre = _rows(res, "prefill")
     if pre:
         ax.barh([r["name"] for r in pre], [r["tokens_per_s"] for r in pre],
-                color=[{"torch": "tab:red", "jax": "tab:blue", "hf": "tab:gray"}[r["framework"]] for r in pre])
+                color=[COLORS[r["framework"]] for r in pre])
         ax.invert_yaxis()
     ax.set_title("prefill forward, tokens/s")
     ax.set_xlabel("tokens/s")
-    # (c) decoding tokens/s vs context
-    ax = axes[1][0]
-    for fw, color in (("torch", "tab:red"), ("jax", "tab:blue")):
+
+
+def _decode_panel(ax, res: dict) -> None:
+    """Decoding tokens/s against the context length, latent and naive cache."""
+    for fw in ("torch", "jax"):
         for kind, style in (("latent", "-o"), ("naive", "--s")):
             rows = sorted(_rows(res, "decode", framework=fw, kind=kind), key=lambda r: r["context"])
             if rows:
-                ax.plot([r["context"] for r in rows], [r["tokens_per_s"] for r in rows], style, color=color,
+                ax.plot([r["context"] for r in rows], [r["tokens_per_s"] for r in rows], style, color=COLORS[fw],
                         label=f"{fw} {kind}")
     if ax.lines:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    ax.set_title(f"decoding tokens/s (batch {m['decode_batch']})")
+    ax.set_title(f"decoding tokens/s (batch {res['meta']['decode_batch']})")
     ax.set_xlabel("context length")
-    # (d) MoE vs dense
-    ax = axes[1][1]
+
+
+def _moe_panel(ax, res: dict) -> None:
     labels, moe_ms, dense_ms = [], [], []
     for fw in ("torch", "jax"):
         for phase in ("forward", "fwd+bwd"):
@@ -359,11 +421,6 @@ def chart(res: dict, path: str) -> None:
         ax.set_xticklabels(labels)
         ax.legend(fontsize=8)
     ax.set_title("MoE layer vs dense MLP, ms")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_all(res: dict, out_dir: str) -> dict[str, str]:

@@ -50,26 +50,19 @@ def quantile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def measure(fn: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int = 2, reps: int = 5,
-            max_seconds: Optional[float] = None) -> Timing:
-    """Time ``fn`` (see module doc). ``max_seconds`` caps the timed loop (at least 3 reps)."""
-    gc.collect()
+def call_s(fn: Callable[[], Any], sync: Callable[[Any], None]) -> float:
+    """Seconds of one call of ``fn``, synchronised."""
     t0 = time.perf_counter()
     sync(fn())
-    first = time.perf_counter() - t0
-    warm = []
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        sync(fn())
-        warm.append(time.perf_counter() - t0)
-    times: list[float] = []
-    start = time.perf_counter()
-    for i in range(reps):
-        t0 = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t0)
-        if max_seconds is not None and i >= 2 and time.perf_counter() - start > max_seconds:
-            break
+    return time.perf_counter() - t0
+
+
+def measure(fn: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int = 2, reps: int = 5) -> Timing:
+    """Time ``fn`` (see module doc)."""
+    gc.collect()
+    first = call_s(fn, sync)
+    warm = [call_s(fn, sync) for _ in range(warmup)]
+    times = [call_s(fn, sync) for _ in range(reps)]
     return Timing(first_s=first, median_s=statistics.median(times), p25_s=quantile(times, 0.25),
                   p75_s=quantile(times, 0.75), min_s=min(times), max_s=max(times), reps=len(times),
                   times_s=times, warmup_s=warm)

@@ -1,0 +1,191 @@
+"""The rows of ``dsv3 bench``, written once for every framework.
+
+Each driver (training step, prefill, decoding, MoE layer against a dense MLP)
+times one kind of work the same way for every framework; what differs per
+framework (building the model, making the batch, one step, synchronising,
+peak memory) comes from an :class:`Adapter` (``rows_torch``, ``rows_jax``,
+``rows_hf``). The matmul peak sweep, the fifth driver, is ``peak.measure_peak``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
+
+from dsv3 import flops
+from dsv3.bench.common import Ctx, framework_peak_key
+from dsv3.bench.timing import PeakMemory, measure
+
+
+class Row(NamedTuple):
+    """One training-step or prefill row: ``make()`` builds what is timed (on the bench's
+    weights and batch), ``extra`` goes into the row, ``warmup`` overrides ``ctx.warmup``."""
+
+    name: str
+    make: Callable[[], Any]
+    extra: dict
+    warmup: Optional[int] = None
+
+
+class Adapter:
+    """What one framework supplies to the drivers; its subclasses are ``rows_torch.TorchAdapter``,
+    ``rows_jax.JaxAdapter`` and ``rows_hf.HFAdapter``.
+
+    - ``framework``: the rows' ``framework`` field (and PeakMemory's allocator choice);
+    - ``sync(out)``: wait until ``out`` (and the device) is finished;
+    - ``train_rows()``: :class:`Row` s whose ``make()`` gives (step, description), ``step()`` one
+      optimizer step returning the loss; ``prefill_rows()``: rows whose ``make()`` gives a forward
+      of no arguments;
+    - ``decoder()``: (init_cache(batch, max_len, kind), forward_cached(tokens, cache, pos) -> (logits, cache));
+    - ``tokens(a)``: int token ids [B, S] on the device; ``next_token(logits)``: the greedy next token [B, 1];
+    - ``moe_and_dense(x, dense_w)``: {"moe" | "dense": (forward(), forward_and_backward(), extra row
+      fields)} from the numpy arrays of :func:`moe_inputs`;
+    - ``matmuls(M, K, N)``: {"nn": A[M,K] @ B[K,N], "nt": A @ W[N,K].T} as calls of no arguments, and
+      ``peak_info()``, the peak sweep's record of the device.
+    """
+
+    framework = ""
+
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+
+    @property
+    def peak_key(self) -> str:
+        return framework_peak_key(self.framework)
+
+    def scope(self):
+        """The context every row of this framework runs in."""
+        return contextlib.nullcontext()
+
+    def inference(self):
+        """The context of forward-only timing."""
+        return contextlib.nullcontext()
+
+
+def run_rows(ctx: Ctx, ad: Adapter, sections) -> None:
+    """Every row of ``sections`` for one framework."""
+    with ad.scope():
+        if "train" in sections:
+            for row in ad.train_rows():
+                ctx.guard("train", row.name, ad.framework, lambda: _train_row(ctx, ad, row), **row.extra)
+        if "prefill" in sections:
+            for row in ad.prefill_rows():
+                ctx.guard("prefill", row.name, ad.framework, lambda: _prefill_row(ctx, ad, row), **row.extra)
+        if "decode" in sections:
+            ctx.guard("decode", ad.framework, ad.framework, lambda: _decode_rows(ctx, ad))
+        if "moe" in sections and ctx.cfg.n_moe_layers:
+            ctx.guard("moe", ad.framework, ad.framework, lambda: _moe_rows(ctx, ad))
+
+
+# ------------------------------------------------------------ training step
+def _train_row(ctx: Ctx, ad: Adapter, row: Row) -> None:
+    """One optimizer step timed; the first step's loss and main loss, and the loss after timing."""
+    step, impl = row.make()
+    first = {}
+
+    def timed():
+        loss = step()
+        if not first:
+            first["loss"] = float(loss)
+            last = getattr(step, "last", None) or {}  # the step's metrics, when it reports them
+            first["main"] = float(last["main_loss"]) if "main_loss" in last else first["loss"]
+        return loss
+
+    warmup = ctx.warmup if row.warmup is None else row.warmup
+    with PeakMemory(ctx.device, ad.framework) as mem:
+        t = measure(timed, ad.sync, warmup=warmup, reps=ctx.reps)
+    mtp = row.extra["mtp"]
+    ctx.add("train", row.name, ad.framework, t, tokens=ctx.batch * ctx.seq, model_flops=ctx.train_flops(mtp),
+            mem=mem, **row.extra, loss_first=first["loss"], main_loss_first=first["main"],
+            loss_after=float(step()), step_impl=impl)
+
+
+# ------------------------------------------------------------------ prefill
+def _prefill_row(ctx: Ctx, ad: Adapter, row: Row) -> None:
+    forward = row.make()
+    with ad.inference(), PeakMemory(ctx.device, ad.framework) as mem:
+        t = measure(forward, ad.sync, warmup=ctx.warmup, reps=ctx.reps)
+    ctx.add("prefill", row.name, ad.framework, t, tokens=ctx.batch * ctx.seq, model_flops=ctx.forward_flops(),
+            mem=mem, **row.extra)
+
+
+# ----------------------------------------------------------------- decoding
+def nbytes(tree) -> int:
+    """Bytes of every array in a (nested) cache structure: dicts, lists, tuples, objects."""
+    if hasattr(tree, "nbytes") and hasattr(tree, "shape"):
+        return int(tree.nbytes)
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    elif not isinstance(tree, (list, tuple)):
+        tree = list(vars(tree).values()) if hasattr(tree, "__dict__") else []
+    return sum(nbytes(v) for v in tree)
+
+
+def _decode_rows(ctx: Ctx, ad: Adapter) -> None:
+    dec = ad.decoder()
+    for kind in ("latent", "naive"):
+        for n in ctx.contexts:
+            name = f"{ad.framework} {kind} @{n}"
+            ctx.guard("decode", name, ad.framework, lambda: _decode_row(ctx, ad, dec, kind, n, name),
+                      kind=kind, context=n)
+
+
+def _decode_row(ctx: Ctx, ad: Adapter, dec, kind: str, n: int, name: str) -> None:
+    """Fill a cache of n + decode_steps with an n-token prompt (chunked), then time one-token steps."""
+    init_cache, forward_cached = dec
+    B, steps = ctx.decode_batch, ctx.decode_steps
+    max_len = n + steps
+    prompt = ad.tokens(np.random.default_rng(1).integers(0, ctx.cfg.vocab_size, (B, n)))
+    with ad.inference(), PeakMemory(ctx.device, ad.framework) as mem:
+        cache = init_cache(B, max_len, kind)
+        per_token = nbytes(cache) / (B * max_len) / ctx.cfg.num_hidden_layers
+        t0 = time.perf_counter()
+        chunk = min(n, ctx.args.prefill_chunk)
+        for s in range(0, n, chunk):
+            logits, cache = forward_cached(prompt[:, s:s + chunk], cache, s)
+        ad.sync(logits)
+        prefill_s = time.perf_counter() - t0  # includes compiling the chunk shape (JAX)
+        tok = ad.next_token(logits)
+        state = {"cache": cache, "calls": 0}
+
+        def step():
+            pos = n + state["calls"] % steps
+            state["calls"] += 1
+            out, state["cache"] = forward_cached(tok, state["cache"], pos)
+            return out
+
+        t = measure(step, ad.sync, warmup=ctx.warmup, reps=ctx.args.decode_reps)
+    ctx.add("decode", name, ad.framework, t, tokens=B, mem=mem, kind=kind, context=n, batch=B,
+            cache_bytes_per_token_per_layer=per_token,
+            cache_values_per_token_per_layer=per_token / flops.DTYPE_BYTES[ctx.dtype],
+            prefill_chunked_s=prefill_s, decode_flops_per_token=flops.decode_flops_per_token(ctx.cfg, n, kind))
+
+
+# ---------------------------------------------------------------- MoE layer
+def moe_inputs(ctx: Ctx) -> tuple[np.ndarray, tuple]:
+    """Activations [B, T, D] and the dense SwiGLU's (w1 [D, W], w2 [W, D], w3 [D, W]), W the
+    width of the same active FLOPs as the MoE layer; fp32, seed 2."""
+    D = ctx.cfg.hidden_size
+    W = flops.moe_layer_flops_per_token(ctx.cfg)["dense_equivalent_width"]
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((ctx.batch, ctx.seq, D), dtype=np.float32)
+    dense_w = tuple(rng.standard_normal(s, dtype=np.float32) * 0.02 for s in ((D, W), (W, D), (D, W)))
+    return x, dense_w
+
+
+def _moe_rows(ctx: Ctx, ad: Adapter) -> None:
+    """The first MoE layer and the dense SwiGLU, forward alone and forward + backward."""
+    fl = flops.moe_layer_flops_per_token(ctx.cfg)
+    N = ctx.batch * ctx.seq
+    pair = ad.moe_and_dense(*moe_inputs(ctx))
+    for label, f_tok in (("moe", fl["total"]), ("dense", fl["experts"])):
+        forward, fwd_bwd, extra = pair[label]
+        with ad.inference():
+            tf = measure(forward, ad.sync, warmup=ctx.warmup, reps=ctx.reps)
+        tb = measure(fwd_bwd, ad.sync, warmup=ctx.warmup, reps=ctx.reps)
+        for phase, t, f in (("forward", tf, N * f_tok), ("fwd+bwd", tb, 3 * N * f_tok)):
+            ctx.add("moe", f"{ad.framework} {label} {phase}", ad.framework, t, tokens=N, model_flops=f,
+                    kind=label, phase=phase, **extra)
