@@ -129,7 +129,7 @@ def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = Fal
     import importlib
 
     try:
-        from dsv3.training import TrainConfig
+        from dsv3.train_config import TrainConfig
 
         mod = importlib.import_module(f"dsv3_{framework}.train")
         make_backend = mod.make_backend
