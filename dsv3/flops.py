@@ -1,7 +1,7 @@
 """Parameter, FLOP and KV-cache byte counts of a ModelConfig.
 
 Framework-free (imports neither torch nor jax). Used by ``dsv3 bench`` to turn
-measured step times into model-FLOPs utilisation (MFU), and by ``dsv3 info``.
+measured step times into model-FLOPs utilisation (MFU), and by ``dsv3 info`` and ``dsv3 train``.
 
 Conventions (the documented formula)
 ------------------------------------
