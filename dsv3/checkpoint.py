@@ -22,7 +22,7 @@ from dsv3.fileio import atomic_write_bytes, atomic_write_text
 from dsv3.names import CheckpointError, canonical_to_hf, check_state, hf_to_canonical
 
 __all__ = ["CheckpointError", "dequantize_fp8_blockwise", "read_safetensors", "read_hf_tensors", "fp8_block_size",
-           "load_canonical", "save_canonical", "check_state"]
+           "load_canonical", "save_canonical", "shard_tensors", "check_state"]
 
 
 # ------------------------------------------------------------------ FP8
@@ -132,14 +132,8 @@ def load_canonical(directory: str, cfg: ModelConfig | None = None) -> tuple[Mode
     return cfg, state
 
 
-def save_canonical(directory: str, state: Mapping[str, np.ndarray], cfg: ModelConfig,
-                   max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write config.json and HF-named safetensors (sharded above max_shard_bytes)."""
-    from safetensors.numpy import save
-
-    check_state(state, cfg)
-    os.makedirs(directory, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in canonical_to_hf(state, cfg).items()}
+def shard_tensors(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Tensors in name order, cut into files of at most ``max_shard_bytes`` (a larger tensor has its own)."""
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -149,6 +143,18 @@ def save_canonical(directory: str, state: Mapping[str, np.ndarray], cfg: ModelCo
             size = 0
         shards[-1][name] = tensors[name]
         size += nbytes
+    return shards
+
+
+def save_canonical(directory: str, state: Mapping[str, np.ndarray], cfg: ModelConfig,
+                   max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write config.json and HF-named safetensors (sharded above max_shard_bytes)."""
+    from safetensors.numpy import save
+
+    check_state(state, cfg)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in canonical_to_hf(state, cfg).items()}
+    shards = shard_tensors(tensors, max_shard_bytes)
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if len(shards) == 1:
         atomic_write_bytes(os.path.join(directory, "model.safetensors"), save(shards[0], metadata={"format": "pt"}))
