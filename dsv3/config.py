@@ -12,8 +12,10 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from dsv3.fileio import atomic_write_text
 
 # Keys of a Hugging Face DeepSeek-V3 config.json that this project knows but does
 # not model. Each is either metadata or a value the architecture fixes; the
@@ -52,6 +54,26 @@ _ROPE_KEYS = frozenset(
     {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
      "beta_slow", "mscale", "mscale_all_dim", "rope_theta", "truncate"}
 )
+
+
+class Validator:
+    """``need(cond, field, msg)`` raises ValueError naming the dataclass, the field and its value.
+
+    The one validator of the project's configs (ModelConfig, TrainConfig)."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __call__(self, cond: bool, name: str, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"{type(self.obj).__name__}.{name}: {msg} (got {getattr(self.obj, name)!r})")
+
+    def integers(self, names: Sequence[str], minimum: int) -> None:
+        """Each field an int >= minimum ("positive" for 1, "non-negative" for 0)."""
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        for name in names:
+            v = getattr(self.obj, name)
+            self(isinstance(v, int) and v >= minimum, name, f"must be {what}")
 
 
 @dataclass(frozen=True)
@@ -107,20 +129,14 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ checks
     def __post_init__(self) -> None:
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"ModelConfig.{name}: {msg} (got {getattr(self, name)!r})")
+        need = Validator(self)
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "n_routed_experts",
-                     "num_experts_per_tok", "n_group", "topk_group", "kv_lora_rank",
-                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                     "max_position_embeddings", "original_max_position_embeddings"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
-                 "must be a positive integer")
-        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
-                 "must be a non-negative integer")
+        need.integers(("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                       "num_hidden_layers", "num_attention_heads", "n_routed_experts",
+                       "num_experts_per_tok", "n_group", "topk_group", "kv_lora_rank",
+                       "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                       "max_position_embeddings", "original_max_position_embeddings"), minimum=1)
+        need.integers(("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"), minimum=0)
         need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
              "q_lora_rank", "must be None (direct query projection) or a positive integer")
         need(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
@@ -277,8 +293,6 @@ class ModelConfig:
             return cls.from_hf_dict(json.load(f))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from dsv3.checkpoint import atomic_write_text
-
         os.makedirs(directory, exist_ok=True)
         atomic_write_text(os.path.join(directory, "config.json"),
                           json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")

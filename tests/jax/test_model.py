@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3.checkpoint import CheckpointError, canonical_shapes
+from dsv3.checkpoint import CheckpointError
+from dsv3.names import canonical_shapes
 from dsv3.config import ModelConfig
 from dsv3_jax import DeepSeekV3, RouterBias, generate
 

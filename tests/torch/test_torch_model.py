@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import dsv3_torch
 from dsv3 import ModelConfig
-from dsv3.checkpoint import CheckpointError, canonical_shapes
+from dsv3.checkpoint import CheckpointError
+from dsv3.names import canonical_shapes
 
 
 def _model(cfg, dtype=torch.float32):
