@@ -139,3 +139,142 @@ def test_hf_dict_round_trip_property(groups, per, heads, lora, factor, mscale, m
     back = ModelConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
     assert back == cfg
     assert back.softmax_scale == cfg.softmax_scale and back.rope_attention_factor == cfg.rope_attention_factor
+
+
+# ------------------------------------------------------------ config.json validation
+def _tiny_hf() -> dict:
+    return json.loads(json.dumps(ModelConfig.preset("tiny").to_hf_dict()))
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers", "vocab_size", "q_lora_rank",
+                                 "num_nextn_predict_layers", "n_shared_experts", "max_position_embeddings"])
+def test_missing_size_is_refused_not_replaced_by_the_671b_value(key):
+    d = _tiny_hf()
+    del d[key]
+    with pytest.raises(ValueError, match=rf"config\.json: {key} is required"):
+        ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("key, default", [("rms_norm_eps", 1e-6), ("initializer_range", 0.02),
+                                          ("routed_scaling_factor", 2.5), ("norm_topk_prob", True),
+                                          ("bos_token_id", 0), ("eos_token_id", 1),
+                                          ("balance_loss_alpha", 1e-4), ("num_key_value_heads", None)])
+def test_missing_key_with_a_real_default_takes_it(key, default):
+    d = _tiny_hf()
+    del d[key]
+    cfg = ModelConfig.from_hf_dict(d)
+    if default is not None:
+        assert getattr(cfg, key) == default
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("norm_topk_prob", "false", "must be a boolean \\(true or false\\)"),
+    ("n_shared_experts", True, "must be a non-negative integer"),
+    ("hidden_size", 64.0, "must be a positive integer"),
+    ("routed_scaling_factor", math.inf, "must be a finite number > 0"),
+    ("routed_scaling_factor", math.nan, "must be a finite number > 0"),
+    ("initializer_range", -1, "must be a finite number > 0"),
+    ("rms_norm_eps", 0.0, "must be a finite number > 0"),
+    ("rope_theta", 10 ** 400, "must be a finite number > 1"),
+    ("balance_loss_alpha", "0.001", "must be a finite number >= 0"),
+    ("eos_token_id", [1, 2], "must be None \\(null\\) or a non-negative integer"),
+    ("q_lora_rank", False, "must be None \\(null\\) or a positive integer"),
+])
+def test_wrong_json_type_or_range_is_refused_naming_the_key(key, value, words):
+    d = _tiny_hf()
+    d[key] = value
+    if key == "rope_theta":
+        d["rope_parameters"].pop("rope_theta")
+    with pytest.raises(ValueError, match=rf"config\.json: {key}: {words} \(got "):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_head_dim_and_qk_head_dim_are_checked_against_the_model():
+    d = {**_tiny_hf(), "head_dim": 8, "qk_head_dim": 16}  # as transformers writes them: R and N + R
+    assert ModelConfig.from_hf_dict(d) == ModelConfig.preset("tiny")
+    with pytest.raises(ValueError, match=r"config\.json: head_dim=999 must equal qk_rope_head_dim=8"):
+        ModelConfig.from_hf_dict({**d, "head_dim": 999})
+    with pytest.raises(ValueError, match=r"qk_head_dim=8 must equal qk_nope_head_dim \+ qk_rope_head_dim=16"):
+        ModelConfig.from_hf_dict({**d, "qk_head_dim": 8})
+    with pytest.raises(ValueError, match=r"config\.json: head_dim: must be a positive integer"):
+        ModelConfig.from_hf_dict({**d, "head_dim": "8"})
+
+
+def test_fixed_keys_compare_type_as_well_as_value():
+    for key, value in (("moe_layer_freq", True), ("moe_layer_freq", 1.0), ("attention_bias", 0),
+                       ("rope_interleave", None)):
+        with pytest.raises(ValueError, match=rf"config\.json: {key} must be"):
+            ModelConfig.from_hf_dict({**_tiny_hf(), key: value})
+
+
+@pytest.mark.parametrize("rope, words", [
+    ({"type": "yarn", "factor": 4}, r"rope_scaling\.original_max_position_embeddings is required"),
+    ({"type": "yarn", "factor": "4", "original_max_position_embeddings": 32},
+     r"rope_scaling\.factor: must be a finite number >= 1"),
+    ({"type": "yarn", "factor": 4, "original_max_position_embeddings": 32.0},
+     r"rope_scaling\.original_max_position_embeddings: must be a positive integer"),
+    ({"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": None, "mscale": -1},
+     r"rope_scaling\.mscale: must be a finite number >= 0"),
+    ({"type": "yarn", "original_max_position_embeddings": 256},  # factor = 128 / 256
+     r"rope_scaling\.factor is absent, so YaRN takes max_position_embeddings / original_max_position_embeddings"),
+    ({"type": 3}, r"rope_scaling\.type: rope type 3 is not supported"),
+    ({"type": "yarn", "rope_type": "default"}, r"rope_scaling\.type='yarn' differs from rope_scaling\.rope_type"),
+    ({"factor": 4, "original_max_position_embeddings": 32},
+     r"rope_scaling\.factor is a YaRN setting, but the rope_type is absent"),
+    ({"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "truncate": False},
+     r"rope_scaling\.truncate: only true is supported"),
+    ({"rope_theta": 500.0}, r"rope_theta=10000.0 differs from rope_scaling\.rope_theta=500.0"),
+    ([4, 32], r"rope_scaling must be null or a JSON object"),
+])
+def test_rope_scaling_fields_are_complete_and_typed(rope, words):
+    d = {**_tiny_hf(), "rope_scaling": rope}
+    d.pop("rope_parameters")
+    with pytest.raises(ValueError, match=words):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_legacy_rope_scaling_and_rope_parameters_must_agree():
+    d = _tiny_hf()
+    assert ModelConfig.from_hf_dict({**d, "rope_scaling": {"type": "yarn", "factor": 4.0}}) \
+        == ModelConfig.preset("tiny")
+    with pytest.raises(ValueError, match=r"rope_parameters\.factor=4\.0 differs from rope_scaling\.factor=8"):
+        ModelConfig.from_hf_dict({**d, "rope_scaling": {"type": "yarn", "factor": 8}})
+
+
+@pytest.mark.parametrize("key", ["rope_factor", "original_max_position_embeddings", "rope_scaling_type"])
+def test_rope_fields_are_not_top_level_config_json_keys(key):
+    with pytest.raises(ValueError, match=rf"unknown keys \['{key}'\]"):
+        ModelConfig.from_hf_dict({**_tiny_hf(), key: 8})
+
+
+@pytest.mark.parametrize("doc", [[1, 2], "config", 3, None, True])
+def test_a_config_json_that_is_not_an_object_is_refused(doc, tmp_path):
+    with pytest.raises(ValueError, match=rf"config\.json: must be a JSON object of settings \(got {type(doc).__name__}\)"):
+        ModelConfig.from_hf_dict(doc)
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        ModelConfig.from_pretrained(tmp_path)
+
+
+def test_a_config_json_that_is_not_json_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        ModelConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("norm_topk_prob", "false", "must be a boolean \\(true or false\\)"),
+    ("n_shared_experts", True, "must be a non-negative integer"),
+    ("hidden_size", 64.0, "must be a positive integer"),
+    ("routed_scaling_factor", math.inf, "must be a finite number > 0"),
+    ("initializer_range", -1, "must be a finite number > 0"),
+    ("balance_loss_alpha", "1e-4", "must be a finite number >= 0"),
+    ("mtp_loss_weight", None, "must be a finite number >= 0"),
+    ("beta_slow", 0, "must be a finite number > 0"),
+    ("rope_theta", 1.0, "must be a finite number > 1"),
+    ("eos_token_id", -1, "must be None \\(null\\) or a non-negative integer"),
+    ("rope_scaling_type", ["yarn"], "must be None or 'yarn'"),
+])
+def test_direct_construction_checks_the_same_types(field, value, words):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}: {words} \(got "):
+        ModelConfig.preset("tiny").replace(**{field: value})
