@@ -394,8 +394,9 @@ class ModelConfig:
         if rtype != "yarn":
             extra = sorted(set(rope) & _YARN_KEYS)
             if extra:
-                raise ValueError(f"{where}{source[extra[0]]} is a YaRN setting, but the rope_type is "
-                                 f"{repr(rtype) if rtype else 'absent'} (set rope_type 'yarn' or remove {extra})")
+                raise ValueError(f"{where}{source[extra[0]]} is a YaRN setting, but the rope type "
+                                 f"(rope_type or type) is {repr(rtype) if rtype else 'absent'} "
+                                 f"(set it to 'yarn' or remove {extra})")
             kwargs["rope_scaling_type"] = None
             return kwargs
         if "original_max_position_embeddings" not in rope:
