@@ -93,7 +93,8 @@ class _Rule:
         if self.kind == "bool":
             what = "a boolean (true or false)"
         elif self.kind == "int":
-            what = {(0, True): "a positive integer", (0, False): "a non-negative integer"}[(self.low, self.low_open)]
+            what = {(0, True): "a positive integer", (0, False): "a non-negative integer"}.get(
+                (self.low, self.low_open), f"an integer {'>' if self.low_open else '>='} {self.low}")
         else:
             what = "a finite number" + ("" if self.low is None else
                                         f" {'>' if self.low_open else '>='} {self.low:g}")
