@@ -373,8 +373,9 @@ class ModelConfig:
         return cls(**kwargs)
 
     @staticmethod
-    def _rope_from_hf(d: dict, where: str) -> dict[str, Any]:
-        """ModelConfig rope fields from config.json's rope_theta, rope_scaling and rope_parameters."""
+    def _rope_entries(d: dict, where: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """The checked keys of config.json's rope_scaling and rope_parameters, merged (they must agree),
+        and for each key the "source.key" it came from."""
         rope: dict[str, Any] = {}
         source: dict[str, str] = {}
         for src in ("rope_scaling", "rope_parameters"):
@@ -405,6 +406,12 @@ class ModelConfig:
         if "type" in rope and "rope_type" in rope and rope["type"] != rope["rope_type"]:
             raise ValueError(f"{where}{source['type']}={rope['type']!r} differs from "
                              f"{source['rope_type']}={rope['rope_type']!r}")
+        return rope, source
+
+    @staticmethod
+    def _rope_from_hf(d: dict, where: str) -> dict[str, Any]:
+        """ModelConfig rope fields from config.json's rope_theta, rope_scaling and rope_parameters."""
+        rope, source = ModelConfig._rope_entries(d, where)
         kwargs: dict[str, Any] = {}
         if "rope_theta" in rope:
             if "rope_theta" in d and float(d["rope_theta"]) != float(rope["rope_theta"]):
