@@ -8,7 +8,10 @@ Three paths share one set of weights:
 
 Numerics follow Hugging Face eager attention: scores = q.k in the model dtype, then times
 cfg.softmax_scale (YaRN mscale^2 included) in the model dtype, masked, softmax in fp32, cast,
-times v. The mask is built from absolute positions (query p0+i sees cache entries t <= p0+i).
+times v. The mask [S,T] is built from absolute positions (query p0+i sees cache entries t <= p0+i),
+True = visible (the Hugging Face attention_mask convention, as dsv3_torch). ``attend`` (expanded K/V) and
+``attend_latent`` (absorbed) return o [B,S,H*V]; ``wo`` is applied in ``__call__``. Heads are [B,S,H,*]
+here ([B,H,S,*] in dsv3_torch, the layout torch's SDPA takes).
 
 Shape legend: B batch, S query time, T key time (L cache length), D model width, H heads,
 Q q LoRA rank, C kv latent (kv_lora_rank), N nope head dim, R rope dim, V value head dim.
