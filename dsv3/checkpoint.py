@@ -22,7 +22,7 @@ from dsv3.fileio import atomic_write_bytes, atomic_write_text
 from dsv3.names import CheckpointError, canonical_to_hf, check_state, hf_to_canonical
 
 __all__ = ["CheckpointError", "dequantize_fp8_blockwise", "read_safetensors", "read_hf_tensors", "fp8_block_size",
-           "load_canonical", "save_canonical", "shard_tensors", "check_state"]
+           "load_canonical", "save_canonical", "shard_tensors"]
 
 
 # ------------------------------------------------------------------ FP8
