@@ -191,7 +191,9 @@ def parallelize(model: nn.Module, mesh: Mesh, param_dtype: Optional[torch.dtype]
     for layer in model.layers:
         fully_shard(layer, mesh=dense, mp_policy=mp)
     for mod in model.mtp:
-        fully_shard(mod, mesh=dense, mp_policy=mp)
+        # Only the MTP depth's block: its final norm is called from the root's
+        # code (model.forward_train), outside the depth's own forward.
+        fully_shard(mod.block, mesh=dense, mp_policy=mp)
     fully_shard(model, mesh=dense, mp_policy=mp)
     # The training loss is a method, not forward: give it the root's unshard/reshard hooks.
     register_fsdp_forward_method(model, "compute_loss")

@@ -69,6 +69,7 @@ class TorchBackend:
             sums["balance_loss"] += float(out.balance_loss.detach()) / k
             if out.mtp_losses.numel():
                 sums["mtp_depth_loss"] += float(out.mtp_losses.detach().mean()) / k
+        counts, sums = self.reduce_counts(counts), self.reduce_metrics(sums)
         grad_norm = self._clip()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -77,6 +78,14 @@ class TorchBackend:
         if not self.model.mtp:
             sums.pop("mtp_depth_loss")
         return {**sums, "grad_norm": grad_norm, "counts": counts.cpu().numpy()}
+
+    def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """The step's expert counts over every process holding distinct tokens (one process: as is)."""
+        return counts
+
+    def reduce_metrics(self, sums: dict) -> dict:
+        """The step's mean losses over every process (one process: as is)."""
+        return sums
 
     @torch.no_grad()
     def _clip(self) -> float:

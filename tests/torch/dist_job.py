@@ -1,0 +1,223 @@
+"""The multi-process checks of tests/torch/test_torch_distributed.py, run under torchrun (gloo on CPU).
+
+    python -m torch.distributed.run --nproc-per-node 4 tests/torch/dist_job.py OUT_DIR train,ep,accum,save
+    python -m torch.distributed.run --nproc-per-node 2 tests/torch/dist_job.py OUT_DIR restore
+
+Rank 0 computes the single-process references, gathers the sharded results and
+writes OUT_DIR/<check>.json; the test process asserts on them. Every check of
+one job shares the job's default process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dsv3.config import ModelConfig
+from dsv3.training import TrainConfig, lr_at
+from dsv3_torch import dist_checkpoint as dck
+from dsv3_torch.dist_train import ShardedTorchBackend
+from dsv3_torch.model import DeepSeekV3
+from dsv3_torch.sharding import init_distributed, make_mesh
+from dsv3_torch.train import TorchBackend
+
+MESHES = tuple(os.environ.get("DSV3_MESHES", "data=4;fsdp=4;fsdp=2,expert=2;expert=4").split(";"))
+STEPS = 20
+SAVE_AT = 10  # the DCP checkpoint of fsdp=2,expert=2 is taken after this step
+
+
+def tiny() -> ModelConfig:
+    return ModelConfig.preset("tiny").replace(bias_update_speed=0.01)
+
+
+def make_model(cfg: ModelConfig, seed: int = 0) -> DeepSeekV3:
+    """The same initial weights on every rank; router weights N(0, 0.5) so that the affinities are
+    spread apart and no top-k selection is a near-tie that fp32 rounding could flip."""
+    torch.manual_seed(seed)
+    model = DeepSeekV3(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for r in model.routers():
+            r.weight.normal_(0.0, 0.5)
+    return model
+
+
+def tcfg(**kw) -> TrainConfig:
+    base = dict(framework="torch", preset="tiny", batch_size=8, seq_len=16, grad_accum=1, lr=1e-3,
+                warmup_steps=2, steps=STEPS, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def batches(cfg: ModelConfig, n: int, rows: int, T: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.integers(0, cfg.vocab_size, size=(rows, T + 1))
+        out.append((x[:, :-1], x[:, 1:]))
+    return out
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b|| over one tensor (0 for equal tensors)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = float(np.linalg.norm(a - b))
+    return d / max(float(np.linalg.norm(b)), 1e-30) if d else 0.0
+
+
+def max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b| over one tensor."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) if a.size else 0.0
+
+
+def model_state(backend) -> dict[str, np.ndarray]:
+    sd = dck.full_model_state(backend.model) if dist.is_initialized() else backend.model.state_dict()
+    return {k: v.detach().float().numpy().copy() for k, v in sd.items()}
+
+
+def optim_state(backend) -> dict[str, np.ndarray]:
+    sd = (dck.full_optimizer_state(backend.model, backend.optimizer) if dist.is_initialized()
+          else __import__("torch.distributed.checkpoint.state_dict", fromlist=["x"]).get_optimizer_state_dict(
+              backend.model, backend.optimizer))
+    return {f"{n}.{k}": torch.as_tensor(v).float().numpy().copy()
+            for n, st in sd.get("state", {}).items() for k, v in st.items()}
+
+
+def run(backend, data, tc: TrainConfig, start: int = 0, stop: int = STEPS, on_step=None) -> list[float]:
+    losses = []
+    for step in range(start, stop):
+        res = backend.train_step([data[step]], lr_at(step, tc))
+        losses.append(res["loss"])
+        if os.environ.get("DSV3_DEBUG") and (not dist.is_initialized() or dist.get_rank() == 0):
+            print("step", step + 1, res["loss"], res["grad_norm"], res["counts"].tolist(), flush=True)
+        if on_step is not None:
+            on_step(step + 1)
+    return losses
+
+
+def save_npz(path: str, d: dict) -> None:
+    np.savez(path, **{k.replace("/", "|"): v for k, v in d.items()})
+
+
+# ------------------------------------------------------------------ checks
+def check_train(out: str, rank: int) -> None:
+    """Each mesh's 20 steps vs the single-process run; fsdp=2,expert=2 also saves DCP at SAVE_AT."""
+    cfg, tc = tiny(), tcfg()
+    data = batches(cfg, STEPS, tc.batch_size, tc.seq_len)
+    ref = {}
+    if rank == 0:
+        single = TorchBackend(cfg, tc, model=make_model(cfg))
+        ref["loss"] = run(single, data, tc)
+        ref["state"] = model_state(single)
+    results = {}
+    for spec in MESHES:
+        backend = ShardedTorchBackend(cfg, tc, make_mesh(spec), model=make_model(cfg))
+        saved = {}
+
+        def on_step(done, backend=backend, spec=spec):
+            if spec == "fsdp=2,expert=2" and done == SAVE_AT:
+                backend.save_sharded(os.path.join(out, "dcp"))
+                saved["model"], saved["optim"] = model_state(backend), optim_state(backend)
+                backend.save_pretrained(os.path.join(out, "hf"))
+
+        losses = run(backend, data, tc, on_step=on_step)
+        state = model_state(backend)
+        if spec == "fsdp=2,expert=2":
+            # resume exact: a fresh backend on the same mesh, restored from the step-10 checkpoint
+            again = ShardedTorchBackend(cfg, tc, make_mesh(spec), model=make_model(cfg))
+            again.load_sharded(os.path.join(out, "dcp"))
+            resumed = run(again, data, tc, start=SAVE_AT)
+            state2 = model_state(again)
+        if rank == 0:
+            worst = max(state, key=lambda k: rel(state[k], ref["state"][k]))
+            r = {"loss": losses,
+                 "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref["loss"])),
+                 "bias_equal": all(np.array_equal(state[k], ref["state"][k]) for k in state if k.endswith("gate.bias")),
+                 "biases_changed": any(np.abs(ref["state"][k]).max() > 0 for k in state if k.endswith("gate.bias")),
+                 "param_rel": rel(state[worst], ref["state"][worst]), "worst": worst,
+                 "param_max_rel": max(max_rel(state[k], ref["state"][k]) for k in state),
+                 "keys_equal": sorted(state) == sorted(ref["state"])}
+            if spec == "fsdp=2,expert=2":
+                r["resumed_equal"] = resumed == losses[SAVE_AT:]
+                r["resumed_state_equal"] = all(np.array_equal(state2[k], state[k]) for k in state)
+                save_npz(os.path.join(out, "saved_model.npz"), saved["model"])
+                save_npz(os.path.join(out, "saved_optim.npz"), saved["optim"])
+            results[spec] = r
+            print(f"[{spec}] loss rel {r['loss_rel']:.2e}, worst param {worst} rel {r['param_rel']:.2e} "
+                  f"(max-abs {r['param_max_rel']:.2e}), "
+                  f"biases equal {r['bias_equal']}", flush=True)
+        dist.barrier()
+    if rank == 0:
+        results["ref_loss"] = ref["loss"]
+        with open(os.path.join(out, "train.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def check_accum(out: str, rank: int) -> None:
+    """3 steps of 2 accumulated micro-batches of 8 rows on fsdp=2,expert=2 (4 ranks, 2 rows each)
+    vs 3 single-process steps of one 16-row batch."""
+    cfg = tiny()
+    big, acc = tcfg(batch_size=16, grad_accum=1, steps=3), tcfg(batch_size=16, grad_accum=2, steps=3)
+    data = batches(cfg, 3, 16, big.seq_len, seed=1)
+    ref = {}
+    if rank == 0:
+        single = TorchBackend(cfg, big, model=make_model(cfg))
+        ref["loss"] = [single.train_step([data[s]], lr_at(s, big))["loss"] for s in range(3)]
+        ref["state"] = model_state(single)
+    spec = os.environ.get("DSV3_ACCUM_MESH", "fsdp=2,expert=2")
+    backend = ShardedTorchBackend(cfg, acc, make_mesh(spec), model=make_model(cfg))
+    losses = []
+    for s in range(3):
+        x, y = data[s]
+        micro = [(x[:8], y[:8]), (x[8:], y[8:])]
+        losses.append(backend.train_step(micro, lr_at(s, acc))["loss"])
+    state = model_state(backend)
+    if rank == 0:
+        worst = max(state, key=lambda k: rel(state[k], ref["state"][k]))
+        r = {"mesh": spec, "loss": losses, "ref_loss": ref["loss"],
+             "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref["loss"])),
+             "param_rel": rel(state[worst], ref["state"][worst]), "worst": worst,
+             "bias_equal": all(np.array_equal(state[k], ref["state"][k]) for k in state if k.endswith("gate.bias"))}
+        print(f"[accum {spec}] loss rel {r['loss_rel']:.2e}, worst param {worst} rel {r['param_rel']:.2e}", flush=True)
+        with open(os.path.join(out, "accum.json"), "w") as f:
+            json.dump(r, f, indent=1)
+    dist.barrier()
+
+
+def check_restore(out: str, rank: int) -> None:
+    """The 4-rank DCP checkpoint restored on this job's ranks (2), on two meshes."""
+    cfg, tc = tiny(), tcfg()
+    results = {}
+    for spec in ("fsdp=2", "expert=2"):
+        backend = ShardedTorchBackend(cfg, tc, make_mesh(spec), model=make_model(cfg))
+        backend.load_sharded(os.path.join(out, "dcp"))
+        m, o = model_state(backend), optim_state(backend)
+        if rank == 0:
+            save_npz(os.path.join(out, f"restored_{spec.replace('=', '')}_model.npz"), m)
+            save_npz(os.path.join(out, f"restored_{spec.replace('=', '')}_optim.npz"), o)
+            results[spec] = True
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(out, "restore.json"), "w") as f:
+            json.dump(results, f)
+
+
+CHECKS = {"train": check_train, "accum": check_accum, "restore": check_restore}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out, names = sys.argv[1], sys.argv[2].split(",")
+    rank, _ = init_distributed()
+    for name in names:
+        CHECKS[name](out, rank)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
