@@ -29,6 +29,7 @@ from dsv3_torch.train import TorchBackend
 MESHES = tuple(os.environ.get("DSV3_MESHES", "data=4;fsdp=4;fsdp=2,expert=2;expert=4").split(";"))
 STEPS = 20
 SAVE_AT = 10  # the DCP checkpoint of fsdp=2,expert=2 is taken after this step
+DCP_MESH = os.environ.get("DSV3_DCP_MESH", "fsdp=2,expert=2")  # the mesh that saves the DCP checkpoint
 
 
 def tiny() -> ModelConfig:
@@ -119,14 +120,14 @@ def check_train(out: str, rank: int) -> None:
         saved = {}
 
         def on_step(done, backend=backend, spec=spec):
-            if spec == "fsdp=2,expert=2" and done == SAVE_AT:
+            if spec == DCP_MESH and done == SAVE_AT:
                 backend.save_sharded(os.path.join(out, "dcp"))
                 saved["model"], saved["optim"] = model_state(backend), optim_state(backend)
                 backend.save_pretrained(os.path.join(out, "hf"))
 
         losses = run(backend, data, tc, on_step=on_step)
         state = model_state(backend)
-        if spec == "fsdp=2,expert=2":
+        if spec == DCP_MESH:
             # resume exact: a fresh backend on the same mesh, restored from the step-10 checkpoint
             again = ShardedTorchBackend(cfg, tc, make_mesh(spec), model=make_model(cfg))
             again.load_sharded(os.path.join(out, "dcp"))
@@ -141,7 +142,7 @@ def check_train(out: str, rank: int) -> None:
                  "param_rel": rel(state[worst], ref["state"][worst]), "worst": worst,
                  "param_max_rel": max(max_rel(state[k], ref["state"][k]) for k in state),
                  "keys_equal": sorted(state) == sorted(ref["state"])}
-            if spec == "fsdp=2,expert=2":
+            if spec == DCP_MESH:
                 r["resumed_equal"] = resumed == losses[SAVE_AT:]
                 r["resumed_state_equal"] = all(np.array_equal(state2[k], state[k]) for k in state)
                 save_npz(os.path.join(out, "saved_model.npz"), saved["model"])
@@ -192,7 +193,7 @@ def check_restore(out: str, rank: int) -> None:
     """The 4-rank DCP checkpoint restored on this job's ranks (2), on two meshes."""
     cfg, tc = tiny(), tcfg()
     results = {}
-    for spec in ("fsdp=2", "expert=2"):
+    for spec in os.environ.get("DSV3_RESTORE_MESHES", "fsdp=2;expert=2").split(";"):
         backend = ShardedTorchBackend(cfg, tc, make_mesh(spec), model=make_model(cfg))
         backend.load_sharded(os.path.join(out, "dcp"))
         m, o = model_state(backend), optim_state(backend)
