@@ -20,6 +20,7 @@ written by rank 0).
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ from dsv3 import checkpoint as ckpt
 from dsv3.config import ModelConfig
 from dsv3_torch import dist_checkpoint as dck
 from dsv3_torch.model import DeepSeekV3, from_numpy, to_numpy
-from dsv3_torch.sharding import Mesh, clip_grad_norm, init_distributed, make_mesh, parallelize
+from dsv3_torch.sharding import Mesh, clip_grad_norm, format_mesh, init_distributed, make_mesh, parallelize
 from dsv3_torch.train import TorchBackend
 
 
@@ -123,6 +124,45 @@ class ShardedTorchBackend(TorchBackend):
 
     def load_sharded(self, directory: str) -> None:
         dck.load_dcp(directory, self.model, self.optimizer)
+
+    # ------------------------------------------------- run-directory checkpoints
+    def write_checkpoint(self, out: str, step: int, meta: dict, keep: int) -> str:
+        """One checkpoint of the run directory (collective; returns its final path on every rank).
+
+        step_NNNNNN/ holds dcp/ (every rank's shards of the model and AdamW
+        state), the HF export (config.json + safetensors, gathered once and
+        written by rank 0) and train_state.json (rank 0). Rank 0 names the
+        temporary directory and renames it into place once every rank is done.
+        """
+        from dsv3.rundir import save_train_state, write_checkpoint
+
+        def write_into(d: str) -> None:
+            if self.is_writer:
+                dist.broadcast_object_list([d], src=0)
+            self.save_sharded(os.path.join(d, "dcp"))
+            self.save_pretrained(d)
+            if self.is_writer:
+                save_train_state(d, {}, {**meta, "mesh": format_mesh(self.mesh.sizes), "optimizer": "dcp"})
+            dist.barrier()  # every rank's shards are in d before rank 0 renames it
+
+        if self.is_writer:
+            final = write_checkpoint(out, step, write_into, keep=keep)
+        else:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            write_into(box[0])
+            final = None
+        box = [final]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def restore_checkpoint(self, directory: str) -> None:
+        """Model and AdamW state from a checkpoint's dcp/ (written on any mesh)."""
+        path = os.path.join(directory, "dcp")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{directory!r} has no dcp/ sharded state: it was not written by a "
+                                    f"--mesh run (resume it without --mesh)")
+        self.load_sharded(path)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         raise NotImplementedError("a sharded run keeps its optimizer state in the DCP checkpoint (save_sharded)")

@@ -15,6 +15,7 @@ forward and backward under CPU autocast to bf16.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Sequence
 
 import numpy as np
@@ -149,4 +150,9 @@ class TorchBackend:
 
 
 def make_backend(cfg: ModelConfig, tcfg: TrainConfig) -> TorchBackend:
+    """TorchBackend; under torchrun or with a mesh, the sharded one (dsv3_torch.dist_train)."""
+    if getattr(tcfg, "mesh", None) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from dsv3_torch.dist_train import ShardedTorchBackend
+
+        return ShardedTorchBackend(cfg, tcfg)
     return TorchBackend(cfg, tcfg)
