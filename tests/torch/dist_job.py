@@ -158,6 +158,70 @@ def check_train(out: str, rank: int) -> None:
             json.dump(results, f, indent=1)
 
 
+def check_ep(out: str, rank: int) -> None:
+    """The expert-parallel MoE layer (with its FSDP) vs the single-process layer, on skewed routing.
+
+    Cases: every token routed to experts 0, 1, 2 only (the ranks holding experts 4-7 receive
+    nothing: zero-size splits, zero-row experts), a mild skew towards expert 0, and no bias.
+    The loss is the mean over ranks of sum(out * G), G fixed: on one process the same mean
+    over the global batch's slices."""
+    from torch.distributed.tensor import DTensor
+
+    from dsv3_torch.moe import MoE
+    from dsv3_torch.sharding import apply_expert_parallel
+
+    cfg = tiny()
+    W, n, D = dist.get_world_size(), 24, cfg.hidden_size
+    biases = {"experts 0-2 only": [10.0, 10.0, 10.0] + [0.0] * 5, "skew to expert 0": [0.3] + [0.0] * 7,
+              "no bias": [0.0] * 8}
+    cases = []
+    for spec in ("expert=4", "fsdp=2,expert=2"):
+        mesh = make_mesh(spec)
+        for name, bias in biases.items():
+            torch.manual_seed(3)
+            ref = MoE(cfg)
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p.normal_(0.0, 0.3)
+                ref.gate.bias.copy_(torch.tensor(bias))
+            gen = torch.Generator().manual_seed(4)
+            X = torch.randn(W * n, D, generator=gen)
+            G = torch.randn(W * n, D, generator=gen)
+            xr = X.clone().requires_grad_(True)
+            o = ref(xr.view(W, n, D))
+            ((o.out.reshape(W * n, D) * G).sum() / W).backward()
+            ep = MoE(cfg)
+            ep.load_state_dict(ref.state_dict())
+            apply_expert_parallel(ep, mesh)
+            rows = slice(rank * n, (rank + 1) * n)
+            xl = X[rows].clone().requires_grad_(True)
+            ol = ep(xl.view(1, n, D))
+            (ol.out.reshape(n, D) * G[rows]).sum().backward()
+            counts = ol.counts.clone()
+            dist.all_reduce(counts)
+            out_err = float((ol.out.reshape(n, D) - o.out.reshape(W * n, D)[rows]).abs().max())
+            grad_err = float((xl.grad - xr.grad[rows]).abs().max())
+            for pname, p in ep.named_parameters():
+                g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
+                if not isinstance(p.grad, DTensor):  # router and shared expert: this rank's part of the mean
+                    dist.all_reduce(g)
+                    g /= W
+                grad_err = max(grad_err, float((g - dict(ref.named_parameters())[pname].grad).abs().max()))
+            errs = torch.tensor([out_err, grad_err])
+            dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+            per_rank = counts.view(mesh.ep, -1).sum(1)  # rows each expert rank receives
+            c = {"mesh": spec, "case": name, "counts_equal": bool(torch.equal(counts, o.counts)),
+                 "out_err": float(errs[0]), "grad_err": float(errs[1]),
+                 "zero_split": bool((per_rank == 0).any()), "skew": float(per_rank.max() / per_rank.sum())}
+            cases.append(c)
+            if rank == 0:
+                print(f"[ep] {c}", flush=True)
+    if rank == 0:
+        with open(os.path.join(out, "ep.json"), "w") as f:
+            json.dump({"cases": cases}, f, indent=1)
+    dist.barrier()
+
+
 def check_accum(out: str, rank: int) -> None:
     """3 steps of 2 accumulated micro-batches of 8 rows on fsdp=2,expert=2 (4 ranks, 2 rows each)
     vs 3 single-process steps of one 16-row batch."""
@@ -207,7 +271,7 @@ def check_restore(out: str, rank: int) -> None:
             json.dump(results, f)
 
 
-CHECKS = {"train": check_train, "accum": check_accum, "restore": check_restore}
+CHECKS = {"train": check_train, "ep": check_ep, "accum": check_accum, "restore": check_restore}
 
 
 def main() -> None:
