@@ -38,9 +38,9 @@ import torch.nn.functional as F
 
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     """Differentiable all_to_all_single with uneven splits."""
-    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-    return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
+    return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:

@@ -225,6 +225,10 @@ def apply_expert_parallel(model: nn.Module, mesh: Mesh, mp=None) -> None:
         # The all-to-all's backward already summed every expert-group rank's tokens into
         # this rank's expert gradients: divide by the world, not by the FSDP group.
         ex.set_gradient_divide_factor(float(mesh.world))
+        if mesh.mesh.device_type == "cpu" and mesh.sizes["data"] * fs > 1:
+            # gloo has no PREMUL_SUM: sum, then scale. (On a one-rank FSDP mesh there is no
+            # collective, and forcing it there scaled the gradients twice: measured, torch 2.13.)
+            ex.set_force_sum_reduction_for_comms(True)
 
 
 # ---------------------------------------------------------------- gradients
