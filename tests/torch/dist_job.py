@@ -80,6 +80,17 @@ def model_state(backend) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy().copy() for k, v in sd.items()}
 
 
+def grads(backend) -> dict[str, np.ndarray]:
+    """{parameter name: full gradient} (rank 0; collective on a mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for n, p in backend.model.named_parameters():
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        out[n] = g.detach().float().numpy().copy()
+    return out
+
+
 def optim_state(backend) -> dict[str, np.ndarray]:
     sd = (dck.full_optimizer_state(backend.model, backend.optimizer) if dist.is_initialized()
           else __import__("torch.distributed.checkpoint.state_dict", fromlist=["x"]).get_optimizer_state_dict(
@@ -236,7 +247,9 @@ def check_accum(out: str, rank: int) -> None:
     ref = {}
     if rank == 0:
         single = TorchBackend(cfg, big, model=make_model(cfg))
-        ref["loss"] = [single.train_step([data[s]], lr_at(s, big))["loss"] for s in range(3)]
+        ref["loss"] = [single.train_step([data[0]], lr_at(0, big))["loss"]]
+        ref["grad"] = grads(single)  # the first step's (clipped) gradients
+        ref["loss"] += [single.train_step([data[s]], lr_at(s, big))["loss"] for s in range(1, 3)]
         ref["state"] = model_state(single)
     spec = os.environ.get("DSV3_ACCUM_MESH", "fsdp=2,expert=2")
     backend = ShardedTorchBackend(cfg, acc, make_mesh(spec), model=make_model(cfg))
@@ -245,14 +258,19 @@ def check_accum(out: str, rank: int) -> None:
         x, y = data[s]
         micro = [(x[:8], y[:8]), (x[8:], y[8:])]
         losses.append(backend.train_step(micro, lr_at(s, acc))["loss"])
+        if s == 0:
+            grad = grads(backend)
     state = model_state(backend)
     if rank == 0:
         worst = max(state, key=lambda k: rel(state[k], ref["state"][k]))
         r = {"mesh": spec, "loss": losses, "ref_loss": ref["loss"],
              "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref["loss"])),
              "param_rel": rel(state[worst], ref["state"][worst]), "worst": worst,
+             "grad_rel": max(rel(grad[k], ref["grad"][k]) for k in ref["grad"]),
+             "grad_keys_equal": sorted(grad) == sorted(ref["grad"]),
              "bias_equal": all(np.array_equal(state[k], ref["state"][k]) for k in state if k.endswith("gate.bias"))}
-        print(f"[accum {spec}] loss rel {r['loss_rel']:.2e}, worst param {worst} rel {r['param_rel']:.2e}", flush=True)
+        print(f"[accum {spec}] loss rel {r['loss_rel']:.2e}, first-step gradients rel {r['grad_rel']:.2e}, "
+              f"worst param {worst} rel {r['param_rel']:.2e}", flush=True)
         with open(os.path.join(out, "accum.json"), "w") as f:
             json.dump(r, f, indent=1)
     dist.barrier()

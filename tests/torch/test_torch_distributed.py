@@ -112,7 +112,10 @@ def test_expert_parallel_layer_equals_single_process(job4):
 @pytest.mark.slow
 def test_gradient_accumulation_under_fsdp_equals_one_batch(job4):
     r = json.load(open(os.path.join(job4, "accum.json")))
-    print(f"{r['mesh']}: loss rel {r['loss_rel']:.2e}, worst parameter {r['worst']} rel {r['param_rel']:.2e}")
+    print(f"{r['mesh']}: loss rel {r['loss_rel']:.2e}, first-step gradients rel {r['grad_rel']:.2e}, "
+          f"worst parameter {r['worst']} rel {r['param_rel']:.2e}")
+    assert r["grad_keys_equal"]
+    assert r["grad_rel"] <= 1e-5
     assert r["loss_rel"] <= 1e-5
     assert r["param_rel"] <= 1e-5
     assert r["bias_equal"]
