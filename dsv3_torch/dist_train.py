@@ -5,7 +5,8 @@ outside (``dsv3_torch.sharding.parallelize``: FSDP2 on every block and the
 root, expert parallelism when the mesh has an ``expert`` axis). One optimizer
 step is the single-process step on this rank's slice of every micro-batch:
 
-* rank r reads rows r*b .. (r+1)*b - 1 of each global micro-batch (b = rows / world);
+* rank r reads only rows r*b .. (r+1)*b - 1 of each global micro-batch
+  (b = rows / world; ``data_slice``) and ``train_step`` receives those rows;
 * each rank's loss is the mean over its rows; FSDP averages the gradients over
   the ranks, so with equal slices the gradient is that of the global mean;
 * the expert counts are summed over every rank (all-reduce) before the one
@@ -58,19 +59,24 @@ class ShardedTorchBackend(TorchBackend):
         """Rank 0 logs and writes the files every rank would write the same."""
         return dist.get_rank() == 0
 
+    def data_slice(self, rows: int) -> tuple[int, int]:
+        """(first row, rows) of this rank's slice of a global micro-batch of ``rows`` sequences."""
+        W = self.mesh.world
+        if rows % W:
+            raise ValueError(f"a micro-batch of {rows} sequences cannot be split over {W} ranks: "
+                             f"make batch_size / grad_accum a multiple of {W}")
+        b = rows // W
+        return self.mesh.rank * b, b
+
     def local_rows(self, a: np.ndarray) -> np.ndarray:
-        """This rank's slice of a global batch [B, ...] (B divisible by the world size)."""
-        W, r = self.mesh.world, self.mesh.rank
-        if a.shape[0] % W:
-            raise ValueError(f"a batch of {a.shape[0]} sequences cannot be split over {W} ranks: "
-                             f"make the micro-batch (batch_size / grad_accum) a multiple of {W}")
-        b = a.shape[0] // W
-        return a[r * b:(r + 1) * b]
+        """This rank's slice of a global batch [B, ...]."""
+        lo, n = self.data_slice(np.asarray(a).shape[0])
+        return np.asarray(a)[lo:lo + n]
 
     # ---------------------------------------------------------------- steps
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
-        local = [(self.local_rows(np.asarray(x)), self.local_rows(np.asarray(y))) for x, y in micro_batches]
-        return super().train_step(local, lr)
+        """One optimizer step on THIS RANK's rows of each micro-batch (``data_slice``/``local_rows``)."""
+        return super().train_step(micro_batches, lr)
 
     def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Expert counts summed over every rank (all hold distinct tokens)."""

@@ -102,7 +102,10 @@ def optim_state(backend) -> dict[str, np.ndarray]:
 def run(backend, data, tc: TrainConfig, start: int = 0, stop: int = STEPS, on_step=None) -> list[float]:
     losses = []
     for step in range(start, stop):
-        res = backend.train_step([data[step]], lr_at(step, tc))
+        x, y = data[step]
+        if isinstance(backend, ShardedTorchBackend):  # this rank's rows
+            x, y = backend.local_rows(x), backend.local_rows(y)
+        res = backend.train_step([(x, y)], lr_at(step, tc))
         losses.append(res["loss"])
         if os.environ.get("DSV3_DEBUG") and (not dist.is_initialized() or dist.get_rank() == 0):
             print("step", step + 1, res["loss"], res["grad_norm"], res["counts"].tolist(), flush=True)
@@ -256,7 +259,8 @@ def check_accum(out: str, rank: int) -> None:
     losses = []
     for s in range(3):
         x, y = data[s]
-        micro = [(x[:8], y[:8]), (x[8:], y[8:])]
+        micro = [(backend.local_rows(x[:8]), backend.local_rows(y[:8])),
+                 (backend.local_rows(x[8:]), backend.local_rows(y[8:]))]
         losses.append(backend.train_step(micro, lr_at(s, acc))["loss"])
         if s == 0:
             grad = grads(backend)
