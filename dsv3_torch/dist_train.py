@@ -31,7 +31,8 @@ import torch.distributed as dist
 from dsv3 import checkpoint as ckpt
 from dsv3.config import ModelConfig
 from dsv3_torch import dist_checkpoint as dck
-from dsv3_torch.model import DeepSeekV3, from_numpy, to_numpy
+from dsv3_torch.layers import from_numpy, to_numpy
+from dsv3_torch.model import DeepSeekV3
 from dsv3_torch.sharding import Mesh, clip_grad_norm, format_mesh, init_distributed, make_mesh, parallelize
 from dsv3_torch.train import TorchBackend
 
@@ -78,13 +79,13 @@ class ShardedTorchBackend(TorchBackend):
         """One optimizer step on THIS RANK's rows of each micro-batch (``data_slice``/``local_rows``)."""
         return super().train_step(micro_batches, lr)
 
-    def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
+    def _reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Expert counts summed over every rank (all hold distinct tokens)."""
         counts = counts.clone()
         dist.all_reduce(counts)
         return counts
 
-    def reduce_metrics(self, sums: dict) -> dict:
+    def _reduce_metrics(self, sums: dict) -> dict:
         """Per-rank means -> the mean over all ranks (equal slices: the global mean)."""
         keys = sorted(sums)
         t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
@@ -103,7 +104,7 @@ class ShardedTorchBackend(TorchBackend):
         res = super().eval_step(input_ids, labels)
         if not split:  # every rank evaluated the whole batch
             return res
-        return self.reduce_metrics(res)
+        return self._reduce_metrics(res)
 
     # ---------------------------------------------------------------- state
     def canonical_state(self) -> dict[str, np.ndarray]:

@@ -107,6 +107,7 @@ class Mesh:
 
     mesh: "torch.distributed.device_mesh.DeviceMesh"
     sizes: dict
+    shard: "torch.distributed.device_mesh.DeviceMesh"  # flatten(fsdp, expert), kept (slicing it is deprecated)
 
     @property
     def world(self) -> int:
@@ -127,7 +128,7 @@ class Mesh:
 
     def dense_mesh(self):
         """The FSDP mesh of every parameter but the routed experts: (data, shard) or (shard)."""
-        return self.mesh["data", "shard"] if self.sizes["data"] > 1 else self.mesh["shard"]
+        return self.mesh["data", "shard"] if self.sizes["data"] > 1 else self.shard
 
     def expert_fsdp_mesh(self):
         """The FSDP mesh of the routed experts under expert parallelism: (data, fsdp) or (fsdp)."""
@@ -138,7 +139,7 @@ class Mesh:
 
     def shard_group(self):
         """The ranks that together hold one copy of every parameter (flattened fsdp x expert)."""
-        return self.mesh["shard"].get_group()
+        return self.shard.get_group()
 
 
 def make_mesh(spec: Optional[str] | dict) -> Mesh:
@@ -151,8 +152,8 @@ def make_mesh(spec: Optional[str] | dict) -> Mesh:
     sizes = dict(spec) if isinstance(spec, dict) else parse_mesh(spec, world)
     parse_mesh(format_mesh(sizes), world)  # validates the product
     mesh = init_device_mesh(device_type(), tuple(sizes[a] for a in AXES), mesh_dim_names=AXES)
-    mesh["fsdp", "expert"]._flatten("shard")
-    return Mesh(mesh, sizes)
+    shard = mesh["fsdp", "expert"]._flatten("shard")
+    return Mesh(mesh, sizes, shard)
 
 
 # --------------------------------------------------------------------- FSDP2

@@ -71,7 +71,7 @@ class TorchBackend:
             sums["balance_loss"] += float(out.balance_loss.detach()) / k
             if out.mtp_losses.numel():
                 sums["mtp_depth_loss"] += float(out.mtp_losses.detach().mean()) / k
-        counts, sums = self.reduce_counts(counts), self.reduce_metrics(sums)
+        counts, sums = self._reduce_counts(counts), self._reduce_metrics(sums)
         grad_norm = self._clip()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -81,11 +81,11 @@ class TorchBackend:
             sums.pop("mtp_depth_loss")
         return {**sums, "grad_norm": grad_norm, "counts": counts.cpu().numpy()}
 
-    def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
+    def _reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """The step's expert counts over every process holding distinct tokens (one process: as is)."""
         return counts
 
-    def reduce_metrics(self, sums: dict) -> dict:
+    def _reduce_metrics(self, sums: dict) -> dict:
         """The step's mean losses over every process (one process: as is)."""
         return sums
 
