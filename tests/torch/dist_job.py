@@ -28,7 +28,7 @@ from dsv3_torch.train import TorchBackend
 
 MESHES = tuple(os.environ.get("DSV3_MESHES", "data=4;fsdp=4;fsdp=2,expert=2;expert=4").split(";"))
 STEPS = 20
-SAVE_AT = 10  # the DCP checkpoint of fsdp=2,expert=2 is taken after this step
+SAVE_AT = 15  # the DCP checkpoint is taken after this step; a restored run replays the last 5
 DCP_MESH = os.environ.get("DSV3_DCP_MESH", "fsdp=2,expert=2")  # the mesh that saves the DCP checkpoint
 
 
