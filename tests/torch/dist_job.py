@@ -298,7 +298,39 @@ def check_restore(out: str, rank: int) -> None:
             json.dump(results, f)
 
 
-CHECKS = {"train": check_train, "ep": check_ep, "accum": check_accum, "restore": check_restore}
+def cli_args(out: str) -> list[str]:
+    """`dsv3 train` arguments of the launch check: a tiny byte-level model on a small text file."""
+    return ["train", "--framework", "torch", "--config", os.path.join(out, "cli_cfg"), "--data",
+            os.path.join(out, "cli_data.txt"), "--batch-size", "4", "--seq-len", "16", "--lr", "1e-3",
+            "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1", "--save-every", "2",
+            "--no-progress", "--no-plots"]
+
+
+def write_cli_inputs(out: str) -> None:
+    tiny().replace(vocab_size=256).save_pretrained(os.path.join(out, "cli_cfg"))
+    rng = np.random.default_rng(5)
+    words = ["def", "main", "(", ")", ":", "return", "x", "+", "1", "\n", "import", "os", " "]
+    with open(os.path.join(out, "cli_data.txt"), "w") as f:
+        f.write(" ".join(rng.choice(words, size=12000)))
+
+
+def check_cli(out: str, rank: int) -> None:
+    """`dsv3 train` on this job's process group: 2 steps on fsdp=2, then resumed to 4 steps on expert=2."""
+    from dsv3.cli import main as dsv3_main
+
+    if rank == 0:
+        write_cli_inputs(out)
+    dist.barrier()
+    run_dir = os.path.join(out, "cli_run")
+    rc = [dsv3_main(cli_args(out) + ["--out", run_dir, "--mesh", "fsdp=2", "--steps", "2"]),
+          dsv3_main(cli_args(out) + ["--out", run_dir, "--mesh", "expert=2", "--steps", "4", "--resume"])]
+    if rank == 0:
+        with open(os.path.join(out, "cli.json"), "w") as f:
+            json.dump({"rc": rc}, f)
+    dist.barrier()
+
+
+CHECKS = {"cli": check_cli, "train": check_train, "ep": check_ep, "accum": check_accum, "restore": check_restore}
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ def job4(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def job2(job4) -> str:
-    _torchrun(2, job4, "restore")
+    _torchrun(2, job4, "restore,cli")
     return job4
 
 
@@ -162,3 +162,31 @@ def test_dcp_restore_on_one_process_and_hf_export(job4):
     # the HF safetensors written from the sharded model at the same step
     hf = DeepSeekV3.from_pretrained(os.path.join(job4, "hf"), dtype=torch.float32)
     _assert_same({k: v.float().numpy() for k, v in hf.state_dict().items()}, saved_m)
+
+
+@pytest.mark.slow
+def test_torchrun_dsv3_train_with_mesh_and_resume_on_another_mesh(job2, tmp_path):
+    """`dsv3 train --mesh` under the 2-process job (fsdp=2 for 2 steps, resumed on expert=2 to 4 steps)
+    equals the same 4 steps in one process; rank 0 alone wrote the run directory."""
+    sys.path.insert(0, os.path.dirname(JOB))
+    try:
+        import dist_job
+    finally:
+        sys.path.pop(0)
+    from dsv3.cli import main as dsv3_main
+    from dsv3.rundir import read_metrics
+
+    assert json.load(open(os.path.join(job2, "cli.json")))["rc"] == [0, 0]
+    run_dir = os.path.join(job2, "cli_run")
+    sharded = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"]
+    assert [r["step"] for r in sharded] == [1, 2, 3, 4]  # one writer: no duplicate records
+    assert open(os.path.join(run_dir, "latest")).read().strip() == "step_000004"
+    ckpt = os.path.join(run_dir, "step_000004")
+    assert sorted(f for f in os.listdir(os.path.join(ckpt, "dcp")) if f.endswith(".distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]
+    assert json.load(open(os.path.join(ckpt, "train_state.json")))["mesh"] == "data=1,fsdp=1,expert=2"
+    assert dsv3_main(dist_job.cli_args(job2) + ["--out", str(tmp_path / "single"), "--steps", "4"]) == 0
+    single = [r for r in read_metrics(str(tmp_path / "single" / "metrics.jsonl")) if r["kind"] == "train"]
+    for a, b in zip(sharded, single):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
+        assert a["counts"] == b["counts"]
