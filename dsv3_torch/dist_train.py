@@ -21,6 +21,7 @@ written by rank 0).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence
 
@@ -51,8 +52,17 @@ class ShardedTorchBackend(TorchBackend):
         if model is None:
             torch.manual_seed(tcfg.seed)  # every rank builds the same initial weights
             model = DeepSeekV3(cfg, dtype=torch.float32)
-        parallelize(model, mesh, torch.bfloat16 if tcfg.dtype == "bfloat16" else None)
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if mesh.mesh.device_type == "cuda"
+                       else torch.device("cpu"))
+        parallelize(model, mesh, torch.bfloat16 if tcfg.dtype == "bfloat16" else None)  # moves it to the device
         super().__init__(cfg, tcfg, model=model)
+        compute_loss = self.model.compute_loss
+        self.loss_fn = lambda x, y: compute_loss(x.to(self.device), y.to(self.device))
+
+    def _autocast(self):
+        if self.tcfg.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # ----------------------------------------------------------------- data
     @property
@@ -88,7 +98,7 @@ class ShardedTorchBackend(TorchBackend):
     def _reduce_metrics(self, sums: dict) -> dict:
         """Per-rank means -> the mean over all ranks (equal slices: the global mean)."""
         keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return {k: float(v) / self.mesh.world for k, v in zip(keys, t.tolist())}
 
@@ -101,7 +111,12 @@ class ShardedTorchBackend(TorchBackend):
         split = np.asarray(input_ids).shape[0] % W == 0
         if split:
             input_ids, labels = self.local_rows(np.asarray(input_ids)), self.local_rows(np.asarray(labels))
-        res = super().eval_step(input_ids, labels)
+        with self._autocast():
+            out = self.loss_fn(torch.from_numpy(np.asarray(input_ids, np.int64)),
+                               torch.from_numpy(np.asarray(labels, np.int64)))
+        res = {"main_loss": float(out.main_loss)}
+        if out.mtp_losses.numel():
+            res["mtp_depth_loss"] = float(out.mtp_losses.mean())
         if not split:  # every rank evaluated the whole batch
             return res
         return self._reduce_metrics(res)
