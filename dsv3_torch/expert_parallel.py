@@ -74,6 +74,19 @@ class ExpertParallelDispatcher:
             raise ValueError(f"{self.n_experts} experts cannot be split over {self.ep} expert ranks")
         self.n_local = self.n_experts // self.ep
 
+    @property
+    def scheme(self) -> str:
+        """The combine scheme ("grouped" | "eager") of the wrapped single-device dispatcher."""
+        return self.inner.scheme
+
+    @scheme.setter
+    def scheme(self, value: str) -> None:
+        self.inner.scheme = value
+
+    @property
+    def top_k(self) -> int:
+        return self.inner.top_k
+
     @classmethod
     def from_local(cls, local, group) -> "ExpertParallelDispatcher":
         return local if isinstance(local, cls) else cls(local, group)
@@ -101,12 +114,20 @@ class ExpertParallelDispatcher:
         return self.inner.combine(y_rows, plan.local, routing)
 
 
+_SUBCLASSES: dict = {}
+
+
 class ExpertParallelExperts:
     """Mixin for an Experts module whose w1, w2, w3 are DTensors sharded over the expert axis."""
 
     @classmethod
     def subclass_of(cls, base: type) -> type:
-        return type(f"ExpertParallel{base.__name__}", (cls, base), {})
+        """The class ``(ExpertParallelExperts, base)``, one per base."""
+        if issubclass(base, cls):
+            return base
+        if base not in _SUBCLASSES:
+            _SUBCLASSES[base] = type(f"ExpertParallel{base.__name__}", (cls, base), {})
+        return _SUBCLASSES[base]
 
     def forward(self, x_sorted: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
         """x_sorted [R, D] grouped by LOCAL expert, group_sizes [E_local] -> y_sorted [R, D]."""

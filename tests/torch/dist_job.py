@@ -187,7 +187,7 @@ def check_ep(out: str, rank: int) -> None:
     cfg = tiny()
     W, n, D = dist.get_world_size(), 24, cfg.hidden_size
     biases = {"experts 0-2 only": [10.0, 10.0, 10.0] + [0.0] * 5, "skew to expert 0": [0.3] + [0.0] * 7,
-              "no bias": [0.0] * 8}
+              "no bias": [0.0] * 8, "no bias, eager combine": [0.0] * 8}
     cases = []
     for spec in ("expert=4", "fsdp=2,expert=2"):
         mesh = make_mesh(spec)
@@ -198,6 +198,8 @@ def check_ep(out: str, rank: int) -> None:
                 for p in ref.parameters():
                     p.normal_(0.0, 0.3)
                 ref.gate.bias.copy_(torch.tensor(bias))
+            if "eager" in name:
+                ref.dispatcher.scheme = "eager"
             gen = torch.Generator().manual_seed(4)
             X = torch.randn(W * n, D, generator=gen)
             G = torch.randn(W * n, D, generator=gen)
@@ -207,6 +209,9 @@ def check_ep(out: str, rank: int) -> None:
             ep = MoE(cfg)
             ep.load_state_dict(ref.state_dict())
             apply_expert_parallel(ep, mesh)
+            if "eager" in name:  # set after the dispatcher was replaced: it forwards to the local one
+                ep.dispatcher.scheme = "eager"
+                assert ep.dispatcher.inner.scheme == "eager"
             rows = slice(rank * n, (rank + 1) * n)
             xl = X[rows].clone().requires_grad_(True)
             ol = ep(xl.view(1, n, D))
