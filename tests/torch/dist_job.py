@@ -19,17 +19,17 @@ import torch
 import torch.distributed as dist
 
 from dsv3.config import ModelConfig
-from dsv3.training import TrainConfig, lr_at
+from dsv3.train_config import TrainConfig, lr_at
 from dsv3_torch import dist_checkpoint as dck
 from dsv3_torch.dist_train import ShardedTorchBackend
 from dsv3_torch.model import DeepSeekV3
 from dsv3_torch.sharding import init_distributed, make_mesh
 from dsv3_torch.train import TorchBackend
 
-MESHES = tuple(os.environ.get("DSV3_MESHES", "data=4;fsdp=4;fsdp=2,expert=2;expert=4").split(";"))
+MESHES = ("data=4", "fsdp=4", "fsdp=2,expert=2", "expert=4")
 STEPS = 20
 SAVE_AT = 15  # the DCP checkpoint is taken after this step; a restored run replays the last 5
-DCP_MESH = os.environ.get("DSV3_DCP_MESH", "fsdp=2,expert=2")  # the mesh that saves the DCP checkpoint
+DCP_MESH = "fsdp=2,expert=2"  # the mesh that saves the DCP checkpoint
 
 
 def tiny() -> ModelConfig:
@@ -92,9 +92,10 @@ def grads(backend) -> dict[str, np.ndarray]:
 
 
 def optim_state(backend) -> dict[str, np.ndarray]:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     sd = (dck.full_optimizer_state(backend.model, backend.optimizer) if dist.is_initialized()
-          else __import__("torch.distributed.checkpoint.state_dict", fromlist=["x"]).get_optimizer_state_dict(
-              backend.model, backend.optimizer))
+          else get_optimizer_state_dict(backend.model, backend.optimizer))
     return {f"{n}.{k}": torch.as_tensor(v).float().numpy().copy()
             for n, st in sd.get("state", {}).items() for k, v in st.items()}
 
@@ -107,8 +108,6 @@ def run(backend, data, tc: TrainConfig, start: int = 0, stop: int = STEPS, on_st
             x, y = backend.local_rows(x), backend.local_rows(y)
         res = backend.train_step([(x, y)], lr_at(step, tc))
         losses.append(res["loss"])
-        if os.environ.get("DSV3_DEBUG") and (not dist.is_initialized() or dist.get_rank() == 0):
-            print("step", step + 1, res["loss"], res["grad_norm"], res["counts"].tolist(), flush=True)
         if on_step is not None:
             on_step(step + 1)
     return losses
@@ -259,7 +258,7 @@ def check_accum(out: str, rank: int) -> None:
         ref["grad"] = grads(single)  # the first step's (clipped) gradients
         ref["loss"] += [single.train_step([data[s]], lr_at(s, big))["loss"] for s in range(1, 3)]
         ref["state"] = model_state(single)
-    spec = os.environ.get("DSV3_ACCUM_MESH", "fsdp=2,expert=2")
+    spec = "fsdp=2,expert=2"
     backend = ShardedTorchBackend(cfg, acc, make_mesh(spec), model=make_model(cfg))
     losses = []
     for s in range(3):
@@ -289,7 +288,7 @@ def check_restore(out: str, rank: int) -> None:
     """The 4-rank DCP checkpoint restored on this job's ranks (2), on two meshes."""
     cfg, tc = tiny(), tcfg()
     results = {}
-    for spec in os.environ.get("DSV3_RESTORE_MESHES", "fsdp=2;expert=2").split(";"):
+    for spec in ("fsdp=2", "expert=2"):
         backend = ShardedTorchBackend(cfg, tc, make_mesh(spec), model=make_model(cfg))
         backend.load_sharded(os.path.join(out, "dcp"))
         m, o = model_state(backend), optim_state(backend)
