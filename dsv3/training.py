@@ -121,6 +121,24 @@ def _message(msg: str, quiet: bool = False) -> None:
             print(msg, file=sys.stderr)
 
 
+def is_writer_process() -> bool:
+    """False on every rank but 0 of a multi-process job (torchrun's RANK): they neither log nor write
+    the run directory's files; a sharded backend writes their checkpoint shards itself."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class _NoLog:
+    """The metrics log of a rank that does not write one."""
+
+    path = os.devnull
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # ------------------------------------------------------------------- resume
 def _resume_point(tcfg: TrainConfig) -> tuple[str, dict]:
     """The run's latest checkpoint and its train-state metadata, checked against ``tcfg``."""
@@ -147,6 +165,10 @@ def _check_resume_data(meta: dict, corpus, tcfg: TrainConfig) -> None:
 def _restore(backend: Backend, resume_from: str, cfg: ModelConfig) -> None:
     from dsv3.checkpoint import load_canonical
 
+    if hasattr(backend, "restore_checkpoint"):  # a sharded backend reads its own shards
+        backend.restore_checkpoint(resume_from)
+        return
+
     _, state = load_canonical(resume_from, cfg)
     backend.load_canonical_state(state)
     tensors, _ = load_train_state(resume_from)
@@ -170,8 +192,9 @@ class _Run:
                  start_step: int, resume_from: Optional[str], quiet: bool):
         self.tcfg, self.cfg, self.backend, self.corpus = tcfg, cfg, backend, corpus
         self.sampler, self.val = data  # BatchSampler, validation batches
-        self.log = MetricsLog(os.path.join(tcfg.out, "metrics.jsonl"),
-                              resume_step=start_step if resume_from else None)
+        self.writer = getattr(backend, "is_writer", True)
+        self.log = (MetricsLog(os.path.join(tcfg.out, "metrics.jsonl"), resume_step=start_step if resume_from else None)
+                    if self.writer else _NoLog())
         self.last_ckpt = resume_from
         self.last_eval: dict = {}
         self.last_train: Optional[dict] = None
@@ -186,7 +209,9 @@ class _Run:
         tcfg, mb = self.tcfg, self.tcfg.micro_batch_size
         t0 = time.perf_counter()
         first = step * tcfg.batch_size
-        micro = [self.sampler.batch(first + j * mb, mb) for j in range(tcfg.grad_accum)]
+        # A sharded backend's rank reads only its rows of each micro-batch.
+        lo, n = self.backend.data_slice(mb) if hasattr(self.backend, "data_slice") else (0, mb)
+        micro = [self.sampler.batch(first + j * mb + lo, n) for j in range(tcfg.grad_accum)]
         lr = lr_at(step, tcfg)
         res = self.backend.train_step(micro, lr)
         rec = train_record(step + 1, lr, res, time.perf_counter() - t0, tcfg.tokens_per_step)
@@ -237,11 +262,13 @@ class _Run:
             self.backend.save_pretrained(d)
             save_train_state(d, self.backend.optimizer_state(), meta)
 
+        if hasattr(self.backend, "write_checkpoint"):  # a sharded backend: every rank writes its shards
+            return self.backend.write_checkpoint(tcfg.out, step, meta, tcfg.keep_checkpoints)
         return write_checkpoint(tcfg.out, step, write_into, keep=tcfg.keep_checkpoints)
 
     def draw(self) -> None:
         tcfg = self.tcfg
-        if tcfg.plots:
+        if tcfg.plots and self.writer:
             recs = read_metrics(self.log.path)
             plot_losses(recs, os.path.join(tcfg.out, "loss.png"),
                         title=f"{tcfg.config or tcfg.preset} ({tcfg.framework}), {self.corpus.source}")
@@ -270,6 +297,7 @@ def train(tcfg: TrainConfig, make_backend: Callable[[ModelConfig, TrainConfig], 
     from dsv3.data import BatchSampler, eval_batches, load_corpus
 
     t_start = time.time()
+    quiet = quiet or not is_writer_process()
     os.makedirs(tcfg.out, exist_ok=True)
     resume_from, meta = _resume_point(tcfg) if resume else (None, {})
     start_step = int(meta["step"]) if resume_from else 0
@@ -281,7 +309,8 @@ def train(tcfg: TrainConfig, make_backend: Callable[[ModelConfig, TrainConfig], 
         _check_resume_data(meta, corpus, tcfg)
     data = (BatchSampler(corpus.train, tcfg.seq_len, tcfg.seed),
             eval_batches(corpus.val, tcfg.seq_len, tcfg.micro_batch_size, tcfg.eval_batches))
-    atomic_write_json(os.path.join(tcfg.out, "train_config.json"), tcfg.to_dict(), indent=2)
+    if is_writer_process():
+        atomic_write_json(os.path.join(tcfg.out, "train_config.json"), tcfg.to_dict(), indent=2)
     _announce(tcfg, cfg, corpus, quiet)
     backend = make_backend(cfg, tcfg)
     if resume_from is not None:

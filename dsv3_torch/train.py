@@ -15,6 +15,7 @@ forward and backward under CPU autocast to bf16.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Sequence
 
 import numpy as np
@@ -70,6 +71,7 @@ class TorchBackend:
             sums["balance_loss"] += float(out.balance_loss.detach()) / k
             if out.mtp_losses.numel():
                 sums["mtp_depth_loss"] += float(out.mtp_losses.detach().mean()) / k
+        counts, sums = self._reduce_counts(counts), self._reduce_metrics(sums)
         grad_norm = self._clip()
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -78,6 +80,14 @@ class TorchBackend:
         if not self.model.mtp:
             sums.pop("mtp_depth_loss")
         return {**sums, "grad_norm": grad_norm, "counts": counts.cpu().numpy()}
+
+    def _reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """The step's expert counts over every process holding distinct tokens (one process: as is)."""
+        return counts
+
+    def _reduce_metrics(self, sums: dict) -> dict:
+        """The step's mean losses over every process (one process: as is)."""
+        return sums
 
     @torch.no_grad()
     def _clip(self) -> float:
@@ -141,4 +151,9 @@ class TorchBackend:
 
 
 def make_backend(cfg: ModelConfig, tcfg: TrainConfig) -> TorchBackend:
+    """TorchBackend; under torchrun or with a mesh, the sharded one (dsv3_torch.dist_train)."""
+    if getattr(tcfg, "mesh", None) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from dsv3_torch.dist_train import ShardedTorchBackend
+
+        return ShardedTorchBackend(cfg, tcfg)
     return TorchBackend(cfg, tcfg)
