@@ -33,7 +33,6 @@ def corpus():
 
 def _backend(framework):
     if framework == "jax":
-        pytest.importorskip("dsv3_jax.train")
         from dsv3_jax.train import make_backend
     else:
         from dsv3_torch.train import make_backend
@@ -124,7 +123,6 @@ def test_weight_decay_masks_skip_norms_and_bias(config_dir):
     decayed = {tb.names[p] for g in tb.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == want
     assert all(g["weight_decay"] == 0.0 for g in tb.optimizer.param_groups if not {tb.names[p] for p in g["params"]} & want)
-    pytest.importorskip("dsv3_jax.train")
     from flax import nnx
 
     from dsv3_jax.train import decay_mask
