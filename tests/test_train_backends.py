@@ -93,7 +93,7 @@ def test_grad_accumulation_with_the_default_adam_eps(framework, config_dir, corp
 
     Why eps=1e-8 is not compared like eps=1e-3 above: the tiny model has many gradient entries near
     eps (about a quarter of all entries are below 1e-5; the MTP attention projections' largest is
-    ~3e-6), and none is exactly 0. Adam's first update is lr * g / (|g| + eps); where |g| <~ eps it is
+    ~3e-6); none is exactly 0 (measured in torch), so this is rounding, not a dead expert. Adam's first update is lr * g / (|g| + eps); where |g| <~ eps it is
     ~lr * g / eps, which multiplies the ~1e-12 absolute rounding difference between one fp32 sum and
     four partial sums by 1/eps = 1e8 (measured: weights then differ by up to 2e-6, vs atol 1e-8).
     So, one step without weight decay (the update is then exactly -lr * g / (|g| + eps)):
