@@ -70,7 +70,6 @@ def _train_args(config_dir, out, framework, *extra):
 
 
 def test_train_jax_then_generate_in_torch_and_jax(config_dir, tmp_path, capsys):
-    pytest.importorskip("dsv3_jax.train")
     out = tmp_path / "run"
     assert main(_train_args(config_dir, out, "jax")) == 0
     err = capsys.readouterr().err

@@ -38,7 +38,7 @@ def test_state_dict_names_are_the_canonical_names(tiny, changes):
     m = _model(cfg)
     sd = m.state_dict()
     shapes = canonical_shapes(cfg)
-    assert list(sd) == list(shapes) or set(sd) == set(shapes)
+    assert sorted(sd) == sorted(shapes)  # the same names (state_dict order is module order, not canonical order)
     assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
 
 
