@@ -278,13 +278,15 @@ class _Run:
         if all(math.isfinite(rec[k]) for k in ("loss", "main_loss", "grad_norm") if k in rec):
             return
         bad = {k: rec[k] for k in self._LOSS_KEYS if k in rec}
-        self._stop(rec["step"], f"non-finite loss at step {rec['step']} ({bad}); the step was not applied",
+        self._stop(rec["step"], f"non-finite loss at step {rec['step']} ({bad}); stopped, the step was not "
+                                f"applied (the weights are those after step {rec['step'] - 1})",
                    bad_weights_step=rec["step"] - 1)
 
     def _check_finite_eval(self, step: int, ev: dict) -> None:
         if all(math.isfinite(v) for v in ev.values()):
             return
-        self._stop(step, f"non-finite loss at step {step} (validation after the step: {ev})", bad_weights_step=step)
+        self._stop(step, f"non-finite loss at step {step} (validation after the step: {ev}); stopped, no "
+                         f"checkpoint is written from these weights", bad_weights_step=step)
 
     def _stop(self, step: int, what: str, bad_weights_step: int) -> None:
         """Raise NonFiniteLoss naming the newest checkpoint whose weights and validation loss are finite.
@@ -319,8 +321,8 @@ class _Run:
             hint += ", or clip gradients with --grad-clip"
         where = (f"The last good checkpoint (finite weights and validation loss"
                  + (f" {good_val:.4f}" if good_val is not None else "") + f") is {good}" if good
-                 else "No checkpoint with finite weights and validation loss was written")
-        raise NonFiniteLoss(f"{what}; stopped, the weights are as they were before it. {where}. Try a {hint}.")
+                 else "There is no last good checkpoint (none with finite weights and validation loss)")
+        raise NonFiniteLoss(f"{what}. {where}. Try a {hint}.")
 
     def _progress(self, rec: dict) -> None:
         if self.bar is None:
@@ -338,7 +340,8 @@ class _Run:
     def save(self, step: int, val: Optional[dict] = None) -> str:
         tcfg, corpus = self.tcfg, self.corpus
         if not _all_finite(self.backend.canonical_state().values()):  # never write non-finite weights
-            self._stop(step, f"non-finite weights after step {step}", bad_weights_step=step)
+            self._stop(step, f"non-finite weights after step {step}; stopped, no checkpoint is written from them",
+                       bad_weights_step=step)
         meta: dict[str, Any] = {
             "step": step, "val_loss": (val or {}).get("val_loss"), "weights_finite": True, "samples_seen": step * tcfg.batch_size, "seed": tcfg.seed,
             "framework": tcfg.framework, "train_config": tcfg.to_dict(),
