@@ -108,10 +108,25 @@ def clear_run(out: str) -> list[str]:
             shutil.rmtree(p)
         else:
             os.unlink(p)
-    # leftovers of atomic writes of the run's top-level files
+    remove_leftovers(out)
+    return gone
+
+
+def remove_leftovers(out: str) -> list[str]:
+    """Remove what a killed run leaves behind: ``.tmp-step_*`` / ``.old-step_*`` directories and the
+    temporary files of interrupted atomic writes of ``latest``, ``metrics.jsonl``... Only safe for the
+    holder of the directory's `RunLock` (no other run can be writing them)."""
+    gone = []
+    if not os.path.isdir(out):
+        return gone
     for d in os.listdir(out):
-        if d.startswith(".tmp-") and d[len(".tmp-"):].endswith(_RUN_FILES):
-            os.unlink(os.path.join(out, d))
+        p = os.path.join(out, d)
+        if d.startswith((".tmp-step_", ".old-step_")) and os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(d)
+        elif d.startswith(".tmp-") and d.endswith(_RUN_FILES) and os.path.isfile(p):
+            os.unlink(p)
+            gone.append(d)
     return gone
 
 
@@ -193,9 +208,7 @@ def write_checkpoint(out: str, step: int, write_into: Callable[[str], None], kee
     for d in ckpts[:-keep] if keep > 0 else []:
         if d != name:
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-    for d in os.listdir(out):  # leftovers of killed runs (only the lock holder writes here)
-        if d.startswith((".tmp-step_", ".old-step_")) and not d.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    remove_leftovers(out)  # of killed runs (only the lock holder writes here)
     return final
 
 

@@ -29,8 +29,8 @@ from dsv3.fileio import atomic_write_json
 from dsv3.flops import param_counts
 from dsv3.plots import plot_expert_load, plot_losses, router_names
 from dsv3.rundir import (
-    MetricsLog, RunDirError, RunLock, checkpoints, clear_run, load_train_state, read_metrics, run_files,
-    save_train_state, write_checkpoint,
+    MetricsLog, RunDirError, RunLock, checkpoints, clear_run, load_train_state, read_metrics, remove_leftovers,
+    run_files, save_train_state, write_checkpoint,
 )
 from dsv3.train_config import TrainConfig, lr_at, model_config
 
@@ -402,6 +402,7 @@ def _train_locked(tcfg: TrainConfig, make_backend, resume: bool, overwrite: bool
     from dsv3.data import BatchSampler, eval_batches, load_corpus
 
     t_start = time.time()
+    remove_leftovers(tcfg.out)  # of a killed run: this run holds the lock, no other can be writing them
     if not resume:
         old = run_files(tcfg.out)
         if old and not overwrite:
