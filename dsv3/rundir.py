@@ -170,7 +170,8 @@ def write_checkpoint(out: str, step: int, write_into: Callable[[str], None], kee
 
     ``write_into(tmpdir)`` writes every file; the directory is then renamed to
     ``step_NNNNNN`` and ``latest`` is re-pointed (atomic rename). Older
-    checkpoints beyond ``keep`` are removed afterwards. A full disk raises
+    checkpoints beyond ``keep``, and any of a later step (an abandoned continuation), are removed
+    afterwards. A full disk raises
     `DiskFullError` naming the directory, with the temporary directory removed
     and the previous checkpoint untouched.
     """
@@ -204,8 +205,14 @@ def write_checkpoint(out: str, step: int, write_into: Callable[[str], None], kee
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ckpts = sorted(d for d in os.listdir(out) if d.startswith("step_") and os.path.isdir(os.path.join(out, d)))
-    for d in ckpts[:-keep] if keep > 0 else []:
+    # Checkpoints of later steps than this one belong to a continuation that was abandoned (a resume fell
+    # back past them: unreadable, or their weights gave a non-finite loss); this run replaces them.
+    ckpts = [os.path.basename(d) for d in checkpoints(out)]
+    for d in ckpts:
+        if int(d[5:]) > step:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    ckpts = [d for d in ckpts if int(d[5:]) <= step]
+    for d in ckpts[keep:] if keep > 0 else []:
         if d != name:
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     remove_leftovers(out)  # of killed runs (only the lock holder writes here)
