@@ -3,6 +3,7 @@
     dsv3 train                                  # JAX, `small` preset, default corpus, ~10 min on 2 CPU cores
     dsv3 train --framework torch --steps 200 --out runs/t
     dsv3 train --out runs/small --resume        # continue a killed run exactly
+    dsv3 train --out runs/small --overwrite     # replace the run in runs/small (refused without it)
     dsv3 generate --checkpoint runs/small --prompt "def main("
     dsv3 convert --input DeepSeek-V3-fp8/ --output v3-bf16/ --dtype bfloat16
     dsv3 info --preset v3-671b
