@@ -147,32 +147,36 @@ def _run_child(args, **env):
 
 
 def test_second_run_on_same_out_is_refused_with_the_holders_pid(config_dir, tmp_path):
+    """Two `dsv3 train` processes started together on one --out: one holds it (and waits, before its first
+    step, until the other has given up), the other is refused at once with a message naming its pid."""
     out, go = tmp_path / "run", tmp_path / "go"
-    a = _child(_args(config_dir, out, steps=4), DSV3_HOLD=go)
+    procs = [_child(_args(config_dir, out, "--seed", str(seed), steps=4), DSV3_HOLD=go) for seed in (0, 1)]
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # wait until A holds the lock and has started its run
-            if (out / ".lock").exists() and (out / ".lock").read_text().strip() == str(a.pid) \
-                    and (out / "train_config.json").exists():
-                break
-            assert a.poll() is None, a.communicate()
+        deadline = time.time() + 240
+        while all(p.poll() is None for p in procs) and time.time() < deadline:
             time.sleep(0.05)
-        rc_b, err_b = _run_child(_args(config_dir, out, steps=4))
-        assert rc_b == 2 and f"pid {a.pid}" in err_b and "in use by another run" in err_b, err_b
+        losers = [p for p in procs if p.poll() is not None]
+        assert len(losers) == 1, "neither run was refused"
+        loser = losers[0]
+        winner = procs[1] if loser is procs[0] else procs[0]
+        _, err_b = loser.communicate()
+        assert loser.returncode == 2 and f"pid {winner.pid}" in err_b and "in use by another run" in err_b, err_b
         assert "Traceback" not in err_b
+        assert (out / ".lock").read_text().strip() == str(winner.pid)
     finally:
         go.write_text("")
-    _, err_a = a.communicate(timeout=300)
-    assert a.returncode == 0, err_a
+    _, err_a = winner.communicate(timeout=300)
+    assert winner.returncode == 0, err_a
+    seed = procs.index(winner)
     recs = read_metrics(str(out / "metrics.jsonl"))
-    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]  # A's records, whole
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]  # the winner's records, whole
     assert [r["step"] for r in recs if r["kind"] == "eval"] == [2, 4]
-    assert json.loads((out / "train_config.json").read_text())["steps"] == 4
+    assert json.loads((out / "train_config.json").read_text())["seed"] == seed  # the winner's, not the other's
     for d in checkpoints(str(out)):
         load_canonical(d)
-        load_train_state(d)
+        assert load_train_state(d)[1]["seed"] == seed
     assert latest_checkpoint(str(out)).endswith("step_000004")
-    # the lock is free again once A has ended
+    # the lock is free again once the winner has ended
     with RunLock(str(out)):
         pass
 
