@@ -257,7 +257,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     target = np.float32 if args.dtype == "float32" else ml_dtypes.bfloat16
     out = {}
     for name, arr in state.items():
-        # The router bias stays fp32 (REFERENCE §4.2); everything else takes the target dtype.
+        # The router bias stays fp32 (docs/reference.md §4.2); everything else takes the target dtype.
         out[name] = np.asarray(arr, np.float32) if name.endswith("gate.bias") else np.asarray(arr).astype(target)
     save_canonical(args.output, out, cfg, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     n = sum(int(a.size) for a in out.values())

@@ -2,7 +2,7 @@
 
 The interchange between frameworks is a flat ``{canonical_name: np.ndarray}``
 in PyTorch layout (``[out, in]``, routed experts stacked ``[E, out, in]``).
-Canonical names are DeepSeek's own short names (REFERENCE §7, "OFF short
+Canonical names are DeepSeek's own short names (docs/reference.md §7, "OFF short
 names"), with the MTP depth k under ``mtp.{k}.`` and its decoder layer under
 ``mtp.{k}.block.``:
 

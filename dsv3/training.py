@@ -6,7 +6,7 @@ modules this one drives: the run's configuration, schedule and decay rule
 (`dsv3.train_config`), the run directory, checkpoints, resume state and
 metrics log (`dsv3.rundir`) and the plots (`dsv3.plots`).
 
-The paper's rules (REFERENCE §8): the aux-loss-free bias update is applied by
+The paper's rules (docs/reference.md §8): the aux-loss-free bias update is applied by
 the backend once per optimizer step, from the expert counts of ALL its
 micro-batches summed, never from evaluation passes, never by the optimizer;
 the sequence-wise balance loss (α) and the MTP loss (λ) are part of the

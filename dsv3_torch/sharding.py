@@ -177,7 +177,7 @@ def parallelize(model: nn.Module, mesh: Mesh, param_dtype: Optional[torch.dtype]
     Every rank must hold the same initial weights (same seed, or loaded from
     the same file). ``param_dtype`` (e.g. torch.bfloat16): FSDP's mixed
     precision (all-gathers and compute in that dtype, gradients reduced in
-    fp32); the routers keep fp32 weights (REFERENCE §4.2) through their own
+    fp32); the routers keep fp32 weights (docs/reference.md §4.2) through their own
     fp32 policy.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method

@@ -1,6 +1,6 @@
 """PyTorch training backend for `dsv3 train --framework torch` (driver: dsv3.training).
 
-One optimizer step (REFERENCE §8): every micro-batch's loss / k is
+One optimizer step (docs/reference.md §8): every micro-batch's loss / k is
 back-propagated (gradients accumulate to the mean over the step's sequences),
 the expert counts of all micro-batches are summed, the global gradient norm is
 clipped, AdamW steps at the schedule's learning rate (weight decay only on
