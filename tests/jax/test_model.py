@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +47,7 @@ def test_cached_decoding_equals_full_forward(model, tokens, full_logits, kind):
     for a, b in [(0, 4), (4, 7)] + [(p, p + 1) for p in range(7, 11)]:
         lg, cache = _step(model, tokens[:, a:b], cache, jnp.int32(a))
         outs.append(np.asarray(lg))
-    np.testing.assert_allclose(np.concatenate(outs, 1), full_logits, rtol=0, atol=1e-5)
+    chex.assert_trees_all_close(np.concatenate(outs, 1), full_logits, rtol=0, atol=1e-5)
 
 
 def test_decode_step_compiles_once(model, tokens):
@@ -123,9 +124,9 @@ def test_save_load_round_trip_bit_exact(model, tmp_path, dtype):
     m.save_pretrained(tmp_path)
     back = DeepSeekV3.from_pretrained(tmp_path, dtype=dtype).canonical_state()
     assert set(back) == set(state)
-    for k in state:
-        assert back[k].dtype == state[k].dtype, k
-        np.testing.assert_array_equal(back[k].view(np.uint8), state[k].view(np.uint8), err_msg=k)
+    chex.assert_trees_all_equal_dtypes(back, state)
+    chex.assert_trees_all_equal({k: v.view(np.uint8) for k, v in back.items()},
+                                {k: v.view(np.uint8) for k, v in state.items()})  # bit-exact
     if dtype == jnp.bfloat16:  # router stays fp32 in a bf16 model
         assert state["layers.1.ffn.gate.weight"].dtype == np.float32
 
@@ -152,12 +153,13 @@ def test_loss_terms_and_mtp_alignment(model, tokens):
         v = lab != -100
         return -(np.take_along_axis(lp, np.where(v, lab, 0)[..., None], -1)[..., 0] * v).sum() / v.sum()
 
-    np.testing.assert_allclose(float(out.main_loss), ce(lg, np.asarray(labels)), rtol=1e-5)
-    assert out.mtp_losses.shape == (1,)
-    np.testing.assert_allclose(float(out.mtp_loss), CFG.mtp_loss_weight * float(out.mtp_losses[0]), rtol=1e-6)
-    np.testing.assert_allclose(float(out.loss), float(out.main_loss + out.mtp_loss + out.balance_loss), rtol=1e-6)
-    assert out.counts.shape == (CFG.n_router_layers, CFG.n_routed_experts)
-    np.testing.assert_array_equal(np.asarray(out.counts).sum(1), tokens.size * CFG.num_experts_per_tok)
+    chex.assert_trees_all_close(float(out.main_loss), ce(lg, np.asarray(labels)), rtol=1e-5)
+    chex.assert_shape(out.mtp_losses, (1,))
+    chex.assert_trees_all_close(out.mtp_loss, CFG.mtp_loss_weight * out.mtp_losses[0], rtol=1e-6)
+    chex.assert_trees_all_close(out.loss, out.main_loss + out.mtp_loss + out.balance_loss, rtol=1e-6)
+    chex.assert_shape(out.counts, (CFG.n_router_layers, CFG.n_routed_experts))
+    chex.assert_trees_all_equal(np.asarray(out.counts).sum(1),
+                                np.full(CFG.n_router_layers, tokens.size * CFG.num_experts_per_tok))
     assert 0 < float(out.balance_loss) < 10 * CFG.balance_loss_alpha * CFG.n_router_layers
 
 
@@ -187,11 +189,11 @@ def test_forward_never_changes_bias_and_update_in_jit(model, tokens):
 
     counts = np.asarray(step(model, tokens, labels)).astype(np.float64)
     for r, b0, c in zip(model.routers(), before, counts):
-        np.testing.assert_allclose(np.asarray(r.bias[...]), b0 + 0.01 * np.sign(c.mean() - c), rtol=0, atol=1e-7)
+        chex.assert_trees_all_close(np.asarray(r.bias[...]), b0 + 0.01 * np.sign(c.mean() - c), rtol=0, atol=1e-7)
         assert isinstance(r.bias, RouterBias)
     model.update_router_bias(-jnp.asarray(counts), gamma=0.01)  # exact inverse: restore the fixture
     for r, b0 in zip(model.routers(), before):
-        np.testing.assert_allclose(np.asarray(r.bias[...]), b0, atol=1e-7)
+        chex.assert_trees_all_close(np.asarray(r.bias[...]), b0, rtol=0, atol=1e-7)
 
 
 def test_generate_ragged_prompts_greedy_equals_full_forward(model):
