@@ -83,19 +83,27 @@ class _Rule:
     """The type and range one setting must have.
 
     kind: "int" (a Python/JSON integer, not a bool), "real" (an int or float, not a bool, finite)
-    or "bool" (true/false). A number must be > low (low_open) or >= low; nullable admits None.
+    or "bool" (true/false). A number must be > low (low_open) or >= low, and < high (high_open)
+    or <= high; nullable admits None.
     """
 
     kind: str
     low: Optional[float] = None
     low_open: bool = True
     nullable: bool = False
+    high: Optional[float] = None
+    high_open: bool = False
 
     def describe(self) -> str:
         if self.kind == "bool":
             what = "a boolean (true or false)"
+        elif self.high is not None:  # an interval, e.g. "a finite number in [0, 1)"
+            lo = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+            what = (f"{'an integer' if self.kind == 'int' else 'a finite number'} in "
+                    f"{lo}, {self.high:g}{')' if self.high_open else ']'}")
         elif self.kind == "int":
-            what = {(0, True): "a positive integer", (0, False): "a non-negative integer"}.get(
+            what = "an integer" if self.low is None else {
+                (0, True): "a positive integer", (0, False): "a non-negative integer"}.get(
                 (self.low, self.low_open), f"an integer {'>' if self.low_open else '>='} {self.low}")
         else:
             what = "a finite number" + ("" if self.low is None else
@@ -120,6 +128,8 @@ class _Rule:
             except OverflowError:  # an integer beyond the float range
                 return bad
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return bad
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
             return bad
         return None
 
