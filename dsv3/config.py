@@ -476,13 +476,14 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 
 PRESETS: dict[str, ModelConfig] = {
     # Unit tests: every feature on (q LoRA, n_group > topk_group > 1, a dense
-    # layer, a shared expert, YaRN with factor > 1, one MTP depth).
+    # layer, a shared expert, YaRN with factor > 1, one MTP depth). A byte vocabulary and
+    # 256 positions, so `dsv3 train --preset tiny` trains with the default --seq-len 256.
     "tiny": ModelConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
         q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-        rope_factor=4.0, original_max_position_embeddings=32, max_position_embeddings=128,
+        rope_factor=4.0, original_max_position_embeddings=32, max_position_embeddings=256,
         num_nextn_predict_layers=1,
     ),
     # CPU training demo: the shape of ../shared/bench/peer-small.json with a

@@ -165,3 +165,25 @@ def test_bench_is_delegated(capsys):
         main(["bench", "--help"])
     assert e.value.code == 0
     assert "bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("framework", [pytest.param(None, marks=pytest.mark.slow), "torch"])  # None: jax, the default
+def test_train_preset_tiny_trains_with_default_sequence_length(tmp_path, framework):
+    """`dsv3 train --preset tiny` at the default --seq-len: byte vocabulary, enough positions."""
+    if framework is None:
+        pytest.importorskip("dsv3_jax.train")
+    data = tmp_path / "corpus.txt"
+    data.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(1200)))
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--steps", "2", "--data", str(data), "--out", str(out),
+            "--eval-batches", "1", "--no-progress", "--no-plots"]
+    if framework:
+        argv += ["--framework", framework]
+    assert main(argv) == 0
+    t = TrainConfig.from_dict(json.loads((out / "train_config.json").read_text()))
+    assert t.preset == "tiny" and t.seq_len == TrainConfig().seq_len == 256 and t.framework == (framework or "jax")
+    recs = read_metrics(str(out / "metrics.jsonl"))
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
+    cfg, _ = load_canonical(latest_checkpoint(str(out)))
+    assert cfg == ModelConfig.preset("tiny")
