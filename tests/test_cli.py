@@ -187,3 +187,15 @@ def test_train_preset_tiny_trains_with_default_sequence_length(tmp_path, framewo
     assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
     cfg, _ = load_canonical(latest_checkpoint(str(out)))
     assert cfg == ModelConfig.preset("tiny")
+
+
+def test_generate_refuses_a_nan_checkpoint_instead_of_printing_nul_bytes(config_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    state = {k: rng.standard_normal(s).astype(np.float32) * 0.02 for k, s in canonical_shapes(TINY).items()}
+    state["layers.0.attn.wo.weight"][0, 0] = np.nan
+    save_canonical(str(tmp_path / "w"), state, TINY)
+    for framework in ("torch", "jax"):
+        assert main(["generate", "--checkpoint", str(tmp_path / "w"), "--prompt", "x", "--framework", framework]) == 2
+        cap = capsys.readouterr()
+        assert "\x00" not in cap.out and "Traceback" not in cap.err
+        assert "NaN or infinite values" in cap.err and "model.layers.0.self_attn.o_proj.weight (1 of" in cap.err
