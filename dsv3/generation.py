@@ -64,7 +64,7 @@ def check_generate_args(prompts: Sequence[Sequence[int]], max_new_tokens: int, t
             raise ValueError(f"{_WHERE}prompts[{i}]: must be a non-empty prompt, a list of token ids "
                              f"(got {p!r:.80})")
         for t in p:
-            if isinstance(t, bool) or type(t).__name__ == "bool_" or not isinstance(t, numbers.Integral):
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):  # numpy bools are not Integral
                 raise ValueError(f"{_WHERE}prompts[{i}]: token ids must be integers (got {t!r} of type "
                                  f"{type(t).__name__})")
         if min(p) < 0 or max(p) >= vocab_size:

@@ -79,6 +79,7 @@ BAD_GENERATE = [
     (dict(prompts=[[1.0, 2.0]]), r"generate: prompts\[0\]: token ids must be integers \(got 1\.0 of type float\)"),
     (dict(prompts=[[1, 2], [3, 2.7]]), r"generate: prompts\[1\]: token ids must be integers \(got 2\.7"),
     (dict(prompts=[[True, 2]]), r"generate: prompts\[0\]: token ids must be integers \(got True of type bool\)"),
+    (dict(prompts=[[1, np.True_]]), r"generate: prompts\[0\]: token ids must be integers \(got (np\.)?True"),
     (dict(prompts=np.ones((1, 3), np.float32)), r"generate: prompts\[0\]: token ids must be integers .*float32"),
     (dict(prompts=[[1, V]]), rf"generate: prompts\[0\]: token ids must lie in \[0, {V}\) \(got min 1, max {V}\)"),
     (dict(prompts=[[-1, 2]]), rf"generate: prompts\[0\]: token ids must lie in \[0, {V}\)"),
