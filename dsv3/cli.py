@@ -239,8 +239,16 @@ def generate_text(checkpoint: str, prompt: str, framework: str = "torch", max_ne
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    generate_text(args.checkpoint, args.prompt, args.framework, args.max_new_tokens, args.temperature,
-                  args.top_k, args.top_p, args.seed, args.cache, args.dtype, echo_prompt=True)
+    from dsv3.generation import NonFiniteLogits
+
+    try:
+        generate_text(args.checkpoint, args.prompt, args.framework, args.max_new_tokens, args.temperature,
+                      args.top_k, args.top_p, args.seed, args.cache, args.dtype, echo_prompt=True)
+    except NonFiniteLogits as err:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(f"dsv3 generate: error: {err}", file=sys.stderr)
+        return 1
     sys.stdout.write("\n")
     return 0
 

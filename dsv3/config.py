@@ -83,19 +83,27 @@ class _Rule:
     """The type and range one setting must have.
 
     kind: "int" (a Python/JSON integer, not a bool), "real" (an int or float, not a bool, finite)
-    or "bool" (true/false). A number must be > low (low_open) or >= low; nullable admits None.
+    or "bool" (true/false). A number must be > low (low_open) or >= low, and < high (high_open)
+    or <= high; nullable admits None.
     """
 
     kind: str
     low: Optional[float] = None
     low_open: bool = True
     nullable: bool = False
+    high: Optional[float] = None
+    high_open: bool = False
 
     def describe(self) -> str:
         if self.kind == "bool":
             what = "a boolean (true or false)"
+        elif self.high is not None:  # an interval, e.g. "a finite number in [0, 1)"
+            lo = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+            what = (f"{'an integer' if self.kind == 'int' else 'a finite number'} in "
+                    f"{lo}, {self.high:g}{')' if self.high_open else ']'}")
         elif self.kind == "int":
-            what = {(0, True): "a positive integer", (0, False): "a non-negative integer"}.get(
+            what = "an integer" if self.low is None else {
+                (0, True): "a positive integer", (0, False): "a non-negative integer"}.get(
                 (self.low, self.low_open), f"an integer {'>' if self.low_open else '>='} {self.low}")
         else:
             what = "a finite number" + ("" if self.low is None else
@@ -120,6 +128,8 @@ class _Rule:
             except OverflowError:  # an integer beyond the float range
                 return bad
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return bad
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
             return bad
         return None
 
@@ -473,13 +483,14 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 
 PRESETS: dict[str, ModelConfig] = {
     # Unit tests: every feature on (q LoRA, n_group > topk_group > 1, a dense
-    # layer, a shared expert, YaRN with factor > 1, one MTP depth).
+    # layer, a shared expert, YaRN with factor > 1, one MTP depth). A byte vocabulary and
+    # 256 positions, so `dsv3 train --preset tiny` trains with the default --seq-len 256.
     "tiny": ModelConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
         q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-        rope_factor=4.0, original_max_position_embeddings=32, max_position_embeddings=128,
+        rope_factor=4.0, original_max_position_embeddings=32, max_position_embeddings=256,
         num_nextn_predict_layers=1,
     ),
     # CPU training demo: the shape of docs/bench/peer-small.json with a

@@ -9,21 +9,76 @@ sample, so prompts of different lengths share positions and one cache.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import numbers
+from typing import Any, Callable, Optional, Sequence
+
+from dsv3.config import _Rule, _check
+
+# The sampling settings of `generate` / `sample_next`, one rule each (the machinery of ModelConfig).
+SAMPLING_RULES: dict[str, _Rule] = {
+    "temperature": _Rule("real", 0, low_open=False),  # 0: greedy
+    "top_k": _Rule("int", 0, nullable=True),  # None: no top-k cut
+    "top_p": _Rule("real", 0, high=1, nullable=True),  # None (or 1): no nucleus cut
+}
+GENERATE_RULES: dict[str, _Rule] = {
+    **SAMPLING_RULES,
+    "max_new_tokens": _Rule("int", 0, low_open=False),
+    "seed": _Rule("int"),
+    "eos": _Rule("int", 0, low_open=False, nullable=True),
+}
+_WHERE = "generate: "
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN or infinite logits while generating (broken weights or overflow)."""
+
+
+def check_sampling_args(temperature: Any, top_k: Any, top_p: Any) -> None:
+    """Raise ValueError "generate: <name>: must be ... (got ...)" for a bad sampling setting.
+
+    temperature a finite number >= 0, top_k None or an integer >= 1, top_p None or in (0, 1].
+    """
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        _check(_WHERE, name, value, SAMPLING_RULES[name])
 
 
 def check_generate_args(prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
-                        vocab_size: int) -> None:
-    """Raise ValueError for empty prompts, out-of-vocabulary ids or bad settings."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and no empty prompt")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    for p in prompts:
+                        vocab_size: int, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                        seed: int = 0, eos: Optional[int] = None) -> None:
+    """Raise ValueError naming the argument: empty prompts, ids that are not integers (floats and
+    bools are refused) or lie outside [0, vocab_size), and every setting of `GENERATE_RULES`.
+
+    The one check of both frameworks' ``generate``, so both give the same message.
+    """
+    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
+                  seed=seed, eos=eos)
+    for name, value in values.items():
+        _check(_WHERE, name, value, GENERATE_RULES[name])
+    if eos is not None and eos >= vocab_size:
+        raise ValueError(f"{_WHERE}eos: must lie in [0, vocab_size={vocab_size}) (got {eos!r})")
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or len(prompts) == 0:
+        raise ValueError(f"{_WHERE}prompts: must be a non-empty list of prompts, each a list of token ids "
+                         f"(got {prompts!r:.80})")
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or len(p) == 0:
+            raise ValueError(f"{_WHERE}prompts[{i}]: must be a non-empty prompt, a list of token ids "
+                             f"(got {p!r:.80})")
+        for t in p:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):  # numpy bools are not Integral
+                raise ValueError(f"{_WHERE}prompts[{i}]: token ids must be integers (got {t!r} of type "
+                                 f"{type(t).__name__})")
         if min(p) < 0 or max(p) >= vocab_size:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+            raise ValueError(f"{_WHERE}prompts[{i}]: token ids must lie in [0, {vocab_size}) "
+                             f"(got min {min(p)}, max {max(p)})")
+
+
+def check_logits_finite(finite: Sequence[bool], pos: int) -> None:
+    """Raise NonFiniteLogits unless every row's logits were finite (``finite[b]``) at step `pos`."""
+    bad = [b for b, ok in enumerate(finite) if not ok]
+    if bad:
+        raise NonFiniteLogits(
+            f"generate: the model produced NaN or infinite logits at position {pos} for prompt rows {bad}; "
+            "no token can be sampled from them (non-finite weights, or an overflow in a low-precision dtype)")
 
 
 def decode_loop(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: Optional[int],

@@ -15,10 +15,41 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from dsv3.config import PRESETS, ModelConfig, Validator
+from dsv3.config import PRESETS, ModelConfig, Validator, _Rule, _check
 
 FRAMEWORKS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
+
+
+# The optimizer settings, one rule each (the machinery of ModelConfig): checked by TrainConfig and
+# again by each framework's optimizer factory, so torch and JAX refuse the same values alike.
+OPTIMIZER_RULES: dict[str, _Rule] = {
+    "lr": _Rule("real", 0),
+    "beta1": _Rule("real", 0, low_open=False, high=1, high_open=True),
+    "beta2": _Rule("real", 0, low_open=False, high=1, high_open=True),
+    "eps": _Rule("real", 0),
+    "weight_decay": _Rule("real", 0, low_open=False),
+    "grad_clip": _Rule("real", 0, low_open=False),  # 0: no clipping
+}
+# The schedule and the paper's coefficients (None: the ModelConfig's value).
+_SCHEDULE_RULES: dict[str, _Rule] = {
+    "min_lr_ratio": _Rule("real", 0, low_open=False, high=1),
+    "warmup_steps": _Rule("int", 0, low_open=False),
+    "bias_update_speed": _Rule("real", 0, low_open=False, nullable=True),
+    "balance_loss_alpha": _Rule("real", 0, low_open=False, nullable=True),
+    "mtp_loss_weight": _Rule("real", 0, low_open=False, nullable=True),
+}
+
+
+def check_optimizer_args(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any, grad_clip: Any,
+                         where: str = "TrainConfig.") -> None:
+    """Raise ValueError "<where><name>: must be ... (got ...)" for a bad AdamW setting.
+
+    lr > 0 and finite, betas in [0, 1), eps > 0, weight_decay >= 0, grad_clip >= 0 (0: off).
+    """
+    values = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_clip=grad_clip)
+    for name, value in values.items():
+        _check(where, name, value, OPTIMIZER_RULES[name])
 
 
 def _opt(default: Any, help: Optional[str] = None, **meta: Any) -> Any:
@@ -77,14 +108,9 @@ class TrainConfig:
                        "save_every", "keep_checkpoints"), minimum=1)
         need(self.batch_size % self.grad_accum == 0, "batch_size",
              f"must be divisible by grad_accum={self.grad_accum}")
-        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        need(self.lr > 0, "lr", "must be positive")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must lie in [0, 1]")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
-        for name in ("bias_update_speed", "balance_loss_alpha", "mtp_loss_weight"):
-            v = getattr(self, name)
-            need(v is None or v >= 0, name, "must be >= 0")
+        check_optimizer_args(self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.grad_clip)
+        for name, rule in _SCHEDULE_RULES.items():
+            _check("TrainConfig.", name, getattr(self, name), rule)
 
     @property
     def micro_batch_size(self) -> int:

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3.generation import check_generate_args, decode_loop
+from dsv3.generation import check_generate_args, check_logits_finite, check_sampling_args, decode_loop
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_k: Optional[int],
                 top_p: Optional[float]) -> jax.Array:
     """logits [B, V] -> token ids [B] int32: greedy when temperature == 0, else top-k / top-p sampling."""
+    check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
@@ -45,9 +46,13 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_k: Op
 
 @partial(nnx.jit, static_argnames=("temperature", "top_k", "top_p"))
 def _decode(model, tokens, cache, start_pos, key, temperature, top_k, top_p):
-    """Feed tokens [B, S] at start_pos (traced); sample from the last position -> (next [B], cache)."""
+    """Feed tokens [B, S] at start_pos (traced); sample from the last position.
+
+    -> (next [B], finite [B]: whether each row's logits were all finite, cache)."""
     logits, cache = model.forward_cached(tokens, cache, start_pos)
-    return sample_next(logits[:, -1], key, temperature, top_k, top_p), cache
+    last = logits[:, -1]
+    finite = jnp.all(jnp.isfinite(last), axis=-1)
+    return sample_next(last, key, temperature, top_k, top_p), finite, cache
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -55,7 +60,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
              eos: Optional[int] = None, cache: str = "latent",
              on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
     """New tokens per prompt (cut after `eos`, which is kept). on_token(row, token) streams them."""
-    check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size)
+    check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size, top_k, top_p, seed, eos)
     kv = model.init_cache(len(prompts), max(map(len, prompts)) + max_new_tokens, kind=cache)
     sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
     key = jax.random.key(seed)
@@ -63,7 +68,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     def step(tokens: list[list[int]], pos: int) -> list[int]:
         nonlocal kv, key
         key, sub = jax.random.split(key)
-        sampled, kv = _decode(model, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(pos), sub, **sampling)
+        sampled, finite, kv = _decode(model, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(pos), sub, **sampling)
+        check_logits_finite(np.asarray(finite).tolist(), pos + len(tokens[0]) - 1)
         return np.asarray(sampled).tolist()
 
     return decode_loop(prompts, max_new_tokens, eos, on_token, step)

@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 
 from dsv3.config import ModelConfig
-from dsv3.train_config import TrainConfig, decays
+from dsv3.train_config import TrainConfig, check_optimizer_args, decays
 from dsv3_jax.model import DeepSeekV3
 
 
@@ -62,6 +62,7 @@ def decay_mask(params):
 
 
 def make_tx(tcfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    check_optimizer_args(tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.eps, tcfg.weight_decay, tcfg.grad_clip)
     return _tx(tcfg.grad_clip, tcfg.beta1, tcfg.beta2, tcfg.eps, tcfg.weight_decay)
 
 

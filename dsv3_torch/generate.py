@@ -15,14 +15,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from dsv3.generation import check_generate_args, decode_loop
+from dsv3.generation import check_generate_args, check_logits_finite, check_sampling_args, decode_loop
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
                 generator: torch.Generator) -> torch.Tensor:
     """logits [B, V] -> token ids [B]: greedy when temperature == 0, else top-k / top-p sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -45,13 +44,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
              eos: Optional[int] = None, cache: str = "latent",
              on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
     """New tokens per prompt (cut after `eos`, which is kept). on_token(row, token) streams them."""
-    check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size)
+    check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size, top_k, top_p, seed, eos)
     device = model.head.weight.device
     kv = model.init_cache(len(prompts), max(map(len, prompts)) + max_new_tokens, kind=cache)
     gen = torch.Generator().manual_seed(seed)
 
     def step(tokens: list[list[int]], pos: int) -> list[int]:
         logits, _ = model.forward_cached(torch.tensor(tokens, device=device), kv, pos)
-        return sample_next(logits[:, -1], temperature, top_k, top_p, gen).tolist()
+        last = logits[:, -1]
+        check_logits_finite(torch.isfinite(last).all(dim=-1).tolist(), pos + len(tokens[0]) - 1)
+        return sample_next(last, temperature, top_k, top_p, gen).tolist()
 
     return decode_loop(prompts, max_new_tokens, eos, on_token, step)

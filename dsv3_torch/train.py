@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dsv3.config import ModelConfig
-from dsv3.train_config import TrainConfig, decays
+from dsv3.train_config import TrainConfig, check_optimizer_args, decays
 from dsv3_torch.layers import from_numpy, to_numpy
 from dsv3_torch.model import DeepSeekV3
 
@@ -42,6 +42,7 @@ class TorchBackend:
         self.names = {p: n for n, p in model.named_parameters()}
         decay = [p for n, p in model.named_parameters() if decays(n, p.ndim)]
         no_decay = [p for n, p in model.named_parameters() if not decays(n, p.ndim)]
+        check_optimizer_args(tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.eps, tcfg.weight_decay, tcfg.grad_clip)
         groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,

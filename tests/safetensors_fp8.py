@@ -12,11 +12,12 @@ import ml_dtypes
 import numpy as np
 
 _NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
-          np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
+          np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
+          np.dtype(np.int32): "I32", np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 
 
 def write_safetensors(path, tensors):
-    """tensors {name: ndarray} (fp32, bf16 or FP8 e4m3) -> one safetensors file."""
+    """tensors {name: ndarray} (fp32, bf16, fp16, fp64, FP8 e4m3, int32/64, uint8, bool) -> one safetensors file."""
     header, blobs, off = {}, [], 0
     for k, v in tensors.items():
         b = np.ascontiguousarray(v).tobytes()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -254,3 +255,144 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch)
         fileio.atomic_write_bytes(str(path), b"new")
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["x.bin"]
+
+
+# ------------------------------------------------ broken checkpoint files
+def _tiny_checkpoint(path, mutate=None):
+    """A tiny HF-layout checkpoint in `path`; mutate(hf_tensors) edits its tensors before writing."""
+    cfg = TINY.replace(num_nextn_predict_layers=0)
+    hf = names.canonical_to_hf(_random_state(cfg), cfg)
+    if mutate is not None:
+        mutate(hf)
+    cfg.save_pretrained(path)
+    write_safetensors(path / "model.safetensors", hf)
+    return path / "model.safetensors"
+
+
+@pytest.mark.parametrize("keep", ["half", 4, 0])
+def test_truncated_file_names_the_file(tmp_path, keep):
+    f = _tiny_checkpoint(tmp_path)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2 if keep == "half" else keep])
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(f))}: truncated") as err:
+        ck.load_canonical(str(tmp_path))
+    if keep == "half":  # the header survives: the first tensor cut off is named
+        assert "tensor 'model." in str(err.value)
+
+
+@pytest.mark.parametrize("junk, what", [
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"not json here!!!" + b"\x00" * 64, "not JSON"),
+    (b"\x04\x00\x00\x00\x00\x00\x00\x00" + b"[1] " + b"\x00" * 8, "not an object of tensors"),
+    (b"\x08\x00\x00\x00\x00\x00\x00\x00" + b"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8", "not JSON"),
+])
+def test_junk_header_names_the_file(tmp_path, junk, what):
+    f = _tiny_checkpoint(tmp_path)
+    f.write_bytes(junk)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(f))}: corrupt safetensors header \(.*{what}"):
+        ck.load_canonical(str(tmp_path))
+
+
+def test_header_entry_inconsistent_with_its_shape_names_the_tensor(tmp_path):
+    f = _tiny_checkpoint(tmp_path)
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + n])
+    header["model.norm.weight"]["shape"] = [65]  # 64 values stored
+    h = json.dumps(header).encode().ljust(n)
+    assert len(h) == n
+    f.write_bytes(bytes(data[:8]) + h + bytes(data[8 + n:]))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(f))}: corrupt safetensors header entry for tensor "
+                                              r"'model\.norm\.weight' \(256 bytes for shape \[65\] of F32"):
+        ck.load_canonical(str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.bool_])
+def test_integer_and_bool_tensors_are_refused_naming_file_and_tensor(tmp_path, dtype):
+    def mutate(hf):
+        hf["model.layers.0.self_attn.o_proj.weight"] = hf["model.layers.0.self_attn.o_proj.weight"].astype(dtype)
+
+    f = _tiny_checkpoint(tmp_path, mutate)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(f))}: tensors of a non-floating-point dtype: "
+                                              rf"model\.layers\.0\.self_attn\.o_proj\.weight \({np.dtype(dtype)}\)"):
+        ck.load_canonical(str(tmp_path))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, bad):
+    def mutate(hf):
+        hf["model.layers.1.mlp.experts.5.up_proj.weight"][2, 3] = bad
+        hf["lm_head.weight"][:] = bad
+
+    f = _tiny_checkpoint(tmp_path, mutate)
+    with pytest.raises(CheckpointError, match="NaN or infinite values") as err:
+        ck.load_canonical(str(tmp_path))
+    msg = str(err.value)
+    V, D = TINY.vocab_size, TINY.hidden_size
+    assert f"{f}: lm_head.weight ({V * D} of {V * D} values)" in msg
+    assert f"{f}: model.layers.1.mlp.experts.5.up_proj.weight (1 of " in msg
+
+
+def test_non_finite_fp8_weight_is_refused(tmp_path):
+    def mutate(hf):
+        w = "model.layers.0.self_attn.o_proj.weight"
+        q = np.zeros(hf[w].shape, ml_dtypes.float8_e4m3fn)
+        q[0, 0] = np.nan  # e4m3fn's NaN
+        hf[w], hf[w + "_scale_inv"] = q, np.ones((1, 1), np.float32)
+
+    f = _tiny_checkpoint(tmp_path, mutate)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(f))}: model\.layers\.0\.self_attn\.o_proj\.weight \(1 of "):
+        ck.load_canonical(str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_float16_and_float64_load_with_a_stated_cast(tmp_path, dtype):
+    names_cast = ["model.layers.0.self_attn.o_proj.weight", "model.norm.weight"]
+    stored = {}
+
+    def mutate(hf):
+        for k in names_cast:
+            hf[k] = stored[k] = hf[k].astype(dtype)
+
+    f = _tiny_checkpoint(tmp_path, mutate)
+    with pytest.warns(ck.CheckpointCastWarning) as rec:
+        _, state = ck.load_canonical(str(tmp_path))
+    msg = " ".join(str(w.message) for w in rec)
+    assert f"{f}: 2 float16/float64 tensors cast to float32 on load: " in msg
+    assert all(k in msg for k in names_cast)
+    for k, canon in zip(names_cast, ["layers.0.attn.wo.weight", "norm.weight"]):
+        assert state[canon].dtype == np.float32
+        assert np.array_equal(state[canon], stored[k].astype(np.float32))
+
+
+def test_float32_checkpoint_loads_without_warning(tmp_path, recwarn):
+    _tiny_checkpoint(tmp_path)
+    ck.load_canonical(str(tmp_path))
+    assert not [w for w in recwarn if issubclass(w.category, ck.CheckpointCastWarning)]
+
+
+def test_broken_index_and_missing_shard_are_named(tmp_path):
+    ck.save_canonical(str(tmp_path), _random_state(TINY), TINY, max_shard_bytes=40_000)
+    index = tmp_path / "model.safetensors.index.json"
+    good = index.read_text()
+    index.write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(index))}: not a safetensors index"):
+        ck.load_canonical(str(tmp_path))
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(index))}: not a safetensors index.*KeyError"):
+        ck.load_canonical(str(tmp_path))
+    index.write_text(good)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(index))} lists shard files that do not exist: {re.escape(str(shard))}"):
+        ck.load_canonical(str(tmp_path))
+
+
+def test_tensor_in_two_shards_is_an_error(tmp_path):
+    ck.save_canonical(str(tmp_path), _random_state(TINY), TINY, max_shard_bytes=40_000)
+    first, second = sorted(tmp_path.glob("model-*.safetensors"))[:2]
+    a, b = ck.read_safetensors(str(first)), ck.read_safetensors(str(second))
+    dup = sorted(a)[0]
+    write_safetensors(second, {**b, dup: a[dup]})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(second))}: tensors already read from another file: "
+                                              rf"{re.escape(dup)} \({re.escape(str(first))}\)"):
+        ck.load_canonical(str(tmp_path))

@@ -179,3 +179,37 @@ def test_bench_is_delegated(capsys):
         main(["bench", "--help"])
     assert e.value.code == 0
     assert "bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("framework", [pytest.param(None, marks=pytest.mark.slow), "torch"])  # None: jax, the default
+def test_train_preset_tiny_trains_with_default_sequence_length(tmp_path, framework):
+    """`dsv3 train --preset tiny` at the default --seq-len: byte vocabulary, enough positions."""
+    if framework is None:
+        pytest.importorskip("dsv3_jax.train")
+    data = tmp_path / "corpus.txt"
+    data.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(1200)))
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--steps", "2", "--data", str(data), "--out", str(out),
+            "--eval-batches", "1", "--no-progress", "--no-plots"]
+    if framework:
+        argv += ["--framework", framework]
+    assert main(argv) == 0
+    t = TrainConfig.from_dict(json.loads((out / "train_config.json").read_text()))
+    assert t.preset == "tiny" and t.seq_len == TrainConfig().seq_len == 256 and t.framework == (framework or "jax")
+    recs = read_metrics(str(out / "metrics.jsonl"))
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
+    cfg, _ = load_canonical(latest_checkpoint(str(out)))
+    assert cfg == ModelConfig.preset("tiny")
+
+
+def test_generate_refuses_a_nan_checkpoint_instead_of_printing_nul_bytes(config_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    state = {k: rng.standard_normal(s).astype(np.float32) * 0.02 for k, s in canonical_shapes(TINY).items()}
+    state["layers.0.attn.wo.weight"][0, 0] = np.nan
+    save_canonical(str(tmp_path / "w"), state, TINY)
+    for framework in ("torch", "jax"):
+        assert main(["generate", "--checkpoint", str(tmp_path / "w"), "--prompt", "x", "--framework", framework]) == 2
+        cap = capsys.readouterr()
+        assert "\x00" not in cap.out and "Traceback" not in cap.err
+        assert "NaN or infinite values" in cap.err and "model.layers.0.self_attn.o_proj.weight (1 of" in cap.err

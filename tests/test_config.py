@@ -92,7 +92,7 @@ def test_tiny_preset_exercises_every_feature():
     ("qk_rope_head_dim", 7, "qk_rope_head_dim"),
     ("hidden_size", -1, "hidden_size"),
     ("rope_scaling_type", "ntk", "rope_scaling_type"),
-    ("eos_token_id", 128, "eos_token_id"),
+    ("eos_token_id", 256, "eos_token_id"),      # vocab_size is 256
     ("first_k_dense_replace", 4, "first_k_dense_replace"),
     ("rope_factor", 0.5, "rope_factor"),
     ("num_nextn_predict_layers", -1, "num_nextn_predict_layers"),
@@ -218,7 +218,7 @@ def test_fixed_keys_compare_type_as_well_as_value():
      r"rope_scaling\.original_max_position_embeddings: must be a positive integer"),
     ({"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": None, "mscale": -1},
      r"rope_scaling\.mscale: must be a finite number >= 0"),
-    ({"type": "yarn", "original_max_position_embeddings": 256},  # factor = 128 / 256
+    ({"type": "yarn", "original_max_position_embeddings": 512},  # factor = 256 / 512
      r"rope_scaling\.factor is absent, so YaRN takes max_position_embeddings / original_max_position_embeddings"),
     ({"type": 3}, r"rope_scaling\.type: rope type 3 is not supported"),
     ({"type": "yarn", "rope_type": "default"}, r"rope_scaling\.type='yarn' differs from rope_scaling\.rope_type"),

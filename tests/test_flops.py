@@ -94,7 +94,7 @@ def test_forward_flops_is_two_active_params_plus_attention(name):
 def test_forward_flops_hand_count_tiny():
     """Count every matmul of the tiny preset by hand, one token, window T."""
     c = ModelConfig.preset("tiny")
-    D, H, V = 64, 4, 128
+    D, H, V = 64, 4, 256
     qk, v = 16, 8
     att_mm = D * 32 + 32 * H * qk + D * (16 + 8) + 16 * H * (8 + 8) + H * v * D
     dense = 3 * D * 128

@@ -84,9 +84,9 @@ def test_causality(model, tokens, full_logits):
 
 
 def test_bad_inputs_raise(model):
-    with pytest.raises(ValueError, match="vocab|\\[0, 128\\)"):
-        model(jnp.asarray([[1, 128]]))
-    with pytest.raises(ValueError, match="\\[0, 128\\)"):
+    with pytest.raises(ValueError, match="vocab|\\[0, 256\\)"):
+        model(jnp.asarray([[1, 256]]))
+    with pytest.raises(ValueError, match="\\[0, 256\\)"):
         model(np.asarray([[-1, 3]]))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(jnp.zeros((1, CFG.max_position_embeddings + 1), jnp.int32))

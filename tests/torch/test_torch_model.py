@@ -130,16 +130,16 @@ def test_loss_backward_reaches_every_parameter(tiny):
 
 def test_bad_inputs_raise_clear_errors(tiny):
     m = _model(tiny)
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 128\)"):
-        m(torch.tensor([[1, 128]]))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\)"):
+        m(torch.tensor([[1, 256]]))
     with pytest.raises(ValueError, match="token ids"):
         m(torch.tensor([[-1, 3]]))
-    with pytest.raises(ValueError, match="max_position_embeddings=128"):
-        m(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_position_embeddings=256"):
+        m(torch.zeros(1, 257, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
         m(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        m.forward_cached(torch.zeros(1, 2, dtype=torch.long), m.init_cache(1, 128), 127)
+        m.forward_cached(torch.zeros(1, 2, dtype=torch.long), m.init_cache(1, 256), 255)
     with pytest.raises(ValueError, match="labels"):
         m.compute_loss(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
 
