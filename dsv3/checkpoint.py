@@ -4,7 +4,7 @@ On disk: safetensors with Hugging Face names (the table is `dsv3.names`),
 per-expert tensors, optionally sharded with ``model.safetensors.index.json``;
 the MTP depth k is stored as ``model.layers.{num_hidden_layers + k}``; FP8 e4m3
 weights with 128x128 ``weight_scale_inv`` blocks are dequantised on load
-(REFERENCE §7). Every file is written atomically (`dsv3.fileio`).
+(docs/reference.md §7). Every file is written atomically (`dsv3.fileio`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def dequantize_fp8_blockwise(weight: np.ndarray, scale_inv: np.ndarray, block: i
                              dtype=np.float32) -> np.ndarray:
     """W[r, c] = float32(W_fp8[r, c]) * scale_inv[r // block, c // block].
 
-    Partial edge blocks use their block's scale unchanged (REFERENCE §7).
+    Partial edge blocks use their block's scale unchanged (docs/reference.md §7).
     """
     rows, cols = weight.shape
     want = (-(-rows // block), -(-cols // block))

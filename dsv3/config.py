@@ -1,4 +1,4 @@
-"""ModelConfig: the one place every DeepSeek-V3 hyper-parameter lives (REFERENCE §1).
+"""ModelConfig: the one place every DeepSeek-V3 hyper-parameter lives (docs/reference.md §1).
 
 Field names follow the Hugging Face ``config.json`` keys, so a reader who knows
 the released checkpoint knows this file. The config is a frozen, hashable
@@ -30,7 +30,7 @@ _HF_IGNORED_KEYS = frozenset(
         # Derived from the fields we keep (checked for consistency below).
         "qk_head_dim", "head_dim",
         # V2-era balance-loss keys. V3's released value (0.001) is not the Paper's
-        # alpha; the project's coefficient is `balance_loss_alpha` (REFERENCE §1).
+        # alpha; the project's coefficient is `balance_loss_alpha` (docs/reference.md §1).
         "aux_loss_alpha", "seq_aux",
         # Deployment: expert parallel size.
         "ep_size",
@@ -203,7 +203,7 @@ class ModelConfig:
     num_hidden_layers: int = 61
     first_k_dense_replace: int = 3
     num_attention_heads: int = 128
-    # MoE (REFERENCE §4)
+    # MoE (docs/reference.md §4)
     n_routed_experts: int = 256
     n_shared_experts: int = 1
     num_experts_per_tok: int = 8
@@ -211,13 +211,13 @@ class ModelConfig:
     topk_group: int = 4
     routed_scaling_factor: float = 2.5
     norm_topk_prob: bool = True
-    # MLA (REFERENCE §2); q_lora_rank=None means a direct query projection `wq`.
+    # MLA (docs/reference.md §2); q_lora_rank=None means a direct query projection `wq`.
     q_lora_rank: Optional[int] = 1536
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    # RoPE / YaRN (REFERENCE §3); rope_scaling_type None means plain RoPE.
+    # RoPE / YaRN (docs/reference.md §3); rope_scaling_type None means plain RoPE.
     rope_theta: float = 10000.0
     rope_scaling_type: Optional[str] = "yarn"
     rope_factor: float = 40.0
@@ -228,12 +228,12 @@ class ModelConfig:
     mscale_all_dim: float = 1.0
     max_position_embeddings: int = 163840
     rms_norm_eps: float = 1e-6
-    # Multi-token prediction (REFERENCE §6)
+    # Multi-token prediction (docs/reference.md §6)
     num_nextn_predict_layers: int = 1
     initializer_range: float = 0.02
     bos_token_id: Optional[int] = 0
     eos_token_id: Optional[int] = 1
-    # Training coefficients (REFERENCE §8.3). Not in the released config.json.
+    # Training coefficients (docs/reference.md §8.3). Not in the released config.json.
     balance_loss_alpha: float = 1e-4  # alpha of the sequence-wise balance loss
     bias_update_speed: float = 1e-3  # gamma of the auxiliary-loss-free bias update
     mtp_loss_weight: float = 0.3  # lambda of the MTP loss
@@ -285,7 +285,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """qk_head_dim^-0.5, times mscale^2 under YaRN (REFERENCE §2)."""
+        """qk_head_dim^-0.5, times mscale^2 under YaRN (docs/reference.md §2)."""
         scale = self.qk_head_dim ** -0.5
         if self.rope_scaling_type == "yarn" and self.mscale_all_dim:
             m = yarn_get_mscale(self.rope_factor, self.mscale_all_dim)
@@ -475,7 +475,7 @@ class ModelConfig:
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
-    """g(s, mu) = 0.1 mu ln s + 1 for s > 1, else 1 (REFERENCE §2)."""
+    """g(s, mu) = 0.1 mu ln s + 1 for s > 1, else 1 (docs/reference.md §2)."""
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
@@ -502,6 +502,6 @@ PRESETS: dict[str, ModelConfig] = {
         q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         rope_scaling_type=None, max_position_embeddings=4096, num_nextn_predict_layers=1,
     ),
-    # The published model (REFERENCE §1). Build only abstractly.
+    # The published model (docs/reference.md §1). Build only abstractly.
     "v3-671b": ModelConfig(),
 }
