@@ -2,9 +2,11 @@
 
 Both `dsv3_torch.generate` and `dsv3_jax.generate` call `decode_loop` with a
 `step` function that feeds tokens to their model's cache and samples. One
-prefill of the shortest common prompt length P, then one token per step; a
-row still inside its own prompt is fed its next prompt token instead of a
-sample, so prompts of different lengths share positions and one cache.
+prefill of every prompt, LEFT-padded to the longest with an attention_mask
+(1 = real token, 0 = padding) that the cache keeps, then one token per step
+for every row: the models hide the padded entries and count each row's
+positions over its real tokens only, so each row generates what its prompt
+alone would.
 """
 
 from __future__ import annotations
@@ -81,33 +83,47 @@ def check_logits_finite(finite: Sequence[bool], pos: int) -> None:
             "no token can be sampled from them (non-finite weights, or an overflow in a low-precision dtype)")
 
 
+PAD_ID = 0  # the token id fed at padded positions (never attended to, never counted)
+
+
+def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], Optional[list[list[int]]]]:
+    """Prompts LEFT-padded with PAD_ID to the longest -> (tokens [B][L], attention_mask [B][L] with
+    1 = real token, 0 = padding), the mask None when every prompt has the same length."""
+    L = max(len(p) for p in prompts)
+    tokens = [[PAD_ID] * (L - len(p)) + list(p) for p in prompts]
+    if all(len(p) == L for p in prompts):
+        return tokens, None
+    return tokens, [[0] * (L - len(p)) + [1] * len(p) for p in prompts]
+
+
 def decode_loop(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: Optional[int],
                 on_token: Optional[Callable[[int, int], None]],
-                step: Callable[[list[list[int]], int], list[int]]) -> list[list[int]]:
+                step: Callable[[list[list[int]], int, Optional[list[list[int]]]], list[int]]) -> list[list[int]]:
     """New tokens per prompt (cut after `eos`, which is kept); on_token(row, token) streams them.
 
-    step(tokens [B][S], start_pos) feeds the tokens at start_pos and returns the
-    token sampled from each row's last position.
+    step(tokens [B][S], start_pos, attention_mask [B][S] or None) feeds the tokens at cache
+    entries start_pos.. and returns the token sampled from each row's last position. The first
+    call is the left-padded prefill (its mask None when no row is padded), every later one feeds
+    one real token per row with attention_mask None. A row that is done keeps being fed its
+    samples (don't-care) until every row is.
     """
-    B, lens = len(prompts), [len(p) for p in prompts]
+    B = len(prompts)
     new: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
         return new
-    P = min(lens)
-    sampled = step([list(p[:P]) for p in prompts], 0)
+    tokens, mask = left_pad(prompts)
+    sampled = step(tokens, 0, mask)
     done = [False] * B
-    pos = P  # position of the token being chosen now
+    pos = len(tokens[0])  # cache entry of the token being chosen now
     while True:
-        fed = []
         for b in range(B):
-            tok = prompts[b][pos] if pos < lens[b] else sampled[b]
-            fed.append(tok)
-            if pos >= lens[b] and not done[b]:
+            if not done[b]:
+                tok = sampled[b]
                 new[b].append(tok)
                 if on_token is not None:
                     on_token(b, tok)
                 done[b] = (eos is not None and tok == eos) or len(new[b]) >= max_new_tokens
         if all(done):
             return new
-        sampled = step([[t] for t in fed], pos)
+        sampled = step([[t] for t in sampled], pos, None)
         pos += 1

@@ -33,14 +33,17 @@ class Block(nnx.Module):
         else:
             self.ffn = MLP(D, cfg.intermediate_size, cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, start_pos=0, cache=None):
-        """x [B,T,D] -> (h [B,T,D], MoEOutput or None for a dense layer, updated layer cache or None)."""
+    def __call__(self, x, cos, sin, start_pos=0, cache=None, mask=None, valid=None):
+        """x [B,T,D] -> (h [B,T,D], MoEOutput or None for a dense layer, updated layer cache or None).
+
+        mask: None (causal) or the [B,1,T,keys] attention mask (``visible_mask``); valid: None or
+        [B,T] bool, the real (not padded) tokens, the only ones the MoE statistics count."""
         if cache is None:
-            a = self.attn(self.attn_norm(x), cos, sin)
+            a = self.attn(self.attn_norm(x), cos, sin, mask=mask)
         else:
-            a, cache = self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
+            a, cache = self.attn(self.attn_norm(x), cos, sin, start_pos, cache, mask=mask)
         h = x + a
         if self.moe:
-            f = self.ffn(self.ffn_norm(h))
+            f = self.ffn(self.ffn_norm(h), valid)
             return h + f.out, f, cache
         return h + self.ffn(self.ffn_norm(h)), None, cache

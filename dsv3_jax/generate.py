@@ -2,9 +2,9 @@
 
 Shape legend: B batch (prompts), S tokens fed in one call, V vocab.
 
-One prefill of the shortest common prompt length P, then one token per step. A row still inside
-its own prompt is fed its next prompt token instead of a sample, so prompts of different lengths
-share positions and one cache. The default cache is the compressed latent with weight-absorbed
+One prefill of every prompt LEFT-padded to the longest (its attention_mask kept in the cache:
+padded entries hidden, per-row positions), then one token per step (``dsv3.generation.decode_loop``).
+The default cache is the compressed latent with weight-absorbed
 attention; ``cache="naive"`` keeps expanded K/V. The decode step (forward + sampling) is one
 ``nnx.jit`` function with a traced position: it compiles once per (batch, cache length, sampling
 settings), not once per token.
@@ -45,11 +45,11 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_k: Op
 
 
 @partial(nnx.jit, static_argnames=("temperature", "top_k", "top_p"))
-def _decode(model, tokens, cache, start_pos, key, temperature, top_k, top_p):
+def _decode(model, tokens, cache, start_pos, key, temperature, top_k, top_p, attention_mask=None):
     """Feed tokens [B, S] at start_pos (traced); sample from the last position.
 
     -> (next [B], finite [B]: whether each row's logits were all finite, cache)."""
-    logits, cache = model.forward_cached(tokens, cache, start_pos)
+    logits, cache = model.forward_cached(tokens, cache, start_pos, attention_mask)
     last = logits[:, -1]
     finite = jnp.all(jnp.isfinite(last), axis=-1)
     return sample_next(last, key, temperature, top_k, top_p), finite, cache
@@ -65,10 +65,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
     key = jax.random.key(seed)
 
-    def step(tokens: list[list[int]], pos: int) -> list[int]:
+    def step(tokens: list[list[int]], pos: int, mask: Optional[list[list[int]]]) -> list[int]:
         nonlocal kv, key
         key, sub = jax.random.split(key)
-        sampled, finite, kv = _decode(model, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(pos), sub, **sampling)
+        attention_mask = None if mask is None else jnp.asarray(mask, jnp.int32)
+        sampled, finite, kv = _decode(model, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(pos), sub,
+                                      attention_mask=attention_mask, **sampling)
         check_logits_finite(np.asarray(finite).tolist(), pos + len(tokens[0]) - 1)
         return np.asarray(sampled).tolist()
 

@@ -9,7 +9,8 @@ Three paths share one set of weights:
 Numerics follow Hugging Face eager attention: scores = q.k in the model dtype, then times
 cfg.softmax_scale (YaRN mscale^2 included) in the model dtype, masked, softmax in fp32, cast,
 times v. The mask [S,T] is built from absolute positions (query p0+i sees cache entries t <= p0+i),
-True = visible (the Hugging Face attention_mask convention, as dsv3_torch). ``attend`` (expanded K/V) and
+True = visible (the Hugging Face attention_mask convention, as dsv3_torch); with padding it is
+[B,1,S,T] (``visible_mask``: causal and padded keys hidden). ``attend`` (expanded K/V) and
 ``attend_latent`` (absorbed) return o [B,S,H*V]; ``wo`` is applied in ``__call__``. Heads are [B,S,H,*]
 here ([B,H,S,*] in dsv3_torch, the layout torch's SDPA takes).
 
@@ -35,6 +36,18 @@ def causal_mask(start_pos, S: int, T: int) -> jax.Array:
 
     True = visible, the Hugging Face attention_mask convention (1 = attend). start_pos may be traced."""
     return jnp.arange(T)[None, :] <= (start_pos + jnp.arange(S))[:, None]
+
+
+def visible_mask(keys: jax.Array, start_pos, S: int) -> jax.Array:
+    """[B,1,S,T] bool: key t is visible to query start_pos + i iff t <= start_pos + i and key t is a real
+    token (keys [B,T] bool, the attention_mask of every key position, 1 = real). start_pos may be traced.
+
+    A query always sees itself, so a padded query's row is never all False (finite, don't-care
+    output) while a real query never sees a padded key."""
+    T = keys.shape[1]
+    q_pos = (start_pos + jnp.arange(S))[:, None]
+    k_pos = jnp.arange(T)[None, :]
+    return ((k_pos <= q_pos) & (keys[:, None, :] | (k_pos == q_pos)))[:, None]
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
@@ -72,14 +85,14 @@ class MLA(nnx.Module):
 
     # ----------------------------------------------------------- projections
     def query(self, x, cos, sin):
-        """x [B,S,D], cos/sin [S,R/2] -> q_nope [B,S,H,N], rotated q_pe [B,S,H,R]."""
+        """x [B,S,D], cos/sin [S,R/2] or [B,S,R/2] (per-row positions) -> q_nope [B,S,H,N], rotated q_pe [B,S,H,R]."""
         cfg = self.cfg
         B, S, D = x.shape
         x2 = x.reshape(B * S, D)
         q = self.wq(x2) if cfg.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x2)))
         q = q.reshape(B, S, cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
-        return q_nope, apply_rope(q_pe, cos[:, None, :], sin[:, None, :])  # cos [S,R/2] over H
+        return q_nope, apply_rope(q_pe, cos[..., None, :], sin[..., None, :])  # cos [(B,)S,R/2] over H
 
     def latent(self, x, cos, sin):
         """x [B,S,D], cos/sin [S,R/2] -> normalised c_kv [B,S,C], rotated k_pe [B,S,R] (shared by all heads)."""
@@ -98,7 +111,7 @@ class MLA(nnx.Module):
         return jnp.concatenate([k_nope, k_pe], axis=-1), v
 
     def attend(self, q, k, v, mask):
-        """q [B,S,H,N+R], k [B,T,H,N+R], v [B,T,H,V], mask [S,T] (True = visible) -> o [B,S,H*V]."""
+        """q [B,S,H,N+R], k [B,T,H,N+R], v [B,T,H,V], mask [S,T] or [B,1,S,T] (True = visible) -> o [B,S,H*V]."""
         B, S = q.shape[:2]
         scores = _scale(jnp.einsum("bshd,bthd->bhst", q, k), self.scale)
         p = masked_softmax(scores, mask, q.dtype)
@@ -107,9 +120,12 @@ class MLA(nnx.Module):
 
     # --------------------------------------------------------------- forward
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, start_pos=0,
-                 cache: dict | None = None):
-        """x [B,S,D] at positions start_pos.., cos/sin [S,R/2] -> out [B,S,D] (no cache)
-        or (out, cache) with a cache.
+                 cache: dict | None = None, mask: jax.Array | None = None):
+        """x [B,S,D] at positions start_pos.., cos/sin [S,R/2] (or [B,S,R/2], per-row positions)
+        -> out [B,S,D] (no cache) or (out, cache) with a cache.
+
+        mask: None (causal) or [B,1,S,T] bool from ``visible_mask`` (T = S without a cache, the
+        cache length L with one).
 
         ``cache`` is one layer of `init_cache` (functional: the updated copy is returned),
         a dict with "c_kv"/"k_pe" (latent, absorbed attention) or "k"/"v" (naive). New entries
@@ -120,10 +136,12 @@ class MLA(nnx.Module):
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is None:  # training / full forward: naive path, causal
             k, v = self.expand(c_kv, k_pe)
-            o = self.attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, causal_mask(0, S, S))
+            o = self.attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v,
+                            causal_mask(0, S, S) if mask is None else mask)
             return dense(self.wo, o)
         L = next(iter(cache.values())).shape[1]
-        mask = causal_mask(start_pos, S, L)  # [S,T] from absolute positions
+        if mask is None:
+            mask = causal_mask(start_pos, S, L)  # [S,T] from absolute positions
         upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start_pos, axis=1)
         if "k" in cache:  # naive: expanded K/V
             k, v = self.expand(c_kv, k_pe)
@@ -149,7 +167,7 @@ class MLA(nnx.Module):
     def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Weight-absorbed attention on the latent cache (REFERENCE §2.1) -> o [B,S,H*V].
 
-        q_nope [B,S,H,N], q_pe [B,S,H,R], c_kv [B,T,C], k_pe [B,T,R], mask [S,T] (True = visible).
+        q_nope [B,S,H,N], q_pe [B,S,H,R], c_kv [B,T,C], k_pe [B,T,R], mask [S,T] or [B,1,S,T] (True = visible).
         """
         cfg = self.cfg
         B, S, H, N = q_nope.shape

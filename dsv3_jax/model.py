@@ -30,12 +30,19 @@ from dsv3.config import ModelConfig
 from dsv3.types import LossOutput
 from dsv3_jax.block import Block
 from dsv3_jax.layers import dense, linear, normal_init, to_numpy
+from dsv3_jax.mla import visible_mask
 from dsv3_jax.moe import COMBINES, MoE, MoEOutput, Router, sequence_balance_loss
 from dsv3_jax.mtp import MTPModule
 from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
+
+
+def mask_positions(valid: jax.Array) -> jax.Array:
+    """[B, T] bool real tokens -> [B, T] positions cumsum - 1, clamped at 0: each row counts only its real
+    tokens, so a left-padded row has the positions of the row alone (Hugging Face's rule)."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -55,11 +62,15 @@ class KVCache:
 
     latent: c_kv [B, max_len, C] (normalised) and k_pe [B, max_len, R] (rotated);
     naive:  k [B, max_len, H, N+R] and v [B, max_len, H, V].
+    mask: None until a cached call gets an attention_mask; then [B, max_len] bool, True where
+    the entry is a real token (entries written without a mask are real), so the later calls
+    keep hiding the padded keys and count each row's positions over its real tokens only.
     """
 
     kind: str = dataclass_field(metadata=dict(static=True))
     max_len: int = dataclass_field(metadata=dict(static=True))
     layers: list = dataclass_field(default_factory=list)
+    mask: jax.Array | None = None
 
     @property
     def batch(self) -> int:
@@ -130,34 +141,59 @@ class DeepSeekV3(nnx.Module):
             raise ValueError(f"positions up to {end} do not fit the cache of length {cache_len}")
 
     # --------------------------------------------------------------- forward
-    def _trunk(self, tokens, start_pos=0, caches=None):
-        """Embedding and decoder layers: -> (h [B,T,D] before norm, MoEOutput per MoE layer, (cos, sin), caches)."""
+    def _trunk(self, tokens, start_pos=0, caches=None, positions=None, mask=None, valid=None):
+        """Embedding and decoder layers: -> (h [B,T,D] before norm, MoEOutput per MoE layer, (cos, sin), caches).
+
+        positions: None (start_pos + arange(T)) or [B,T] per-row positions; mask, valid: padding
+        (``visible_mask`` [B,1,T,keys] and the real tokens [B,T]), None without."""
         T = tokens.shape[1]
         h = self.embed(tokens.astype(jnp.int32))
-        cos, sin = self.rope(start_pos + jnp.arange(T), self.dtype)
+        cos, sin = self.rope(start_pos + jnp.arange(T) if positions is None else positions, self.dtype)
         stats, new_caches = [], []
         for i, layer in enumerate(self.layers):
-            h, st, c = layer(h, cos, sin, start_pos, None if caches is None else caches[i])
+            h, st, c = layer(h, cos, sin, start_pos, None if caches is None else caches[i], mask, valid)
             if st is not None:
                 stats.append(st)  # MoEOutput
             new_caches.append(c)
         return h, stats, (cos, sin), (None if caches is None else new_caches)
 
-    def __call__(self, tokens) -> jax.Array:
-        """tokens [B, T] int -> main-head logits [B, T, V] (model dtype); eager calls run one jitted program."""
-        self._check_tokens(tokens)
-        if _is_traced(tokens):
-            return self.logits(tokens)
-        return _jit_logits(self, jnp.asarray(tokens))
+    def __call__(self, tokens, attention_mask=None) -> jax.Array:
+        """tokens [B, T] int -> main-head logits [B, T, V] (model dtype); eager calls run one jitted program.
 
-    def logits(self, tokens):
+        attention_mask: None or [B, T] (1 = real token, 0 = padding; Hugging Face's convention):
+        padded keys are never attended to and each row's positions count its real tokens only,
+        so a left- or right-padded row gives the logits of the row alone at its real positions."""
+        self._check_tokens(tokens)
+        self._check_mask(attention_mask, tokens)
+        if _is_traced(tokens):
+            return self.logits(tokens, attention_mask)
+        am = None if attention_mask is None else jnp.asarray(attention_mask)
+        return _jit_logits(self, jnp.asarray(tokens), am)
+
+    def logits(self, tokens, attention_mask=None):
         """Traceable forward without input checks: tokens [B,T] -> logits [B,T,V]."""
-        h, _ = self.hidden(tokens)
+        h, _ = self.hidden(tokens, attention_mask)
         return dense(self.head, h)
 
-    def hidden(self, tokens) -> tuple[jax.Array, list[MoEOutput]]:
-        """tokens [B, T] -> (hidden AFTER the final norm [B, T, D], MoEOutput per main MoE layer); bias untouched."""
-        h, stats, _, _ = self._trunk(tokens)
+    def _check_mask(self, attention_mask, tokens) -> None:
+        if attention_mask is not None and tuple(jnp.shape(attention_mask)) != tuple(jnp.shape(tokens)):
+            raise ValueError(f"attention_mask {tuple(jnp.shape(attention_mask))} must match the tokens "
+                             f"{tuple(jnp.shape(tokens))}")
+
+    def _inputs(self, tokens, attention_mask):
+        """-> (positions, mask, valid) of a full (uncached) forward; all None without padding."""
+        if attention_mask is None:
+            return None, None, None
+        self._check_mask(attention_mask, tokens)
+        valid = jnp.asarray(attention_mask).astype(bool)
+        return mask_positions(valid), visible_mask(valid, 0, valid.shape[1]), valid
+
+    def hidden(self, tokens, attention_mask=None) -> tuple[jax.Array, list[MoEOutput]]:
+        """tokens [B, T] -> (hidden AFTER the final norm [B, T, D], MoEOutput per main MoE layer); bias untouched.
+
+        With an attention_mask the MoEOutputs' counts cover the real tokens only."""
+        positions, mask, valid = self._inputs(tokens, attention_mask)
+        h, stats, _, _ = self._trunk(tokens, positions=positions, mask=mask, valid=valid)
         return self.norm(h), stats
 
     def _stack_counts(self, stats):
@@ -166,33 +202,42 @@ class DeepSeekV3(nnx.Module):
         return jnp.stack([o.counts for o in stats])
 
     # ------------------------------------------------------------------ loss
-    def compute_loss(self, input_ids, labels) -> LossOutput:
+    def compute_loss(self, input_ids, labels, attention_mask=None) -> LossOutput:
         """Main CE + (lambda/D) sum_k MTP CE_k + alpha sum_routers L_Bal (REFERENCE §6, §8.2).
 
         labels[b, i] is the target of position i (-100 ignored). Depth k embeds roll(input_ids, -k)
         (tail 0) and predicts roll(labels, -k) with the last k masked. Nothing changes the bias.
+        attention_mask [B, T] (1 = real, 0 = padding): labels at padded positions are ignored,
+        depth k embeds token 0 where t_{i+k} is padding (as past the end), and padded tokens
+        are left out of the counts and the balance loss: a padded batch scores as its rows alone.
         """
         self._check_tokens(input_ids)
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids).astype(jnp.int32)
         labels = jnp.asarray(labels).astype(jnp.int32)
         T = input_ids.shape[1]
-        h, stats = self.hidden(input_ids)  # h^0: the main hidden after the final norm (REFERENCE §6)
-        cos, sin = self.rope(jnp.arange(T), self.dtype)
+        positions, mask, valid = self._inputs(input_ids, attention_mask)
+        if valid is not None:
+            labels = jnp.where(valid, labels, IGNORE_INDEX)
+        h, stats, (cos, sin), _ = self._trunk(input_ids, positions=positions, mask=mask, valid=valid)
+        h = self.norm(h)  # h^0: the main hidden after the final norm (REFERENCE §6)
         main = cross_entropy(dense(self.head, h), labels)
         mtp_losses = []
         for k, module in enumerate(self.mtp, start=1):
             tail = jnp.arange(T) >= T - k
             ids_k = jnp.where(tail, 0, jnp.roll(input_ids, -k, axis=1))
             lab_k = jnp.where(tail, IGNORE_INDEX, jnp.roll(labels, -k, axis=1))
-            h, st = module(h, self.embed(ids_k), cos, sin)
+            if valid is not None:  # t_{i+k} padding: token 0, as past the end; a padded i never scores
+                ids_k = jnp.where(tail | ~jnp.roll(valid, -k, axis=1), 0, ids_k)
+                lab_k = jnp.where(valid, lab_k, IGNORE_INDEX)
+            h, st = module(h, self.embed(ids_k), cos, sin, mask, valid)
             mtp_losses.append(cross_entropy(dense(self.head, module.norm(h)), lab_k))
             stats.append(st)
         n_mtp = len(self.mtp)  # MTP depths (the Paper's D; D is the model width here)
         mtp_losses = jnp.stack(mtp_losses) if mtp_losses else jnp.zeros((0,), jnp.float32)
         mtp_loss = cfg.mtp_loss_weight / n_mtp * jnp.sum(mtp_losses) if n_mtp else jnp.float32(0.0)
         K = cfg.num_experts_per_tok
-        bal = sum((sequence_balance_loss(o.scores, K) for o in stats), jnp.float32(0.0)) * jnp.float32(
+        bal = sum((sequence_balance_loss(o.scores, K, valid) for o in stats), jnp.float32(0.0)) * jnp.float32(
             cfg.balance_loss_alpha)
         loss = main + mtp_loss + bal
         return LossOutput(loss=loss, main_loss=main, mtp_losses=mtp_losses, mtp_loss=mtp_loss,
@@ -235,17 +280,36 @@ class DeepSeekV3(nnx.Module):
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
         return KVCache(kind, max_len, [layer.attn.init_cache(batch, max_len, kind) for layer in self.layers])
 
-    def hidden_cached(self, tokens, cache: KVCache, start_pos):
-        """tokens [B,S] at positions start_pos.. -> (hidden AFTER the final norm [B,S,D], updated cache).
+    def hidden_cached(self, tokens, cache: KVCache, start_pos, attention_mask=None):
+        """tokens [B,S] at cache entries start_pos.. -> (hidden AFTER the final norm [B,S,D], updated cache).
 
-        The h^0 an MTP depth takes (speculative decoding). start_pos may be traced."""
+        The h^0 an MTP depth takes (speculative decoding). start_pos may be traced. attention_mask:
+        None or [B, S] for the new tokens only (1 = real, 0 = padding), kept in ``cache.mask`` so that
+        every later call hides the padded entries and gives each row the positions of its real
+        tokens; a call without one on such a cache feeds real tokens. Static shapes: the mask
+        is an array, never a Python branch on values."""
         self._check_tokens(tokens, start_pos, cache_len=cache.max_len)
-        h, _, _, layers = self._trunk(jnp.asarray(tokens), start_pos, cache.layers)
-        return self.norm(h), KVCache(cache.kind, cache.max_len, layers)
+        self._check_mask(attention_mask, tokens)
+        tokens = jnp.asarray(tokens)
+        if attention_mask is None and cache.mask is None:
+            h, _, _, layers = self._trunk(tokens, start_pos, cache.layers)
+            return self.norm(h), KVCache(cache.kind, cache.max_len, layers)
+        B, S = tokens.shape
+        L = cache.max_len
+        new = jnp.ones((B, S), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        keys = jnp.ones((B, L), bool) if cache.mask is None else cache.mask  # earlier entries: real
+        keys = jax.lax.dynamic_update_slice_in_dim(keys, new, start_pos, axis=1)
+        before = jnp.sum(keys & (jnp.arange(L) < start_pos), axis=1)        # [B] real entries before
+        positions = jnp.maximum(before[:, None] + jnp.cumsum(new.astype(jnp.int32), axis=1) - 1, 0)
+        h, _, _, layers = self._trunk(tokens, start_pos, cache.layers, positions,
+                                      visible_mask(keys, start_pos, S), new)
+        return self.norm(h), KVCache(cache.kind, cache.max_len, layers, keys)
 
-    def forward_cached(self, tokens, cache: KVCache, start_pos):
-        """tokens [B,S] at positions start_pos.. -> (logits [B,S,V], updated cache). start_pos may be traced."""
-        h, cache = self.hidden_cached(tokens, cache, start_pos)
+    def forward_cached(self, tokens, cache: KVCache, start_pos, attention_mask=None):
+        """tokens [B,S] at cache entries start_pos.. -> (logits [B,S,V], updated cache). start_pos may be traced.
+
+        attention_mask: as in hidden_cached."""
+        h, cache = self.hidden_cached(tokens, cache, start_pos, attention_mask)
         return dense(self.head, h), cache
 
     # ------------------------------------------------------ canonical state
@@ -322,5 +386,5 @@ def _from_torch(x: np.ndarray, layout: str) -> np.ndarray:
 
 
 @nnx.jit
-def _jit_logits(model: DeepSeekV3, tokens: jax.Array) -> jax.Array:
-    return model.logits(tokens)
+def _jit_logits(model: DeepSeekV3, tokens: jax.Array, attention_mask=None) -> jax.Array:
+    return model.logits(tokens, attention_mask)

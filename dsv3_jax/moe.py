@@ -243,18 +243,44 @@ class LocalDispatcher(nnx.Module):
         raise ValueError(f"combine scheme must be one of {COMBINES}, got {self.scheme!r}")
 
 
-def sequence_balance_loss(s: jax.Array, K: int) -> jax.Array:
+def sequence_balance_loss(s: jax.Array, K: int, valid: jax.Array | None = None) -> jax.Array:
     """Sequence-wise balance loss sum_i f_i P_i averaged over sequences (Paper eqs. 17-20; REFERENCE §8.2).
 
     s [B, T, E] unbiased fp32 scores. f_i counts the top-K of s (no bias, no group limit) and has no
     gradient; P_i, the mean normalised score, is the only gradient path. Multiply by alpha outside.
+    valid: None or [B, T] bool: each sequence is then its real tokens only (T_b of them), and
+    sequences without any are left out of the average.
     """
+    if valid is not None:
+        return _masked_balance_loss(s, K, valid)
     B, T, E = s.shape
     _, top = jax.lax.top_k(jax.lax.stop_gradient(s), K)                          # [B, T, K]
     hits = jnp.sum(jax.nn.one_hot(top, E, dtype=jnp.float32), axis=(1, 2))       # [B, E]
     f = jax.lax.stop_gradient(hits * (E / (K * T)))
     P = jnp.mean(s / jnp.sum(s, axis=-1, keepdims=True), axis=1)                # [B, E]
     return jnp.mean(jnp.sum(f * P, axis=-1))
+
+
+def _masked_balance_loss(s: jax.Array, K: int, valid: jax.Array) -> jax.Array:
+    """sequence_balance_loss over the valid tokens of each row (T_b = valid.sum(1))."""
+    B, T, E = s.shape
+    w = valid.astype(jnp.float32)                                                # [B, T]
+    n = jnp.sum(w, axis=1)                                                       # [B] T_b
+    has = n > 0
+    n = jnp.maximum(n, 1.0)
+    _, top = jax.lax.top_k(jax.lax.stop_gradient(s), K)                          # [B, T, K]
+    hits = jnp.sum(jax.nn.one_hot(top, E, dtype=jnp.float32) * w[:, :, None, None], axis=(1, 2))  # [B, E]
+    f = jax.lax.stop_gradient(hits * jnp.float32(E / K) / n[:, None])
+    P = jnp.sum(s / jnp.sum(s, axis=-1, keepdims=True) * w[:, :, None], axis=1) / n[:, None]  # [B, E]
+    per_row = jnp.sum(f * P, axis=-1)
+    return jnp.sum(jnp.where(has, per_row, 0.0)) / jnp.maximum(jnp.sum(has), 1).astype(jnp.float32)
+
+
+def masked_counts(indices: jax.Array, n_experts: int, valid: jax.Array) -> jax.Array:
+    """(token, slot) assignments per expert [E] int32 of the valid tokens only: indices [N, K], valid [N] bool.
+    Static shapes: a padded token's slots are counted in an extra bin E, dropped."""
+    flat = jnp.where(valid[:, None], indices, n_experts).reshape(-1)
+    return jnp.bincount(flat, length=n_experts + 1)[:n_experts].astype(jnp.int32)
 
 
 class MoEOutput(NamedTuple):
@@ -295,8 +321,11 @@ class MoE(nnx.Module):
         """y_sorted [M, D] -> y [N, D]: the weighted sum over each token's K slots (the dispatcher's)."""
         return self.dispatcher.combine(y_sorted, plan, routing)
 
-    def __call__(self, x: jax.Array) -> MoEOutput:
-        """x [B, T, D] -> MoEOutput(out [B, T, D], counts [E], scores [B, T, E])."""
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> MoEOutput:
+        """x [B, T, D] -> MoEOutput(out [B, T, D], counts [E], scores [B, T, E]).
+
+        valid: None or [B, T] bool, the real (not padded) tokens: padded tokens are still computed
+        (don't-care outputs, static shapes) but never reach the counts."""
         B, T, D = x.shape
         xf = x.reshape(B * T, D)
         r = self.route(xf)
@@ -304,4 +333,6 @@ class MoE(nnx.Module):
         y = self.combine(self.compute(xs, sizes), plan, r)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)
-        return MoEOutput(y.reshape(B, T, D), plan.counts, r.scores.reshape(B, T, -1))
+        counts = plan.counts if valid is None else masked_counts(r.indices, self.cfg.n_routed_experts,
+                                                                 valid.reshape(-1))
+        return MoEOutput(y.reshape(B, T, D), counts, r.scores.reshape(B, T, -1))

@@ -36,9 +36,10 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, moe=True, dtype=dtype, moe_impl=moe_impl, combine=combine, rngs=rngs)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, h_prev: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array):
-        """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (embed of t_{i+k}), cos/sin [T,R/2]
-        -> (h^k [B,T,D] before norm, MoEOutput)."""
+    def __call__(self, h_prev: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array,
+                 mask: jax.Array | None = None, valid: jax.Array | None = None):
+        """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (embed of t_{i+k}), cos/sin [T,R/2] (or [B,T,R/2])
+        -> (h^k [B,T,D] before norm, MoEOutput). mask, valid: padding, as in Block."""
         x = dense(self.eh_proj, jnp.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
-        h, stats, _ = self.block(x, cos, sin)
+        h, stats, _ = self.block(x, cos, sin, mask=mask, valid=valid)
         return h, stats

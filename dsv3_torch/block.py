@@ -33,14 +33,18 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, dtype, device) if moe else MLP(D, cfg.intermediate_size, dtype, device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
-                cache: Optional[dict] = None) -> tuple[torch.Tensor, Optional[MoEOutput], Optional[dict]]:
-        """x [B,T,D] -> (h [B,T,D], MoEOutput or None for a dense layer, the layer cache or None)."""
+                cache: Optional[dict] = None, mask: Optional[torch.Tensor] = None,
+                valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[MoEOutput], Optional[dict]]:
+        """x [B,T,D] -> (h [B,T,D], MoEOutput or None for a dense layer, the layer cache or None).
+
+        mask: None (causal) or the [B,1,T,keys] attention mask (``visible_mask``); valid: None or
+        [B,T] bool, the real (not padded) tokens, the only ones the MoE statistics count."""
         if cache is None:
-            a = self.attn(self.attn_norm(x), cos, sin)
+            a = self.attn(self.attn_norm(x), cos, sin, mask=mask)
         else:
-            a, cache = self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
+            a, cache = self.attn(self.attn_norm(x), cos, sin, start_pos, cache, mask=mask)
         h = x + a
         if self.moe:
-            f = self.ffn(self.ffn_norm(h))
+            f = self.ffn(self.ffn_norm(h), valid)
             return h + f.out, f, cache
         return h + self.ffn(self.ffn_norm(h)), None, cache

@@ -2,10 +2,9 @@
 
 Shape legend: B batch (prompts), S tokens fed in one call, V vocab.
 
-One prefill of the shortest common prompt length P, then one token per step.
-A row still inside its own prompt is fed its next prompt token instead of a
-sample, so prompts of different lengths share positions and one cache. The
-default cache is the compressed latent (C + R values per token per layer) with
+One prefill of every prompt LEFT-padded to the longest (its attention_mask kept
+in the cache: padded entries hidden, per-row positions), then one token per step
+(``dsv3.generation.decode_loop``). The default cache is the compressed latent (C + R values per token per layer) with
 weight-absorbed attention; ``cache="naive"`` keeps expanded K/V instead.
 """
 
@@ -49,8 +48,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     kv = model.init_cache(len(prompts), max(map(len, prompts)) + max_new_tokens, kind=cache)
     gen = torch.Generator().manual_seed(seed)
 
-    def step(tokens: list[list[int]], pos: int) -> list[int]:
-        logits, _ = model.forward_cached(torch.tensor(tokens, device=device), kv, pos)
+    def step(tokens: list[list[int]], pos: int, mask: Optional[list[list[int]]]) -> list[int]:
+        attention_mask = None if mask is None else torch.tensor(mask, device=device)
+        logits, _ = model.forward_cached(torch.tensor(tokens, device=device), kv, pos, attention_mask)
         last = logits[:, -1]
         check_logits_finite(torch.isfinite(last).all(dim=-1).tolist(), pos + len(tokens[0]) - 1)
         return sample_next(last, temperature, top_k, top_p, gen).tolist()

@@ -16,7 +16,8 @@ Three ways to attend, all the same function of the weights:
       o     = W_UV (sum_t p_t c_kv_t)
 
 Tensor layout: q/k/v are [B,H,S,*] here (the layout torch's SDPA takes), [B,S,H,*] in
-dsv3_jax. Masks are [S,T] bool, True = visible (the Hugging Face attention_mask convention).
+dsv3_jax. Masks are bool, True = visible (the Hugging Face attention_mask convention): [S,T]
+(causal, shared by the batch) or [B,1,S,T] (per row, ``visible_mask``: causal and padding).
 
 Pinned numerics (REFERENCE §9.2.3): scores = q.k^T in the model dtype, THEN
 multiplied by the scale (not folded into q); masked with -inf from absolute
@@ -45,6 +46,19 @@ def causal_mask(start_pos: int, S: int, T: int, device=None) -> torch.Tensor:
     q_pos = torch.arange(start_pos, start_pos + S, device=device)
     k_pos = torch.arange(T, device=device)
     return k_pos[None, :] <= q_pos[:, None]
+
+
+def visible_mask(keys: torch.Tensor, start_pos: int, S: int) -> torch.Tensor:
+    """[B,1,S,T] bool: key t is visible to query start_pos + i iff t <= start_pos + i and key t is a real
+    token (keys [B,T] bool, the attention_mask of every key position, 1 = real).
+
+    A query always sees itself, so a padded query's row is never all False (finite, don't-care
+    output) while a real query never sees a padded key."""
+    T = keys.shape[1]
+    q_pos = torch.arange(start_pos, start_pos + S, device=keys.device)[:, None]
+    k_pos = torch.arange(T, device=keys.device)[None, :]
+    own = k_pos == q_pos
+    return ((k_pos <= q_pos) & (keys[:, None, :] | own))[:, None]
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -76,10 +90,17 @@ class MLA(nn.Module):
         self.wkv_b = linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), dtype, device)
         self.wo = linear(H * self.v_dim, D, dtype, device)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.dtype = self.wo.weight.dtype  # model.to(dtype): follow the weights
+        return self
+
     # ------------------------------------------------------------ projections
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B,S,D] -> q_nope [B,H,S,N], rotated q_pe [B,H,S,R] (HF layout)."""
         B, S, _ = x.shape
+        if cos.dim() == 3:  # per-row positions [B,S,R/2]: broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, S, self.n_heads, self.qk_dim).transpose(1, 2)
         q_nope, q_pe = torch.split(q, [self.nope_dim, self.rope_dim], dim=-1)
@@ -100,15 +121,18 @@ class MLA(nn.Module):
 
     # -------------------------------------------------------------- attention
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
-        """q [B,H,S,N+R], k [B,H,T,N+R], v [B,H,T,V], mask [S,T] (True = visible) -> o [B,S,H*V]."""
+        """q [B,H,S,N+R], k [B,H,T,N+R], v [B,H,T,V], mask [S,T] or [B,1,S,T] (True = visible) -> o [B,S,H*V]."""
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # round q.k, then scale
         p = masked_softmax(scores, mask, q.dtype)
         o = torch.matmul(p, v)  # [B,H,S,V]
         B, H, S, V = o.shape
         return o.transpose(1, 2).reshape(B, S, H * V)
 
-    def _attend_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Causal self-attention over the whole window (S == T) by torch's fused kernel -> o [B,S,H*V].
+
+        mask: None (causal) or [B,1,S,T] bool (True = visible, ``visible_mask``).
 
         Private: a torch-only fast path of ``attend`` for the fp32 training forward.
         fp32 only: the same function as attend with the explicit scale,
@@ -127,14 +151,18 @@ class MLA(nn.Module):
             v = F.pad(v, (0, dq - dv))
         elif dq < dv:
             q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., :dv]  # [B,H,S,V]
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        o = o[..., :dv]  # [B,H,S,V]
         B, H, S, V = o.shape
         return o.transpose(1, 2).reshape(B, S, H * V)
 
     def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Weight-absorbed attention on latents (REFERENCE §2.1) -> o [B,S,H*V].
 
-        q_nope [B,H,S,N], q_pe [B,H,S,R], c_kv [B,T,C], k_pe [B,T,R], mask [S,T] (True = visible).
+        q_nope [B,H,S,N], q_pe [B,H,S,R], c_kv [B,T,C], k_pe [B,T,R], mask [S,T] or [B,1,S,T] (True = visible).
         """
         w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H,N,C], [H,V,C]
@@ -148,10 +176,12 @@ class MLA(nn.Module):
         return o.reshape(B, S, -1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                start_pos: int = 0, cache: Optional[dict] = None):
+                start_pos: int = 0, cache: Optional[dict] = None, mask: Optional[torch.Tensor] = None):
         """x [B,S,D] at positions start_pos.. -> out [B,S,D] (no cache) or (out, cache) with a cache.
 
-        cos/sin [S, R/2] (shared by the batch). `cache` is one layer of a KVCache (`init_cache`): a dict
+        cos/sin [S, R/2] (shared by the batch) or [B, S, R/2] (per-row positions, padding).
+        mask: None (causal) or [B,1,S,T] bool from ``visible_mask`` (T = S without a cache,
+        start_pos + S with one). `cache` is one layer of a KVCache (`init_cache`): a dict
         with "c_kv"/"k_pe" (latent) or "k"/"v" (naive), written in place at [start_pos, start_pos + S)
         and returned; attention then covers [0, start_pos + S).
         """
@@ -165,11 +195,12 @@ class MLA(nn.Module):
             k, v = self.expand(c_kv, k_pe)
             q = torch.cat([q_nope, q_pe], dim=-1)
             if q.dtype == torch.float32:
-                o = self._attend_sdpa(q, k, v)
+                o = self._attend_sdpa(q, k, v, mask)
             else:
-                o = self.attend(q, k, v, causal_mask(0, S, S, x.device))
+                o = self.attend(q, k, v, causal_mask(0, S, S, x.device) if mask is None else mask)
             return self.wo(o)
-        mask = causal_mask(start_pos, S, end, x.device)
+        if mask is None:
+            mask = causal_mask(start_pos, S, end, x.device)
         if "c_kv" in cache:
             cache["c_kv"][:, start_pos:end] = c_kv
             cache["k_pe"][:, start_pos:end] = k_pe

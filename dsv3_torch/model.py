@@ -33,6 +33,7 @@ from dsv3 import names
 from dsv3.config import ModelConfig
 from dsv3.types import LossOutput
 from dsv3_torch.block import Block
+from dsv3_torch.mla import visible_mask
 from dsv3_torch.layers import from_numpy, linear, to_numpy
 from dsv3_torch.moe import COMBINES, Experts, MoE, MoEOutput, Router, sequence_balance_loss
 from dsv3_torch.mtp import MTPModule
@@ -49,11 +50,15 @@ class KVCache:
 
     latent: c_kv [B, max_len, C] (normalised) and k_pe [B, max_len, R] (rotated);
     naive:  k [B, max_len, H, N+R] and v [B, max_len, H, V].
+    mask: None until a cached call gets an attention_mask; then [B, max_len] bool, True where
+    the entry is a real token (entries written without a mask are real), so the later calls
+    keep hiding the padded keys and count each row's positions over its real tokens only.
     """
 
     kind: str
     max_len: int
     layers: list
+    mask: Optional[torch.Tensor] = None
 
     @property
     def batch(self) -> int:
@@ -65,6 +70,12 @@ def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     out = torch.full_like(x, fill)
     out[:, : x.shape[1] - k] = x[:, k:]
     return out
+
+
+def mask_positions(valid: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool real tokens -> [B, T] positions cumsum - 1, clamped at 0: each row counts only its real
+    tokens, so a left-padded row has the positions of the row alone (Hugging Face's rule)."""
+    return (valid.long().cumsum(1) - 1).clamp(min=0)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,6 +101,13 @@ class DeepSeekV3(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg, dtype, device) for _ in range(cfg.num_nextn_predict_layers))
         self.rope = RotaryEmbedding(cfg)
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) and friends: ``dtype`` follows the weights (the rope tables are cast to it);
+        the routers keep fp32 (Router._apply)."""
+        super()._apply(fn, recurse)
+        self.dtype = self.embed.weight.dtype
+        return self
 
     @classmethod
     def abstract(cls, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> "DeepSeekV3":
@@ -147,58 +165,95 @@ class DeepSeekV3(nn.Module):
     def _rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope(torch.arange(start, start + length, device=device), self.dtype)
 
+    def _valid(self, attention_mask: torch.Tensor, shape) -> torch.Tensor:
+        """attention_mask (1 = real token, 0 = padding) -> bool, checked against the tokens' shape."""
+        if tuple(attention_mask.shape) != tuple(shape):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match the tokens {tuple(shape)}")
+        return attention_mask.to(torch.bool)
+
+    def _inputs(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+        """-> (cos, sin, mask, valid) of a full (uncached) forward; mask and valid are None without padding."""
+        T = tokens.shape[1]
+        if attention_mask is None:
+            cos, sin = self._rope(0, T, tokens.device)
+            return cos, sin, None, None
+        valid = self._valid(attention_mask, tokens.shape).to(tokens.device)
+        cos, sin = self.rope(mask_positions(valid), self.dtype)  # [B, T, R/2]
+        return cos, sin, visible_mask(valid, 0, T), valid
+
     # ------------------------------------------------------------ forward
-    def _trunk(self, tokens: torch.Tensor, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None):
+    def _trunk(self, tokens: torch.Tensor, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None,
+               mask: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None):
         """tokens [B,T] -> (hidden BEFORE the final norm [B,T,D], MoEOutputs of main layers)."""
         h = self.embed(tokens)
         moe = []
         for i, layer in enumerate(self.layers):
-            h, out, _ = layer(h, cos, sin, start_pos, None if cache is None else cache.layers[i])
+            h, out, _ = layer(h, cos, sin, start_pos, None if cache is None else cache.layers[i], mask, valid)
             if out is not None:
                 moe.append(out)
         return h, moe
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] int -> main-head logits [B, T, V] (model dtype)."""
-        self._check_tokens(tokens)
-        return self.logits(tokens)
+    def forward(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, T] int -> main-head logits [B, T, V] (model dtype).
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        attention_mask: None or [B, T] (1 = real token, 0 = padding; Hugging Face's convention):
+        padded keys are never attended to and each row's positions count its real tokens only,
+        so a left- or right-padded row gives the logits of the row alone at its real positions."""
+        self._check_tokens(tokens)
+        return self.logits(tokens, attention_mask)
+
+    def logits(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """forward without the input checks: tokens [B, T] -> logits [B, T, V]."""
-        h, _ = self.hidden(tokens)
+        h, _ = self.hidden(tokens, attention_mask)
         return self.head(h)
 
-    def hidden(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[MoEOutput]]:
-        """tokens [B, T] -> (hidden AFTER the final norm [B, T, D], MoEOutput per main MoE layer)."""
-        cos, sin = self._rope(0, tokens.shape[1], tokens.device)
-        h, moe = self._trunk(tokens, cos, sin)
+    def hidden(self, tokens: torch.Tensor,
+               attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[MoEOutput]]:
+        """tokens [B, T] -> (hidden AFTER the final norm [B, T, D], MoEOutput per main MoE layer).
+
+        With an attention_mask the MoEOutputs' counts cover the real tokens only."""
+        cos, sin, mask, valid = self._inputs(tokens, attention_mask)
+        h, moe = self._trunk(tokens, cos, sin, mask=mask, valid=valid)
         return self.norm(h), moe
 
-    def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+    def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor] = None) -> LossOutput:
         """L = main CE + (lambda/D) sum_k L^k + alpha sum_routers L_Bal (REFERENCE §6, §8.2).
 
         labels[b, i] is the target of position i (-100 ignored); depth k scores
         position i against labels[b, i + k], the last k positions masked.
+        attention_mask [B, T] (1 = real, 0 = padding): labels at padded positions are ignored,
+        depth k embeds token 0 where t_{i+k} is padding (as past the end), and padded tokens
+        are left out of the counts and the balance loss: a padded batch scores as its rows alone.
         """
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
         cfg = self.cfg
         self._check_tokens(input_ids)
-        h, moe = self.hidden(input_ids)  # h^0: the main hidden after the final norm (REFERENCE §6)
+        cos, sin, mask, valid = self._inputs(input_ids, attention_mask)
+        if valid is not None:
+            labels = labels.masked_fill(~valid, IGNORE_INDEX)
+        h, moe = self._trunk(input_ids, cos, sin, mask=mask, valid=valid)
+        h = self.norm(h)  # h^0: the main hidden after the final norm (REFERENCE §6)
         main = cross_entropy(self.head(h), labels)
-        cos, sin = self._rope(0, input_ids.shape[1], input_ids.device)
         mtp_losses = []
         for k, mod in enumerate(self.mtp, start=1):
-            emb = self.embed(_shift_left(input_ids, k, 0))  # embed(t_{i+k}), tail token 0
-            h, out = mod(h, emb, cos, sin)                  # h^k before its norm feeds depth k+1
+            ids_k = _shift_left(input_ids, k, 0)
+            if valid is not None:
+                ids_k = ids_k.masked_fill(~_shift_left(valid, k, False), 0)
+            emb = self.embed(ids_k)                         # embed(t_{i+k}), tail token 0
+            h, out = mod(h, emb, cos, sin, mask, valid)     # h^k before its norm feeds depth k+1
             moe.append(out)
-            mtp_losses.append(cross_entropy(self.head(mod.norm(h)), _shift_left(labels, k, IGNORE_INDEX)))
+            labels_k = _shift_left(labels, k, IGNORE_INDEX)
+            if valid is not None:  # a padded position i never scores, whatever labels[i + k]
+                labels_k = labels_k.masked_fill(~valid, IGNORE_INDEX)
+            mtp_losses.append(cross_entropy(self.head(mod.norm(h)), labels_k))
         zero = main.new_zeros(())
         n_mtp = len(self.mtp)  # MTP depths (the Paper's D; D is the model width here)
         mtp_losses = torch.stack(mtp_losses) if mtp_losses else main.new_zeros(0)
         mtp_loss = cfg.mtp_loss_weight / n_mtp * mtp_losses.sum() if n_mtp else zero
         K = cfg.num_experts_per_tok
-        balance = sum((sequence_balance_loss(o.scores, K) for o in moe), zero) * cfg.balance_loss_alpha
+        balance = sum((sequence_balance_loss(o.scores, K, valid) for o in moe), zero) * cfg.balance_loss_alpha
         counts = (torch.stack([o.counts for o in moe]) if moe
                   else torch.zeros(0, cfg.n_routed_experts, dtype=torch.long, device=input_ids.device))
         return LossOutput(main + mtp_loss + balance, main, mtp_losses, mtp_loss, balance, counts)
@@ -224,23 +279,41 @@ class DeepSeekV3(nn.Module):
                              f"{self.cfg.max_position_embeddings}")
         return KVCache(kind, max_len, [layer.attn.init_cache(batch, max_len, kind) for layer in self.layers])
 
-    def hidden_cached(self, tokens: torch.Tensor, cache: KVCache, start_pos: int) -> tuple[torch.Tensor, KVCache]:
-        """tokens [B, S] at positions start_pos.. -> (hidden AFTER the final norm [B, S, D], cache filled in place).
+    def hidden_cached(self, tokens: torch.Tensor, cache: KVCache, start_pos: int,
+                      attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, KVCache]:
+        """tokens [B, S] at cache entries start_pos.. -> (hidden AFTER the final norm [B, S, D], cache filled in place).
 
-        The h^0 an MTP depth takes (speculative decoding)."""
+        The h^0 an MTP depth takes (speculative decoding). attention_mask: None or [B, S] for the
+        new tokens only (1 = real, 0 = padding), kept in ``cache.mask`` so that every later call
+        hides the padded entries and gives each row the positions of its real tokens; a call
+        without one on such a cache feeds real tokens."""
         self._check_tokens(tokens, start_pos)
         S = tokens.shape[1]
         if start_pos < 0 or start_pos + S > cache.max_len:
             raise ValueError(f"positions [{start_pos}, {start_pos + S}) do not fit a cache of {cache.max_len}")
         if tokens.shape[0] != cache.batch:
             raise ValueError(f"tokens batch size {tokens.shape[0]} does not match the cache's {cache.batch}")
-        cos, sin = self._rope(start_pos, S, tokens.device)
-        h, _ = self._trunk(tokens, cos, sin, start_pos, cache)
+        if attention_mask is None and cache.mask is None:
+            cos, sin = self._rope(start_pos, S, tokens.device)
+            h, _ = self._trunk(tokens, cos, sin, start_pos, cache)
+            return self.norm(h), cache
+        end = start_pos + S
+        new = (torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None
+               else self._valid(attention_mask, tokens.shape).to(tokens.device))
+        if cache.mask is None:  # entries written before without a mask are real tokens
+            cache.mask = torch.ones(cache.batch, cache.max_len, dtype=torch.bool, device=tokens.device)
+        cache.mask[:, start_pos:end] = new
+        keys = cache.mask[:, :end]
+        cos, sin = self.rope(mask_positions(keys)[:, start_pos:], self.dtype)  # [B, S, R/2]
+        h, _ = self._trunk(tokens, cos, sin, start_pos, cache, visible_mask(keys, start_pos, S), new)
         return self.norm(h), cache
 
-    def forward_cached(self, tokens: torch.Tensor, cache: KVCache, start_pos: int) -> tuple[torch.Tensor, KVCache]:
-        """tokens [B, S] at positions start_pos.. -> (logits [B, S, V], cache filled in place)."""
-        h, cache = self.hidden_cached(tokens, cache, start_pos)
+    def forward_cached(self, tokens: torch.Tensor, cache: KVCache, start_pos: int,
+                       attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, KVCache]:
+        """tokens [B, S] at cache entries start_pos.. -> (logits [B, S, V], cache filled in place).
+
+        attention_mask: as in hidden_cached."""
+        h, cache = self.hidden_cached(tokens, cache, start_pos, attention_mask)
         return self.head(h), cache
 
     # --------------------------------------------------------- checkpoints

@@ -29,7 +29,7 @@ Pinned numerics (REFERENCE §4.2, §4.5, §9.2):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,17 @@ class Router(nn.Module):
         # Correction bias b: selection only, no gradient, outside the optimizer
         # (a persistent buffer); changed only by DeepSeekV3.update_router_bias.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32, device=device))
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .half() / .bfloat16() / .cuda() go through _apply: devices move, dtypes stay fp32."""
+        super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+            if self.weight.grad is not None:
+                self.weight.grad = self.weight.grad.float()
+        if self.bias.dtype != torch.float32:
+            self.bias = self.bias.float()
+        return self
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """[N, E] fp32 scores -> [N, K] expert ids, ascending (bias + group limit)."""
@@ -281,8 +292,11 @@ class MoE(nn.Module):
         """y_sorted [M, D] -> y [N, D]: the weighted sum over each token's K slots (the dispatcher's)."""
         return self.dispatcher.combine(y_sorted, plan, routing)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
-        """x [B, T, D] -> MoEOutput. Never changes the router bias."""
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> MoEOutput:
+        """x [B, T, D] -> MoEOutput. Never changes the router bias.
+
+        valid: None or [B, T] bool, the real (not padded) tokens: padded tokens are still computed
+        (don't-care outputs) but never reach the counts."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         r = self.route(flat)
@@ -290,16 +304,27 @@ class MoE(nn.Module):
         y = self.combine(self.compute(xs, sizes), plan, r)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return MoEOutput(y.view(B, T, D), plan.counts, r.scores.view(B, T, -1))
+        counts = plan.counts if valid is None else masked_counts(r.indices, self.cfg.n_routed_experts,
+                                                                 valid.reshape(-1))
+        return MoEOutput(y.view(B, T, D), counts, r.scores.view(B, T, -1))
 
 
-def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+def masked_counts(indices: torch.Tensor, n_experts: int, valid: torch.Tensor) -> torch.Tensor:
+    """(token, slot) assignments per expert [E] int64 of the valid tokens only: indices [N, K], valid [N] bool."""
+    return torch.bincount(indices[valid].reshape(-1), minlength=n_experts)
+
+
+def sequence_balance_loss(scores: torch.Tensor, top_k: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (Paper eqs. 17-20).
 
     scores [B, T, E] fp32 unbiased affinities. f_i counts the top-K of the
     UNBIASED scores, without bias or group limit (no gradient); P_i is the mean
     normalised score (the only gradient path). Multiply by alpha outside.
+    valid: None or [B, T] bool: each sequence is then its real tokens only (T_b of
+    them), and sequences without any are left out of the average.
     """
+    if valid is not None:
+        return _masked_balance_loss(scores, top_k, valid)
     B, T, E = scores.shape
     with torch.no_grad():
         idx = scores.topk(top_k, dim=-1).indices
@@ -308,3 +333,20 @@ def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:
         f = hits * (E / (top_k * T))
     p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
     return (f * p).sum(-1).mean()
+
+
+def _masked_balance_loss(scores: torch.Tensor, top_k: int, valid: torch.Tensor) -> torch.Tensor:
+    """sequence_balance_loss over the valid tokens of each row (T_b = valid.sum(1))."""
+    B, T, E = scores.shape
+    w = valid.to(scores.dtype)                              # [B, T]
+    n = w.sum(1)                                            # [B] T_b
+    has = n > 0
+    n = n.clamp(min=1)
+    with torch.no_grad():
+        idx = scores.topk(top_k, dim=-1).indices            # [B, T, K]
+        hits = torch.zeros(B, E, dtype=scores.dtype, device=scores.device)
+        hits.scatter_add_(1, idx.reshape(B, -1), w[:, :, None].expand(B, T, top_k).reshape(B, -1))
+        f = hits * (E / top_k) / n[:, None]
+    p = ((scores / scores.sum(-1, keepdim=True)) * w[:, :, None]).sum(1) / n[:, None]  # [B, E]
+    per_row = (f * p).sum(-1)
+    return torch.where(has, per_row, 0.0).sum() / has.sum().clamp(min=1)

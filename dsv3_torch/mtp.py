@@ -13,6 +13,8 @@ model's hidden AFTER its final norm; depth k+1 receives h^k from before norm.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -35,9 +37,12 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, moe=True, dtype=dtype, device=device)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
-        """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (embed of t_{i+k}) -> (h^k before norm, MoEOutput)."""
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None,
+                valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEOutput]:
+        """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (embed of t_{i+k}) -> (h^k before norm, MoEOutput).
+
+        mask, valid: padding, as in Block (None: causal, every token counts)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        h, stats, _ = self.block(x, cos, sin)
+        h, stats, _ = self.block(x, cos, sin, mask=mask, valid=valid)
         return h, stats

@@ -69,6 +69,60 @@ def test_logits_loss_counts(dtype, born):
     compare_forward(tm, jm, TINY, dtype)
 
 
+_loss_masked = nnx.jit(lambda m, a, b, am: m.compute_loss(a, b, am))
+_logits_masked = nnx.jit(lambda m, a, am: m.logits(a, am))
+
+
+def padded_batch(cfg, seed=0):
+    """ids [2, 12], labels, attention_mask: row 0 LEFT-padded by 4, row 1 RIGHT-padded by 3 (pad id 7,
+    labels at padded positions NOT -100: the mask alone must drop them)."""
+    ids, labels = batch(cfg, seed=seed)
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, -3:] = 0
+    ids = np.where(mask == 1, ids, 7)
+    return ids, labels, mask
+
+
+@pytest.mark.parametrize("dtype,born", [("float32", "torch"), ("float32", "jax"), ("bfloat16", "torch")])
+def test_logits_loss_counts_with_attention_mask(dtype, born):
+    tm, jm = make_pair(TINY, dtype, born, seed=16)
+    ids, labels, mask = padded_batch(TINY, seed=4)
+    with torch.no_grad():
+        lt = tm(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask))
+        out_t = tm.compute_loss(torch.as_tensor(ids), torch.as_tensor(labels), torch.as_tensor(mask))
+    lj = _logits_masked(jm, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+    out_j = _loss_masked(jm, jnp.asarray(ids, jnp.int32), jnp.asarray(labels, jnp.int32),
+                         jnp.asarray(mask, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(out_j.counts), out_t.counts.numpy(), err_msg="router counts")
+    record("router counts, padded (exact)", dtype, 0.0, 0.0, "exact")
+    real = mask.astype(bool)
+    assert np.isfinite(np32(lj)).all() and np.isfinite(np32(lt)).all()  # padded rows: finite, don't-care
+    assert_close("model logits, padded (real positions)", dtype, np32(lj)[real], np32(lt)[real])
+    if dtype == "bfloat16":
+        k = kl(np32(lt)[real], np32(lj)[real])
+        record("model logits KL, padded", dtype, k, 1e-3, "KL(torch||jax)")
+        assert k < 1e-3
+    for name in ("loss", "main_loss", "mtp_loss", "balance_loss"):
+        assert_close(f"loss, padded: {name}", dtype, getattr(out_j, name), getattr(out_t, name), TOL[dtype])
+    assert_close("loss, padded: mtp_losses", dtype, out_j.mtp_losses, out_t.mtp_losses, TOL[dtype])
+
+
+def test_cached_logits_agree_with_attention_mask():
+    tm, jm = make_pair(TINY, "float32", "torch", seed=17)
+    ids, _, mask = padded_batch(TINY, seed=5)
+    mask[1] = 1  # decoding: left padding only
+    tc, jc = tm.init_cache(2, 14, "latent"), jm.init_cache(2, 14, "latent")
+    step = nnx.jit(lambda m, t, c, p, am: m.forward_cached(t, c, p, am))
+    for a, b in [(0, 6), (6, 7), (7, 12)]:
+        am = mask[:, a:b]
+        with torch.no_grad():
+            lt, tc = tm.forward_cached(torch.as_tensor(ids[:, a:b]), tc, a, torch.as_tensor(am))
+        lj, jc = step(jm, jnp.asarray(ids[:, a:b], jnp.int32), jc, jnp.int32(a), jnp.asarray(am, jnp.int32))
+        real = am.astype(bool)
+        assert_close("model decode logits, padded (latent cache)", "float32", np32(lj)[real], np32(lt)[real])
+
+
 # -------------------------------------------------------------- gradients
 def torch_grads(tm, ids, labels) -> tuple[dict, object]:
     tm.zero_grad(set_to_none=True)
