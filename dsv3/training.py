@@ -82,6 +82,7 @@ class TrainConfig:
     save_every: int = 200
     keep_checkpoints: int = 2
     compile: bool = False  # torch.compile (torch only)
+    mesh: Optional[str] = None  # JAX only: a device mesh "data=2,fsdp=2,expert=2" (dsv3_jax.sharding)
     progress: bool = True
     plots: bool = True
 
