@@ -77,6 +77,24 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    _add_mesh_options(p)
+
+
+def _add_mesh_options(p) -> None:
+    p.add_argument("--mesh", default=None, metavar="AXES",
+                   help="JAX device mesh, e.g. data=2,fsdp=2,expert=2 (axes data, fsdp, expert; see docs/scaling.md)")
+    p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                   help="simulate N CPU devices (sets XLA_FLAGS before JAX starts)")
+
+
+def set_cpu_devices(n: int) -> None:
+    """Ask XLA:CPU for n devices: must run before jax is imported (the flag is read once, at start)."""
+    if n < 1:
+        raise ValueError(f"--cpu-devices must be >= 1, got {n}")
+    if "jax" in sys.modules:
+        raise ValueError("--cpu-devices: jax is already imported; the device count can no longer change")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
 
 
 def _add_generate(sub) -> None:
@@ -107,6 +125,10 @@ def _add_info(sub) -> None:
     g.add_argument("--preset", choices=sorted(PRESETS), default="small")
     g.add_argument("--config", metavar="CONFIG_JSON")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--mesh", default=None, metavar="AXES",
+                   help="also print per-device bytes of parameters, AdamW state and activations per token on "
+                        "this mesh (abstract: nothing is allocated), e.g. data=8,fsdp=32,expert=32")
+    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for the activation estimate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +154,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         balance_loss_alpha=args.balance_loss_alpha, mtp_loss_weight=args.mtp_loss_weight,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, compile=args.compile, progress=not args.no_progress,
-        plots=not args.no_plots)
+        plots=not args.no_plots, mesh=args.mesh)
 
 
 def backend_factory(framework: str):
@@ -169,6 +191,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             old = TrainConfig.from_dict(json.load(f))
         explicit = _explicit_train_options(argv)
         tcfg = TrainConfig.from_dict({**old.to_dict(), **{k: getattr(tcfg, k) for k in explicit}, "out": tcfg.out})
+    if tcfg.mesh and tcfg.framework != "jax":
+        raise ValueError("--mesh applies to --framework jax only")
     if tcfg.compile and tcfg.framework != "torch":
         raise ValueError("--compile applies to --framework torch only (the JAX step is always nnx.jit-compiled)")
     try:
@@ -300,14 +324,27 @@ def _human(n: int) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     cfg = ModelConfig.from_pretrained(args.config) if args.config else ModelConfig.preset(args.preset)
     d = info_dict(cfg)
+    if args.mesh:
+        from dsv3_jax.sharding import abstract_plan
+
+        d["mesh"] = abstract_plan(cfg, args.mesh, seq_len=args.seq_len)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     print(f"{args.config or args.preset}:")
     for k, v in d.items():
+        if k == "mesh":
+            continue
         if k.startswith("params_"):
             v = f"{v:,} ({_human(v)})"
         print(f"  {k:26s} {v}")
+    if "mesh" in d:
+        m = d["mesh"]
+        print(f"  per device on {m['mesh']} ({m['devices']} devices, fp32 weights, AdamW):")
+        for k, label in (("params", "parameters"), ("optimizer", "AdamW state"), ("total", "total")):
+            print(f"    {label:24s} {m[k]:,} B ({m[k] / 2**30:.2f} GiB)")
+        print(f"    {'activations per token':24s} {m['activations_per_token']:,} B at seq_len {m['seq_len']} "
+              f"(of which attention probabilities {m['attention_probs_per_token']:,} B)")
     return 0
 
 
@@ -330,6 +367,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
+    if getattr(args, "cpu_devices", None):
+        set_cpu_devices(args.cpu_devices)  # before any command imports jax
     commands = {"train": lambda a: cmd_train(a, argv), "generate": cmd_generate, "convert": cmd_convert,
                 "info": cmd_info}
     try:

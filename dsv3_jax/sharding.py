@@ -24,7 +24,7 @@ XLA's sharding propagation decides the rest.
 **The rules** (``RULES``) map each canonical parameter name (torch layout, ``[out, in]``; experts
 ``[E, out, in]``; names as ``dsv3.checkpoint.canonical_shapes``) to a ``PartitionSpec``. An axis that
 does not divide its dimension is dropped from that dimension (the tensor is then replicated over it);
-``spec_for`` reports the spec actually used, so the byte counts in ``per_device_bytes`` are exact.
+``spec_for`` reports the spec actually used, so the byte counts of ``planned_bytes`` are exact.
 AdamW moments follow their parameter; the step count is replicated.
 
 Expert parallelism (``ExpertParallel``) runs the routed experts inside ``jax.shard_map`` over
@@ -169,33 +169,17 @@ def shard_factor(spec: P, mesh: Mapping[str, int]) -> int:
     return f
 
 
-def per_device_bytes(cfg: ModelConfig, mesh: str | Mapping[str, int], param_bytes: int = 4) -> dict:
-    """Bytes each device holds for parameters and AdamW state, from canonical_shapes and the rules.
-
-    params: every canonical tensor (router biases included, fp32); adam: mu + nu of every trainable
-    parameter (the router bias is not one) plus the replicated int32 step count. Every spec divides
-    its tensor evenly (``spec_for`` drops non-dividing axes), so each device holds the same bytes."""
-    from dsv3.checkpoint import canonical_shapes
-
-    sizes = parse_mesh(mesh)
-    params = adam = 0
-    for name, shape in canonical_shapes(cfg).items():
-        n = math.prod(shape) // shard_factor(spec_for(name, shape, sizes), sizes)
-        nbytes = n * (4 if name.endswith("gate.bias") else param_bytes)
-        params += nbytes
-        if not name.endswith("gate.bias"):
-            adam += 2 * n * param_bytes
-    return {"params": params, "adam": adam + 4, "total": params + adam + 4}
-
-
-def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int = 4) -> int:
+def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int = 4) -> dict:
     """Estimate of the activations one token keeps for the backward pass (no rematerialisation).
 
     Per layer: the inputs of every matmul and norm, the attention probabilities (H x seq_len values
     per query token, the only term that grows with the sequence), the SwiGLU intermediates
     (dense: 3F; MoE: K routed experts of 3F each plus the shared experts, their K inputs of D and the
     router's fp32 scores E); plus the final norm, the logits (fp32) and one more layer per MTP
-    depth. With tokens split over every mesh axis, each device holds this for each of its tokens."""
+    depth. With tokens split over every mesh axis, each device holds this for each of its tokens.
+
+    Returns {"total", "attention_probs"} in bytes; the second is the part a fused (flash) attention
+    would not keep."""
     D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
     Q = cfg.q_lora_rank or 0
     C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -217,56 +201,107 @@ def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int 
     layers = n_dense * (attn + dense_ffn) + n_moe * (attn + moe_ffn)
     mtp = cfg.num_nextn_predict_layers * (attn + moe_ffn + 5 * D + V)
     head = D + V
-    return int((layers + mtp + head) * dtype_bytes + (V * (1 + cfg.num_nextn_predict_layers)) * (4 - dtype_bytes))
+    total = (layers + mtp + head) * dtype_bytes + (V * (1 + cfg.num_nextn_predict_layers)) * (4 - dtype_bytes)
+    n_attn = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    return {"total": int(total), "attention_probs": int(n_attn * 2 * H * seq_len * dtype_bytes)}
 
 
 # --------------------------------------------------------- placing a model
 def _flat_vars(obj) -> list:
     from flax import nnx
 
-    return nnx.to_flat_state(nnx.state(obj))
+    return [(tuple(p), v) for p, v in nnx.to_flat_state(nnx.state(obj))]
 
 
-def model_shardings(model, mesh: jax.sharding.Mesh) -> dict[int, NamedSharding]:
-    """{id(variable): NamedSharding} for every canonical variable of a DeepSeekV3 (Flax layout)."""
-    sizes = mesh_shape(mesh)
-    out = {}
+def _torch_shape(shape: tuple, layout: str) -> tuple:
+    if layout == "T":
+        return shape[::-1]
+    if layout == "E":
+        return shape[:-2] + shape[-2:][::-1]
+    return shape
+
+
+def model_specs(model, mesh: Mapping[str, int]) -> dict[tuple, P]:
+    """{state path: Flax-layout PartitionSpec} for every variable of a DeepSeekV3, concrete or
+    abstract (``DeepSeekV3.abstract``): canonical variables per RULES, anything else replicated."""
+    sizes = parse_mesh(mesh)
+    by_id = {}
     for name, var, layout in model._canonical_vars():
         shape = tuple(var.get_value().shape)
-        torch_shape = shape[::-1] if layout == "T" else (shape[:-2] + shape[-2:][::-1] if layout == "E" else shape)
-        out[id(var)] = NamedSharding(mesh, to_flax_layout(spec_for(name, torch_shape, sizes), layout))
+        by_id[id(var)] = to_flax_layout(spec_for(name, _torch_shape(shape, layout), sizes), layout)
+    return {path: by_id.get(id(var), P()) for path, var in _flat_vars(model)}
+
+
+def optimizer_specs(optimizer, model, mesh: Mapping[str, int]) -> dict[tuple, P]:
+    """{state path: PartitionSpec} for an nnx.Optimizer's state: a leaf whose path ends with a
+    parameter's path and has its shape (Adam mu, nu) follows that parameter; the rest (step
+    counts) is replicated."""
+    params = model_specs(model, mesh)
+    shapes = {path: tuple(var.get_value().shape) for path, var in _flat_vars(model)}
+    out = {}
+    for path, var in _flat_vars(optimizer):
+        spec = P()
+        for i in range(len(path)):
+            if path[i:] in params and shapes[path[i:]] == tuple(np.shape(var.get_value())):
+                spec = params[path[i:]]
+                break
+        out[path] = spec
     return out
 
 
-def shard_model(model, mesh: jax.sharding.Mesh) -> dict[tuple, NamedSharding]:
-    """Move every variable of ``model`` onto ``mesh`` per RULES (others replicated), in place.
-
-    Returns {state path: (NamedSharding, shape)}, the map ``shard_optimizer`` uses for the AdamW moments."""
-    by_id = model_shardings(model, mesh)
-    replicated = NamedSharding(mesh, P())
-    paths = {}
-    for path, var in _flat_vars(model):
-        sh = by_id.get(id(var), replicated)
-        value = var.get_value()
-        var.set_value(jax.device_put(value, sh))
-        paths[tuple(path)] = (sh, tuple(np.shape(value)))
-    return paths
+def _place(obj, specs: Mapping[tuple, P], mesh: jax.sharding.Mesh) -> None:
+    for path, var in _flat_vars(obj):
+        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, specs[path])))
 
 
-def shard_optimizer(optimizer, param_paths: Mapping[tuple, tuple], mesh: jax.sharding.Mesh) -> None:
-    """Place an nnx.Optimizer's state: each leaf whose path ends with a parameter's path and has its
-    shape takes that parameter's sharding (Adam mu, nu); the rest (step counts) is replicated."""
-    replicated = NamedSharding(mesh, P())
-    for path, var in _flat_vars(optimizer):
-        path = tuple(path)
-        value = var.get_value()
-        sh = replicated
-        for i in range(len(path)):
-            cand = param_paths.get(path[i:])
-            if cand is not None and cand[1] == tuple(np.shape(value)):
-                sh = cand[0]
-                break
-        var.set_value(jax.device_put(value, sh))
+def shard_model(model, mesh: jax.sharding.Mesh) -> None:
+    """Move every variable of ``model`` onto ``mesh`` per RULES (others replicated), in place."""
+    _place(model, model_specs(model, mesh_shape(mesh)), mesh)
+
+
+def shard_optimizer(optimizer, model, mesh: jax.sharding.Mesh) -> None:
+    """Move an nnx.Optimizer's state onto ``mesh``: moments as their parameters, the rest replicated."""
+    _place(optimizer, optimizer_specs(optimizer, model, mesh_shape(mesh)), mesh)
+
+
+def planned_bytes(model, optimizer, mesh: Mapping[str, int]) -> dict:
+    """Per-device bytes of the model's variables and the optimizer's state under the rules, from
+    shapes and dtypes only (works on ``DeepSeekV3.abstract`` and ``nnx.eval_shape`` objects; nothing
+    is allocated). Every spec divides its dimension, so each device holds the same amount."""
+    sizes = parse_mesh(mesh)
+
+    def total(obj, specs):
+        n = 0
+        for path, var in _flat_vars(obj):
+            v = var.get_value()
+            n += math.prod(v.shape) * np.dtype(v.dtype).itemsize // shard_factor(specs[path], sizes)
+        return n
+
+    params = total(model, model_specs(model, sizes))
+    opt = total(optimizer, optimizer_specs(optimizer, model, sizes)) if optimizer is not None else 0
+    return {"params": params, "optimizer": opt, "total": params + opt}
+
+
+def abstract_plan(cfg: ModelConfig, mesh: str | Mapping[str, int], tcfg=None, seq_len: int = 4096) -> dict:
+    """``planned_bytes`` of the fp32 model and its AdamW state built with ``nnx.eval_shape`` (no
+    allocation), plus the activation estimate per token; what ``dsv3 info --mesh`` prints."""
+    from flax import nnx
+
+    from dsv3.training import TrainConfig
+    from dsv3_jax.model import DeepSeekV3
+    from dsv3_jax.train import make_tx
+
+    tcfg = tcfg or TrainConfig()
+    model = DeepSeekV3.abstract(cfg)
+    opt = nnx.eval_shape(lambda m: nnx.Optimizer(m, make_tx(tcfg), wrt=nnx.Param), model)
+    plan = planned_bytes(model, opt, mesh)
+    act = activation_bytes_per_token(cfg, seq_len)
+    plan["activations_per_token"] = act["total"]
+    plan["attention_probs_per_token"] = act["attention_probs"]
+    plan["seq_len"] = seq_len
+    plan["mesh"] = format_mesh(parse_mesh(mesh))
+    plan["devices"] = mesh_size(parse_mesh(mesh))
+    return plan
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:

@@ -97,15 +97,15 @@ class JaxBackend:
         self._train, self._eval = _steps(cfg if tcfg.dtype == "bfloat16" else None)
         if mesh is not None:
             self._place()
-            self._train = _sharded_train_step(_steps_twin(cfg if tcfg.dtype == "bfloat16" else None),
-                                              self.model, self.optimizer)
+            self._train = _sharded_train_step(cfg if tcfg.dtype == "bfloat16" else None, self.model,
+                                              self.optimizer)
 
     def _place(self) -> None:
         """(Re)place the model and optimizer state on the mesh (after init or a load)."""
         from dsv3_jax import sharding
 
-        paths = sharding.shard_model(self.model, self.mesh)
-        sharding.shard_optimizer(self.optimizer, paths, self.mesh)
+        sharding.shard_model(self.model, self.mesh)
+        sharding.shard_optimizer(self.optimizer, self.model, self.mesh)
 
     def _put_batch(self, a: np.ndarray, batch_dim: int) -> jax.Array:
         if self.mesh is None:
@@ -200,24 +200,15 @@ def _steps(bf16_cfg: ModelConfig | None):
     return _make_train_step(twin), _make_eval_step(twin)
 
 
-def _sharded_train_step(twin, model, optimizer):
+def _sharded_train_step(bf16_cfg, model, optimizer):
     """The step of ``_train_step_fn`` under ``jax.jit`` on split state, for a model and optimizer
     already placed on a mesh: the new state leaves are pinned to the shardings they came in with
     (so GSPMD cannot drift them) and the old ones are donated. Same call signature as the
     single-device step; the new state is written back into ``model`` and ``optimizer``."""
-    body = _train_step_fn(twin)
     gd_m, st_m = nnx.split(model)
     gd_o, st_o = nnx.split(optimizer)
     leaves, treedef = jax.tree.flatten((st_m, st_o))
-    shardings = [x.sharding for x in leaves]
-
-    def step(leaves, xs, ys, lr, gamma):
-        sm, so = jax.tree.unflatten(treedef, leaves)
-        m, o = nnx.merge(gd_m, sm), nnx.merge(gd_o, so)
-        out = body(m, o, xs, ys, lr, gamma)
-        return jax.tree.leaves((nnx.state(m), nnx.state(o))), out
-
-    jitted = jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
+    jitted = _jit_sharded_step(bf16_cfg, gd_m, gd_o, treedef, tuple(x.sharding for x in leaves))
 
     def train_step(model, optimizer, xs, ys, lr, gamma):
         new, out = jitted(jax.tree.leaves((nnx.state(model), nnx.state(optimizer))), xs, ys, lr, gamma)
@@ -227,6 +218,20 @@ def _sharded_train_step(twin, model, optimizer):
         return out
 
     return train_step
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_sharded_step(bf16_cfg, gd_m, gd_o, treedef, shardings):
+    """One jitted sharded step per (precision, graph, state structure, shardings): equal backends share it."""
+    body = _train_step_fn(_steps_twin(bf16_cfg))
+
+    def step(leaves, xs, ys, lr, gamma):
+        sm, so = jax.tree.unflatten(treedef, leaves)
+        m, o = nnx.merge(gd_m, sm), nnx.merge(gd_o, so)
+        out = body(m, o, xs, ys, lr, gamma)
+        return jax.tree.leaves((nnx.state(m), nnx.state(o))), out
+
+    return jax.jit(step, out_shardings=(list(shardings), None), donate_argnums=0)
 
 
 def _make_train_step(twin):
