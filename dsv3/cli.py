@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import json
 import os
 import sys
@@ -22,9 +23,8 @@ from typing import Optional, Sequence
 
 from dsv3 import runtime
 from dsv3.config import PRESETS, ModelConfig
-from dsv3.training import DTYPES, FRAMEWORKS, TrainConfig
-
-_DEFAULTS = TrainConfig()
+from dsv3.flops import param_counts
+from dsv3.train_config import DTYPES, FRAMEWORKS, TrainConfig
 
 
 # ------------------------------------------------------------------ parsers
@@ -32,9 +32,28 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" only where there is a real default value."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
+
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _add_field(p, f: dataclasses.Field) -> None:
+    """The flag of one TrainConfig field, from its metadata (see dsv3.train_config)."""
+    meta = f.metadata
+    flags = meta.get("flags") or ("--" + f.name.replace("_", "-"),)
+    kw: dict = {"dest": f.name, "help": meta.get("help")}
+    if isinstance(f.default, bool):
+        if f.default:
+            flags = ("--no-" + f.name.replace("_", "-"),)
+        kw.update(action="store_false" if f.default else "store_true", default=f.default)
+    else:
+        kw.update(type=_TYPES[str(f.type).replace("Optional[", "").rstrip("]")],
+                  default=meta.get("cli_default", f.default))
+        kw.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
+    p.add_argument(*flags, **kw)
 
 
 def _add_train(sub) -> None:
@@ -43,48 +62,15 @@ def _add_train(sub) -> None:
                                    "bias update, the sequence-wise balance loss and MTP. Writes checkpoints, "
                                    "metrics.jsonl and PNG plots to --out.",
                        formatter_class=_Defaults)
-    p.add_argument("--framework", choices=FRAMEWORKS, default=_DEFAULTS.framework)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--preset", choices=sorted(PRESETS), default=_DEFAULTS.preset)
-    g.add_argument("--config", metavar="CONFIG_JSON", help="HF config.json (file or directory) instead of a preset")
-    p.add_argument("--data", metavar="PATH", help="text file or folder (default: the Python standard library's source)")
-    p.add_argument("--out", default=None, help="run directory (default runs/<preset>-<framework>)")
-    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="sequences per optimizer step")
-    p.add_argument("--seq-len", type=int, default=_DEFAULTS.seq_len, help="tokens (bytes) per sequence")
-    p.add_argument("--grad-accum", type=int, default=_DEFAULTS.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=_DEFAULTS.min_lr_ratio, help="cosine floor / peak")
-    p.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="AdamW decay (matrices only)")
-    p.add_argument("--beta1", type=float, default=_DEFAULTS.beta1, help="AdamW beta1")
-    p.add_argument("--beta2", type=float, default=_DEFAULTS.beta2, help="AdamW beta2")
-    p.add_argument("--adam-eps", dest="eps", type=float, default=_DEFAULTS.eps, help="AdamW epsilon")
-    p.add_argument("--grad-clip", type=float, default=_DEFAULTS.grad_clip, help="max gradient norm (0: off)")
-    p.add_argument("--dtype", choices=DTYPES, default=_DEFAULTS.dtype, help="compute dtype (weights stay fp32)")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="init and data order")
-    p.add_argument("--gamma", "--bias-update-speed", dest="bias_update_speed", type=float, default=None,
-                   help="aux-loss-free bias update speed (default: the model config's; 0 disables)")
-    p.add_argument("--alpha", "--balance-loss-alpha", dest="balance_loss_alpha", type=float, default=None,
-                   help="sequence-wise balance loss weight (default: the model config's)")
-    p.add_argument("--mtp-weight", "--mtp-loss-weight", dest="mtp_loss_weight", type=float, default=None,
-                   help="MTP loss weight lambda (default: the model config's)")
-    p.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every, help="steps between validations")
-    p.add_argument("--eval-batches", type=int, default=_DEFAULTS.eval_batches, help="validation batches")
-    p.add_argument("--save-every", type=int, default=_DEFAULTS.save_every, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, default=_DEFAULTS.keep_checkpoints, help="checkpoints kept")
-    p.add_argument("--compile", action="store_true", help="torch.compile the loss (torch only)")
+    groups: dict = {}
+    for f in dataclasses.fields(TrainConfig):
+        group = f.metadata.get("group")
+        if group is not None and group not in groups:
+            groups[group] = p.add_mutually_exclusive_group()
+        _add_field(groups[group] if group else p, f)
     p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
-    _add_mesh_options(p)
-
-
-def _add_mesh_options(p) -> None:
-    p.add_argument("--mesh", default=None, metavar="AXES",
-                   help="JAX device mesh, e.g. data=2,fsdp=2,expert=2 (axes data, fsdp, expert; see docs/scaling.md)")
     p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
-                   help="simulate N CPU devices (sets XLA_FLAGS before JAX starts)")
+                   help="simulate N CPU devices (sets XLA_FLAGS before JAX starts), e.g. for --mesh on a laptop")
 
 
 def set_cpu_devices(n: int) -> None:
@@ -93,7 +79,8 @@ def set_cpu_devices(n: int) -> None:
         raise ValueError(f"--cpu-devices must be >= 1, got {n}")
     if "jax" in sys.modules:
         raise ValueError("--cpu-devices: jax is already imported; the device count can no longer change")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
 
 
@@ -144,17 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------- commands
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    out = args.out or os.path.join("runs", f"{'custom' if args.config else args.preset}-{args.framework}")
-    return TrainConfig(
-        framework=args.framework, preset=args.preset, config=args.config, data=args.data, out=out,
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
-        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, eps=args.eps, grad_clip=args.grad_clip,
-        dtype=args.dtype, seed=args.seed, bias_update_speed=args.bias_update_speed,
-        balance_loss_alpha=args.balance_loss_alpha, mtp_loss_weight=args.mtp_loss_weight,
-        eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints, compile=args.compile, progress=not args.no_progress,
-        plots=not args.no_plots, mesh=args.mesh)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["out"] = args.out or os.path.join("runs", f"{'custom' if args.config else args.preset}-{args.framework}")
+    return TrainConfig(**values)
 
 
 def backend_factory(framework: str):
@@ -174,10 +153,7 @@ def _explicit_train_options(argv: Sequence[str]) -> set[str]:
     for action in train_parser._actions:
         action.default = argparse.SUPPRESS
     ns = vars(parser.parse_args(list(argv)))
-    ns.pop("command", None)
-    fields = set(TrainConfig().to_dict())
-    mapped = {"no_progress": "progress", "no_plots": "plots"}
-    return {mapped.get(k, k) for k in ns} & fields
+    return set(ns) & {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
@@ -228,7 +204,7 @@ def generate_text(checkpoint: str, prompt: str, framework: str = "torch", max_ne
     New text is streamed to ``stream`` (default stdout; False: silent) token by token.
     """
     from dsv3.data import ByteTokenizer
-    from dsv3.training import resolve_weights_dir
+    from dsv3.rundir import resolve_weights_dir
 
     directory = resolve_weights_dir(checkpoint)
     cfg = ModelConfig.from_pretrained(directory)
@@ -293,9 +269,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def info_dict(cfg: ModelConfig) -> dict:
-    from dsv3.training import param_counts
-
-    pc = param_counts(cfg)  # from canonical_shapes; the router bias is a buffer, not counted
+    pc = param_counts(cfg)  # the router bias is a buffer, not counted
     kv_latent = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     kv_naive = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     return {
@@ -306,8 +280,8 @@ def info_dict(cfg: ModelConfig) -> dict:
         "mla": f"q_lora {cfg.q_lora_rank}, kv_lora {cfg.kv_lora_rank}, nope/rope/v "
                f"{cfg.qk_nope_head_dim}/{cfg.qk_rope_head_dim}/{cfg.v_head_dim}",
         "mtp_depths": cfg.num_nextn_predict_layers, "max_position_embeddings": cfg.max_position_embeddings,
-        "params_total": pc["total"], "params_main": pc["main"], "params_mtp": pc["mtp"],
-        "params_active_per_token": pc["active_per_token"],
+        "params_total": pc.total, "params_main": pc.main, "params_mtp": pc.mtp,
+        "params_active_per_token": pc.active_per_token,
         "kv_cache_values_per_token": {"latent": kv_latent, "naive": kv_naive},
         "training": {"gamma": cfg.bias_update_speed, "alpha": cfg.balance_loss_alpha,
                      "lambda": cfg.mtp_loss_weight},
@@ -339,13 +313,16 @@ def cmd_info(args: argparse.Namespace) -> int:
             v = f"{v:,} ({_human(v)})"
         print(f"  {k:26s} {v}")
     if "mesh" in d:
-        m = d["mesh"]
-        print(f"  per device on {m['mesh']} ({m['devices']} devices, fp32 weights, AdamW):")
-        for k, label in (("params", "parameters"), ("optimizer", "AdamW state"), ("total", "total")):
-            print(f"    {label:24s} {m[k]:,} B ({m[k] / 2**30:.2f} GiB)")
-        print(f"    {'activations per token':24s} {m['activations_per_token']:,} B at seq_len {m['seq_len']} "
-              f"(of which attention probabilities {m['attention_probs_per_token']:,} B)")
+        _print_mesh_plan(d["mesh"])
     return 0
+
+
+def _print_mesh_plan(m: dict) -> None:
+    print(f"  per device on {m['mesh']} ({m['devices']} devices, fp32 weights, AdamW):")
+    for k, label in (("params", "parameters"), ("optimizer", "AdamW state"), ("total", "total")):
+        print(f"    {label:24s} {m[k]:,} B ({m[k] / 2**30:.2f} GiB)")
+    print(f"    {'activations per token':24s} {m['activations_per_token']:,} B at seq_len {m['seq_len']} "
+          f"(of which attention probabilities {m['attention_probs_per_token']:,} B)")
 
 
 def cmd_bench(argv: Sequence[str]) -> int:

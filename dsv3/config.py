@@ -12,8 +12,10 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from dsv3.fileio import atomic_write_text
 
 # Keys of a Hugging Face DeepSeek-V3 config.json that this project knows but does
 # not model. Each is either metadata or a value the architecture fixes; the
@@ -52,6 +54,127 @@ _ROPE_KEYS = frozenset(
     {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
      "beta_slow", "mscale", "mscale_all_dim", "rope_theta", "truncate"}
 )
+# The rope keys that only YaRN reads.
+_YARN_KEYS = frozenset(
+    {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
+)
+# ModelConfig fields a config.json carries inside rope_scaling / rope_parameters, never at top level.
+_ROPE_FIELDS = frozenset(
+    {"rope_scaling_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+     "mscale", "mscale_all_dim"}
+)
+
+# What every DeepSeek-V3 config.json states: sizes, layer counts, vocabulary, heads, ranks and
+# expert counts. transformers defaults each of them to the 671B value, so a config.json that
+# lacks one would silently describe a different model; from_hf_dict refuses it instead. The other
+# keys keep their Hugging Face default (rms_norm_eps, rope_theta, initializer_range,
+# routed_scaling_factor, norm_topk_prob, bos/eos, num_key_value_heads) or the project's
+# (balance_loss_alpha, bias_update_speed, mtp_loss_weight, which config.json never has).
+_HF_REQUIRED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "first_k_dense_replace", "num_nextn_predict_layers", "num_attention_heads", "q_lora_rank",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+    "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
+)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """The type and range one setting must have.
+
+    kind: "int" (a Python/JSON integer, not a bool), "real" (an int or float, not a bool, finite)
+    or "bool" (true/false). A number must be > low (low_open) or >= low; nullable admits None.
+    """
+
+    kind: str
+    low: Optional[float] = None
+    low_open: bool = True
+    nullable: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "bool":
+            what = "a boolean (true or false)"
+        elif self.kind == "int":
+            what = {(0, True): "a positive integer", (0, False): "a non-negative integer"}.get(
+                (self.low, self.low_open), f"an integer {'>' if self.low_open else '>='} {self.low}")
+        else:
+            what = "a finite number" + ("" if self.low is None else
+                                        f" {'>' if self.low_open else '>='} {self.low:g}")
+        return ("None (null) or " if self.nullable else "") + what
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why `value` breaks the rule ("must be ..."), or None when it is fine."""
+        if value is None and self.nullable:
+            return None
+        bad = f"must be {self.describe()}"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else bad
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return bad
+        if self.kind == "int" and not isinstance(value, int):
+            return bad
+        if self.kind == "real":
+            try:
+                if not math.isfinite(float(value)):
+                    return bad
+            except OverflowError:  # an integer beyond the float range
+                return bad
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return bad
+        return None
+
+
+_POS_INT, _NONNEG_INT = _Rule("int", 0), _Rule("int", 0, low_open=False)
+_POS_REAL, _NONNEG_REAL = _Rule("real", 0), _Rule("real", 0, low_open=False)
+
+# One rule per setting, shared by ModelConfig.__post_init__ (the dataclass fields) and
+# from_hf_dict (the same keys in config.json, plus the keys only config.json has).
+_RULES: dict[str, _Rule] = {
+    **{name: _POS_INT for name in (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+        "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+        "original_max_position_embeddings", "num_key_value_heads", "head_dim", "qk_head_dim")},
+    **{name: _NONNEG_INT for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")},
+    "q_lora_rank": _Rule("int", 0, nullable=True),  # None: a direct query projection wq
+    "bos_token_id": _Rule("int", 0, low_open=False, nullable=True),
+    "eos_token_id": _Rule("int", 0, low_open=False, nullable=True),
+    "norm_topk_prob": _Rule("bool"),
+    **{name: _POS_REAL for name in (
+        "routed_scaling_factor", "rms_norm_eps", "initializer_range", "beta_fast", "beta_slow")},
+    # RoPE frequencies theta^(-2i/R) must fall with i; YaRN divides by ln(theta).
+    "rope_theta": _Rule("real", 1),
+    "rope_factor": _Rule("real", 1, low_open=False),
+    **{name: _NONNEG_REAL for name in (
+        "mscale", "mscale_all_dim", "balance_loss_alpha", "bias_update_speed", "mtp_loss_weight")},
+}
+
+
+def _check(where: str, name: str, value: Any, rule: Optional[_Rule] = None) -> None:
+    """Raise ValueError "<where><name>: must be ... (got value)" unless `value` obeys the rule."""
+    problem = (rule or _RULES[name]).problem(value)
+    if problem is not None:
+        raise ValueError(f"{where}{name}: {problem} (got {value!r})")
+
+
+class Validator:
+    """``need(cond, field, msg)`` raises ValueError naming the dataclass, the field and its value.
+
+    The one validator of the project's configs (ModelConfig, TrainConfig)."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __call__(self, cond: bool, name: str, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"{type(self.obj).__name__}.{name}: {msg} (got {getattr(self.obj, name)!r})")
+
+    def integers(self, names: Sequence[str], minimum: int) -> None:
+        """Each field an int >= minimum ("positive" for 1, "non-negative" for 0)."""
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        for name in names:
+            v = getattr(self.obj, name)
+            self(isinstance(v, int) and v >= minimum, name, f"must be {what}")
 
 
 @dataclass(frozen=True)
@@ -107,44 +230,30 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ checks
     def __post_init__(self) -> None:
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"ModelConfig.{name}: {msg} (got {getattr(self, name)!r})")
+        need = Validator(self)
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "n_routed_experts",
-                     "num_experts_per_tok", "n_group", "topk_group", "kv_lora_rank",
-                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                     "max_position_embeddings", "original_max_position_embeddings"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
-                 "must be a positive integer")
-        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
-                 "must be a non-negative integer")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
-             "q_lora_rank", "must be None (direct query projection) or a positive integer")
+        for f in dataclasses.fields(self):  # types and ranges (rules shared with from_hf_dict)
+            if f.name in _RULES:
+                _check("ModelConfig.", f.name, getattr(self, f.name))
         need(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
              f"cannot exceed num_hidden_layers={self.num_hidden_layers}")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         need(self.n_routed_experts % self.n_group == 0, "n_routed_experts",
              f"must be divisible by n_group={self.n_group}")
         need(self.n_routed_experts // self.n_group >= 2, "n_group",
-             "each group needs at least 2 experts (a group scores the sum of its top 2)")
+             f"each group needs at least 2 of the n_routed_experts={self.n_routed_experts} experts "
+             "(a group scores the sum of its top 2)")
         need(self.topk_group <= self.n_group, "topk_group", f"cannot exceed n_group={self.n_group}")
         kept = self.topk_group * (self.n_routed_experts // self.n_group)
         need(self.num_experts_per_tok <= kept, "num_experts_per_tok",
-             f"cannot exceed the {kept} experts in the topk_group={self.topk_group} kept groups")
-        need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
-        need(self.rope_theta > 0, "rope_theta", "must be positive")
-        need(self.rope_scaling_type in (None, "yarn"), "rope_scaling_type", "must be None or 'yarn'")
-        need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1")
-        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
-        need(self.balance_loss_alpha >= 0, "balance_loss_alpha", "must be >= 0")
-        need(self.bias_update_speed >= 0, "bias_update_speed", "must be >= 0")
-        need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+             f"cannot exceed the {kept} experts in the topk_group={self.topk_group} kept groups "
+             f"(n_routed_experts={self.n_routed_experts} in n_group={self.n_group} groups)")
+        need(self.rope_scaling_type is None or (isinstance(self.rope_scaling_type, str)
+                                                and self.rope_scaling_type == "yarn"),
+             "rope_scaling_type", "must be None or 'yarn'")
         for name in ("bos_token_id", "eos_token_id"):
             v = getattr(self, name)
-            need(v is None or 0 <= v < self.vocab_size, name, f"must lie in [0, {self.vocab_size})")
+            need(v is None or v < self.vocab_size, name, f"must lie in [0, vocab_size={self.vocab_size})")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -218,54 +327,122 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
-        """Build from a Hugging Face config.json dict; unknown keys raise."""
+        """Build from a Hugging Face config.json dict.
+
+        Refuses, with a ValueError naming the key: a non-object, unknown keys, a missing
+        required key (`_HF_REQUIRED_KEYS`; no 671B defaults), a value of the wrong JSON type
+        or out of range, a fixed key with another value, and derived keys (num_key_value_heads,
+        head_dim, qk_head_dim) that disagree with the fields the model uses.
+        """
+        where = "config.json: "
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}must be a JSON object of settings (got {type(d).__name__})")
         d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, fixed in _HF_FIXED_KEYS.items():
-            if key in d and d.pop(key) != fixed:
-                raise ValueError(f"config.json: {key} must be {fixed!r} for DeepSeek-V3")
-        heads = d.get("num_attention_heads")
-        kvh = d.pop("num_key_value_heads", heads)
-        if kvh != heads:
-            raise ValueError(f"config.json: num_key_value_heads={kvh} must equal num_attention_heads={heads} (MLA)")
-        rope = d.pop("rope_scaling", None) or {}
-        rope = {**rope, **(d.pop("rope_parameters", None) or {})}
-        unknown = set(rope) - _ROPE_KEYS
+        names = {f.name for f in dataclasses.fields(cls)} - _ROPE_FIELDS
+        known = names | _HF_IGNORED_KEYS | set(_HF_FIXED_KEYS) | {"num_key_value_heads", "rope_scaling",
+                                                                  "rope_parameters"}
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ValueError(f"config.json: unknown rope_scaling/rope_parameters keys {sorted(unknown)}")
-        if rope.get("truncate", True) is not True:
-            raise ValueError("config.json: rope truncate=False is not supported")
-        if "rope_theta" in rope:
-            d.setdefault("rope_theta", rope["rope_theta"])
-        rtype = rope.get("rope_type", rope.get("type"))
-        if rtype in (None, "default"):
-            kwargs["rope_scaling_type"] = None
-        elif rtype == "yarn":
-            kwargs["rope_scaling_type"] = "yarn"
-            kwargs["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
-            factor = rope.get("factor")
-            if factor is None:
-                factor = d["max_position_embeddings"] / kwargs["original_max_position_embeddings"]
-            kwargs["rope_factor"] = float(factor)
-            for k, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", 0.0), ("mscale_all_dim", 0.0)):
-                v = rope.get(k)
-                kwargs[k] = float(v) if v is not None else default
-        else:
-            raise ValueError(f"config.json: rope type {rtype!r} is not supported (only default and yarn)")
-        for key in list(d):
-            if key in _HF_IGNORED_KEYS:
-                d.pop(key)
-            elif key in names:
-                kwargs[key] = d.pop(key)
-        if d:
-            raise ValueError(f"config.json: unknown keys {sorted(d)}; refusing to guess their meaning")
-        if "rope_theta" in kwargs:
-            kwargs["rope_theta"] = float(kwargs["rope_theta"])
-        for k in ("routed_scaling_factor", "rms_norm_eps", "initializer_range"):
-            if k in kwargs:
-                kwargs[k] = float(kwargs[k])
+            raise ValueError(f"{where}unknown keys {unknown}; refusing to guess their meaning")
+        for key, fixed in _HF_FIXED_KEYS.items():
+            if key in d and not (type(d[key]) is type(fixed) and d[key] == fixed):
+                raise ValueError(f"{where}{key} must be {fixed!r} for DeepSeek-V3 (got {d[key]!r})")
+        for key in _HF_REQUIRED_KEYS:
+            if key not in d:
+                raise ValueError(f"{where}{key} is required (every DeepSeek-V3 config.json states it; "
+                                 "no default is assumed)")
+        if d.get("num_key_value_heads") is None:  # HF: null means num_attention_heads
+            d.pop("num_key_value_heads", None)
+        for key in d:
+            if key in _RULES:
+                _check(where, key, d[key])
+        heads = d["num_attention_heads"]
+        derived = {"num_key_value_heads": ("num_attention_heads", heads, "MLA"),
+                   "head_dim": ("qk_rope_head_dim", d["qk_rope_head_dim"], "HF's head_dim is the RoPE width"),
+                   "qk_head_dim": ("qk_nope_head_dim + qk_rope_head_dim",
+                                   d["qk_nope_head_dim"] + d["qk_rope_head_dim"], "the query/key head width")}
+        for key, (what, want, why) in derived.items():
+            if key in d and d[key] != want:
+                raise ValueError(f"{where}{key}={d[key]} must equal {what}={want} ({why})")
+
+        kwargs: dict[str, Any] = {k: v for k, v in d.items() if k in names}
+        kwargs.update(cls._rope_from_hf(d, where))
+        for k, v in kwargs.items():  # JSON integers in real-valued fields become floats
+            if v is not None and _RULES.get(k, _POS_INT).kind == "real":
+                kwargs[k] = float(v)
         return cls(**kwargs)
+
+    @staticmethod
+    def _rope_entries(d: dict, where: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """The checked keys of config.json's rope_scaling and rope_parameters, merged (they must agree),
+        and for each key the "source.key" it came from."""
+        rope: dict[str, Any] = {}
+        source: dict[str, str] = {}
+        for src in ("rope_scaling", "rope_parameters"):
+            part = d.get(src)
+            if part is None:
+                continue
+            if not isinstance(part, dict):
+                raise ValueError(f"{where}{src} must be null or a JSON object (got {part!r})")
+            unknown = sorted(set(part) - _ROPE_KEYS, key=str)
+            if unknown:
+                raise ValueError(f"{where}unknown rope_scaling/rope_parameters keys {unknown}")
+            for k, v in part.items():
+                if v is None:  # null: as if absent
+                    continue
+                name = f"{src}.{k}"
+                if k in ("type", "rope_type"):
+                    if not (isinstance(v, str) and v in ("default", "yarn")):
+                        raise ValueError(f"{where}{name}: rope type {v!r} is not supported "
+                                         "(only 'default' and 'yarn')")
+                elif k == "truncate":
+                    if v is not True:
+                        raise ValueError(f"{where}{name}: only true is supported (got {v!r})")
+                else:
+                    _check(where, name, v, _RULES["rope_factor" if k == "factor" else k])
+                if k in rope and rope[k] != v:
+                    raise ValueError(f"{where}{name}={v!r} differs from {source[k]}={rope[k]!r}")
+                rope[k], source[k] = v, name
+        if "type" in rope and "rope_type" in rope and rope["type"] != rope["rope_type"]:
+            raise ValueError(f"{where}{source['type']}={rope['type']!r} differs from "
+                             f"{source['rope_type']}={rope['rope_type']!r}")
+        return rope, source
+
+    @staticmethod
+    def _rope_from_hf(d: dict, where: str) -> dict[str, Any]:
+        """ModelConfig rope fields from config.json's rope_theta, rope_scaling and rope_parameters."""
+        rope, source = ModelConfig._rope_entries(d, where)
+        kwargs: dict[str, Any] = {}
+        if "rope_theta" in rope:
+            if "rope_theta" in d and float(d["rope_theta"]) != float(rope["rope_theta"]):
+                raise ValueError(f"{where}rope_theta={d['rope_theta']!r} differs from "
+                                 f"{source['rope_theta']}={rope['rope_theta']!r}")
+            kwargs["rope_theta"] = rope["rope_theta"]
+        rtype = rope.get("rope_type", rope.get("type"))
+        if rtype != "yarn":
+            extra = sorted(set(rope) & _YARN_KEYS)
+            if extra:
+                raise ValueError(f"{where}{source[extra[0]]} is a YaRN setting, but the rope type "
+                                 f"(rope_type or type) is {repr(rtype) if rtype else 'absent'} "
+                                 f"(set it to 'yarn' or remove {extra})")
+            kwargs["rope_scaling_type"] = None
+            return kwargs
+        if "original_max_position_embeddings" not in rope:
+            src = source.get("rope_type", source.get("type", "rope_parameters.rope_type")).split(".")[0]
+            raise ValueError(f"{where}{src}.original_max_position_embeddings is required when the rope_type "
+                             "is 'yarn'")
+        original = rope["original_max_position_embeddings"]
+        factor = rope.get("factor")
+        if factor is None:  # HF: the whole context over the pre-YaRN context
+            factor = d["max_position_embeddings"] / original
+            if factor < 1:
+                src = source["original_max_position_embeddings"].split(".")[0]
+                raise ValueError(f"{where}{src}.factor is absent, so YaRN takes max_position_embeddings / "
+                                 f"original_max_position_embeddings = {factor:g}, which must be >= 1")
+        kwargs.update(rope_scaling_type="yarn", original_max_position_embeddings=original, rope_factor=factor)
+        for k, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", 0.0), ("mscale_all_dim", 0.0)):
+            kwargs[k] = rope.get(k, default)
+        return kwargs
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -274,11 +451,14 @@ class ModelConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         with open(path) as f:
-            return cls.from_hf_dict(json.load(f))
+            text = f.read()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from dsv3.checkpoint import atomic_write_text
-
         os.makedirs(directory, exist_ok=True)
         atomic_write_text(os.path.join(directory, "config.json"),
                           json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")

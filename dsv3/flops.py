@@ -1,7 +1,7 @@
 """Parameter, FLOP and KV-cache byte counts of a ModelConfig.
 
 Framework-free (imports neither torch nor jax). Used by ``dsv3 bench`` to turn
-measured step times into model-FLOPs utilisation (MFU), and by ``dsv3 info``.
+measured step times into model-FLOPs utilisation (MFU), and by ``dsv3 info`` and ``dsv3 train``.
 
 Conventions (the documented formula)
 ------------------------------------
@@ -91,39 +91,54 @@ def moe_params(cfg: ModelConfig) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Parameter counts. ``total`` equals the sum of ``checkpoint.canonical_shapes``."""
+    """Parameter counts: trainable parameters, as the models count them (``num_parameters()``).
 
-    total: int  # every canonical tensor, MTP included (router biases included)
+    The router's correction bias is a buffer (set by the bias update, never by
+    the optimizer), so it is not a parameter: ``router_biases`` counts it
+    apart, and ``total + router_biases`` is every value of a checkpoint, the
+    sum over ``dsv3.names.canonical_shapes``.
+    """
+
+    total: int  # every parameter, MTP included
     main: int  # without the MTP modules
-    mtp: int  # the MTP modules' own tensors (they share embed and head)
+    mtp: int  # the MTP modules' own parameters (they share embed and head)
     embedding: int
     head: int
+    routed_experts: int  # main model, all E routed experts of every MoE layer
     active_per_token: int  # main model, embedding included (the Paper's "37B activated")
     active_matmul_per_token: int  # main model, matmul weights only (drives the FLOPs)
     mtp_active_matmul_per_token: int  # one pass through all MTP depths, head included
+    router_biases: int  # buffers, main model and MTP: one per routed expert of each router
+
+    @property
+    def stored(self) -> int:
+        """Values in a checkpoint: parameters and router biases."""
+        return self.total + self.router_biases
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "stored": self.stored}
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
     att = attention_params(cfg)
     moe = moe_params(cfg)
+    moe_layer = moe["total"] - moe["router_bias"]
     n_dense, n_moe = cfg.first_k_dense_replace, cfg.n_moe_layers
     block_common = att["matmul"] + att["norm"] + 2 * D  # attn + its norms + attn_norm, ffn_norm
-    layers = L * block_common + n_dense * dense_ffn_params(cfg) + n_moe * moe["total"]
+    layers = L * block_common + n_dense * dense_ffn_params(cfg) + n_moe * moe_layer
     main = V * D + layers + D + V * D  # embed, layers, final norm, head
-    mtp_one = 2 * D + 2 * D * D + D + block_common + moe["total"]  # enorm hnorm, eh_proj, norm, block
+    mtp_one = 2 * D + 2 * D * D + D + block_common + moe_layer  # enorm hnorm, eh_proj, norm, block
     mtp = cfg.num_nextn_predict_layers * mtp_one
 
     act_layers = (L * att["matmul"] + n_dense * dense_ffn_params(cfg) + n_moe * moe["active_matmul"])
     active_matmul = act_layers + V * D  # + head
-    active = active_matmul + V * D + L * (att["norm"] + 2 * D) + D + n_moe * moe["router_bias"]
+    active = active_matmul + V * D + L * (att["norm"] + 2 * D) + D
     mtp_active = cfg.num_nextn_predict_layers * (2 * D * D + att["matmul"] + moe["active_matmul"] + V * D)
     return ParamCounts(total=main + mtp, main=main, mtp=mtp, embedding=V * D, head=V * D,
-                       active_per_token=active, active_matmul_per_token=active_matmul,
-                       mtp_active_matmul_per_token=mtp_active)
+                       routed_experts=n_moe * moe["routed"], active_per_token=active,
+                       active_matmul_per_token=active_matmul, mtp_active_matmul_per_token=mtp_active,
+                       router_biases=cfg.n_router_layers * moe["router_bias"])
 
 
 # ---------------------------------------------------------------------- FLOPs

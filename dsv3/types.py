@@ -23,3 +23,16 @@ class LossOutput(NamedTuple):
     mtp_loss: Any
     balance_loss: Any
     counts: Any
+
+
+class Routing(NamedTuple):
+    """What a MoE router returns in both frameworks (a pytree in JAX). N tokens, E experts, K per token.
+
+    scores:  [N, E] fp32 unbiased sigmoid affinities (differentiable; the balance loss uses them)
+    indices: [N, K] selected experts, ascending per token (int64 in torch, int32 in JAX)
+    weights: [N, K] fp32 combine weights (from the unbiased scores, normalised, scaled)
+    """
+
+    scores: Any
+    indices: Any
+    weights: Any

@@ -5,13 +5,16 @@
     logits = model(tokens)                       # int32 [B, T] -> [B, T, V]
 """
 
+from dsv3.types import LossOutput, Routing
+from dsv3_jax.block import Block
 from dsv3_jax.generate import generate
 from dsv3_jax.mla import MLA
-from dsv3_jax.model import DeepSeekV3
-from dsv3_jax.moe import MLP, Experts, MoE, MoEOutput, Router, RouterBias
-from dsv3_jax.mtp import Block, MTPModule
+from dsv3_jax.model import DeepSeekV3, KVCache
+from dsv3_jax.moe import MLP, Experts, LocalDispatcher, MoE, MoEOutput, Router, RouterBias, sequence_balance_loss
+from dsv3_jax.mtp import MTPModule
 from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import RotaryEmbedding, apply_rope, rope_inv_freq
 
-__all__ = ["DeepSeekV3", "Block", "MLA", "MoE", "MoEOutput", "MLP", "Experts", "Router", "RouterBias", "MTPModule",
-           "RMSNorm", "RotaryEmbedding", "apply_rope", "rope_inv_freq", "generate"]
+__all__ = ["DeepSeekV3", "KVCache", "LossOutput", "Routing", "generate", "MLA", "MLP", "Experts", "LocalDispatcher",
+           "MoE", "MoEOutput", "Router", "RouterBias", "sequence_balance_loss", "Block", "MTPModule", "RMSNorm",
+           "RotaryEmbedding", "apply_rope", "rope_inv_freq"]

@@ -8,7 +8,10 @@ Three paths share one set of weights:
 
 Numerics follow Hugging Face eager attention: scores = q.k in the model dtype, then times
 cfg.softmax_scale (YaRN mscale^2 included) in the model dtype, masked, softmax in fp32, cast,
-times v. The mask is built from absolute positions (query p0+i sees cache entries t <= p0+i).
+times v. The mask [S,T] is built from absolute positions (query p0+i sees cache entries t <= p0+i),
+True = visible (the Hugging Face attention_mask convention, as dsv3_torch). ``attend`` (expanded K/V) and
+``attend_latent`` (absorbed) return o [B,S,H*V]; ``wo`` is applied in ``__call__``. Heads are [B,S,H,*]
+here ([B,H,S,*] in dsv3_torch, the layout torch's SDPA takes).
 
 Shape legend: B batch, S query time, T key time (L cache length), D model width, H heads,
 Q q LoRA rank, C kv latent (kv_lora_rank), N nope head dim, R rope dim, V value head dim.
@@ -22,20 +25,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3.config import ModelConfig
-from dsv3_jax.norm import RMSNorm, normal_init
+from dsv3_jax.layers import dense, linear
+from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import apply_rope
 
 
-def linear(d_in: int, d_out: int, cfg: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    """Bias-free Linear, weights N(0, initializer_range) as in HF; kernel [in, out]."""
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=dtype,
-                      kernel_init=normal_init(cfg.initializer_range), rngs=rngs)
+def causal_mask(start_pos, S: int, T: int) -> jax.Array:
+    """[S, T] bool, True where key t is visible to query start_pos + i (t <= start_pos + i).
+
+    True = visible, the Hugging Face attention_mask convention (1 = attend). start_pos may be traced."""
+    return jnp.arange(T)[None, :] <= (start_pos + jnp.arange(S))[:, None]
 
 
-def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
-    """layer(x) for x [..., d_in] as ONE 2-D matmul on [prod(...), d_in]: XLA:CPU runs the backward of a
-    matmul on a 3-D [B, T, D] activation much slower than on the same rows flattened."""
-    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
+    """-inf where mask is False, softmax over the last axis in fp32, cast to `dtype`."""
+    scores = jnp.where(mask, scores, jnp.asarray(-jnp.inf, scores.dtype))
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
 
 
 def _scale(scores: jax.Array, scale: float) -> jax.Array:
@@ -43,15 +48,17 @@ def _scale(scores: jax.Array, scale: float) -> jax.Array:
     return (scores.astype(jnp.float32) * jnp.float32(scale)).astype(scores.dtype)
 
 
-def _softmax(scores: jax.Array, dtype) -> jax.Array:
-    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
-
-
 class MLA(nnx.Module):
+    """Attention block: wq | (wq_a, q_norm, wq_b), wkv_a, kv_norm, wkv_b, wo."""
+
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.dtype = dtype
+        self.cfg, self.dtype = cfg, dtype
         D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.n_heads, self.q_lora_rank = H, cfg.q_lora_rank
+        self.kv_lora_rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.nope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.scale = cfg.softmax_scale
         if cfg.q_lora_rank is None:
             self.wq = linear(D, H * cfg.qk_head_dim, cfg, dtype, rngs)
         else:
@@ -64,7 +71,7 @@ class MLA(nnx.Module):
         self.wo = linear(H * cfg.v_head_dim, D, cfg, dtype, rngs)
 
     # ----------------------------------------------------------- projections
-    def _queries(self, x, cos, sin):
+    def query(self, x, cos, sin):
         """x [B,S,D], cos/sin [S,R/2] -> q_nope [B,S,H,N], rotated q_pe [B,S,H,R]."""
         cfg = self.cfg
         B, S, D = x.shape
@@ -74,13 +81,13 @@ class MLA(nnx.Module):
         q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope(q_pe, cos[:, None, :], sin[:, None, :])  # cos [S,R/2] over H
 
-    def _latents(self, x, cos, sin):
+    def latent(self, x, cos, sin):
         """x [B,S,D], cos/sin [S,R/2] -> normalised c_kv [B,S,C], rotated k_pe [B,S,R] (shared by all heads)."""
         kv = dense(self.wkv_a, x)
         C = self.cfg.kv_lora_rank
         return self.kv_norm(kv[..., :C]), apply_rope(kv[..., C:], cos, sin)
 
-    def _expand(self, c_kv, k_pe):
+    def expand(self, c_kv, k_pe):
         """c_kv [B,T,C], k_pe [B,T,R] -> k [B,T,H,N+R], v [B,T,H,V]."""
         cfg = self.cfg
         B, T, _ = c_kv.shape
@@ -90,14 +97,13 @@ class MLA(nnx.Module):
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (B, T, H, cfg.qk_rope_head_dim))
         return jnp.concatenate([k_nope, k_pe], axis=-1), v
 
-    def _attend(self, q, k, v, mask):
-        """q [B,S,H,N+R], k [B,T,H,N+R], v [B,T,H,V], mask [S,T] (True = visible) -> [B,S,D]."""
+    def attend(self, q, k, v, mask):
+        """q [B,S,H,N+R], k [B,T,H,N+R], v [B,T,H,V], mask [S,T] (True = visible) -> o [B,S,H*V]."""
         B, S = q.shape[:2]
-        scores = _scale(jnp.einsum("bshd,bthd->bhst", q, k), self.cfg.softmax_scale)
-        scores = jnp.where(mask[None, None], scores, jnp.asarray(-jnp.inf, scores.dtype))
-        p = _softmax(scores, q.dtype)
+        scores = _scale(jnp.einsum("bshd,bthd->bhst", q, k), self.scale)
+        p = masked_softmax(scores, mask, q.dtype)
         o = jnp.einsum("bhst,bthv->bshv", p, v)
-        return self.wo(o.reshape(B * S, -1)).reshape(B, S, -1)
+        return o.reshape(B, S, -1)
 
     # --------------------------------------------------------------- forward
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, start_pos=0,
@@ -110,22 +116,23 @@ class MLA(nnx.Module):
         are written at [start_pos, start_pos + S); start_pos may be traced.
         """
         S = x.shape[1]
-        q_nope, q_pe = self._queries(x, cos, sin)
-        c_kv, k_pe = self._latents(x, cos, sin)
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
         if cache is None:  # training / full forward: naive path, causal
-            k, v = self._expand(c_kv, k_pe)
-            mask = jnp.tril(jnp.ones((S, S), dtype=bool))
-            return self._attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, mask)
+            k, v = self.expand(c_kv, k_pe)
+            o = self.attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, causal_mask(0, S, S))
+            return dense(self.wo, o)
         L = next(iter(cache.values())).shape[1]
-        mask = jnp.arange(L)[None, :] <= (start_pos + jnp.arange(S))[:, None]  # [S,T] absolute positions
+        mask = causal_mask(start_pos, S, L)  # [S,T] from absolute positions
         upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start_pos, axis=1)
         if "k" in cache:  # naive: expanded K/V
-            k, v = self._expand(c_kv, k_pe)
+            k, v = self.expand(c_kv, k_pe)
             cache = {"k": upd(cache["k"], k), "v": upd(cache["v"], v)}
-            out = self._attend(jnp.concatenate([q_nope, q_pe], axis=-1), cache["k"], cache["v"], mask)
-            return out, cache
-        cache = {"c_kv": upd(cache["c_kv"], c_kv), "k_pe": upd(cache["k_pe"], k_pe)}
-        return self._attend_absorbed(q_nope, q_pe, cache["c_kv"], cache["k_pe"], mask), cache
+            o = self.attend(jnp.concatenate([q_nope, q_pe], axis=-1), cache["k"], cache["v"], mask)
+        else:
+            cache = {"c_kv": upd(cache["c_kv"], c_kv), "k_pe": upd(cache["k_pe"], k_pe)}
+            o = self.attend_latent(q_nope, q_pe, cache["c_kv"], cache["k_pe"], mask)
+        return dense(self.wo, o), cache
 
     def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> dict:
         """One layer's empty cache: latent {c_kv [B,L,C], k_pe [B,L,R]} or naive {k [B,L,H,N+R], v [B,L,H,V]}."""
@@ -139,10 +146,10 @@ class MLA(nnx.Module):
                     "v": jnp.zeros((batch, max_len, H, cfg.v_head_dim), dt)}
         raise ValueError(f"cache kind must be 'latent' or 'naive', got {kind!r}")
 
-    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Weight-absorbed attention on the latent cache (REFERENCE §2.1).
+    def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Weight-absorbed attention on the latent cache (REFERENCE §2.1) -> o [B,S,H*V].
 
-        q_nope [B,S,H,N], q_pe [B,S,H,R], c_kv [B,T,C], k_pe [B,T,R] -> [B,S,D].
+        q_nope [B,S,H,N], q_pe [B,S,H,R], c_kv [B,T,C], k_pe [B,T,R], mask [S,T] (True = visible).
         """
         cfg = self.cfg
         B, S, H, N = q_nope.shape
@@ -150,9 +157,8 @@ class MLA(nnx.Module):
         w_uk, w_uv = w[..., :N], w[..., N:]                                          # [C,H,N], [C,H,V]
         q_lat = jnp.einsum("bshn,chn->bshc", q_nope, w_uk)
         scores = _scale(jnp.einsum("bshc,btc->bhst", q_lat, c_kv) + jnp.einsum("bshr,btr->bhst", q_pe, k_pe),
-                        cfg.softmax_scale)
-        scores = jnp.where(mask[None, None], scores, jnp.asarray(-jnp.inf, scores.dtype))
-        p = _softmax(scores, q_nope.dtype)
+                        self.scale)
+        p = masked_softmax(scores, mask, q_nope.dtype)
         o_lat = jnp.einsum("bhst,btc->bshc", p, c_kv)
         o = jnp.einsum("bshc,chv->bshv", o_lat, w_uv)
-        return self.wo(o.reshape(B * S, H * cfg.v_head_dim)).reshape(B, S, -1)
+        return o.reshape(B, S, H * cfg.v_head_dim)

@@ -17,20 +17,22 @@ Shape legend: B batch, T time, D model width, V vocab, E routed experts, L route
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3 import checkpoint
+from dsv3 import checkpoint, names
 from dsv3.config import ModelConfig
 from dsv3.types import LossOutput
-from dsv3_jax.mla import MLA, dense, linear
-from dsv3_jax.moe import sequence_balance_loss
-from dsv3_jax.mtp import Block, MTPModule
-from dsv3_jax.norm import RMSNorm, normal_init
+from dsv3_jax.block import Block
+from dsv3_jax.layers import dense, linear, normal_init, to_numpy
+from dsv3_jax.moe import COMBINES, MoE, MoEOutput, Router, sequence_balance_loss
+from dsv3_jax.mtp import MTPModule
+from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
@@ -43,6 +45,25 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     nll = -jnp.take_along_axis(lp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
     n = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(n, 1).astype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class KVCache:
+    """Decoding cache, a pytree (kind and max_len static): per layer a dict of [B, max_len, ...] arrays,
+    replaced functionally by each cached call (jax arrays are immutable; dsv3_torch fills in place).
+
+    latent: c_kv [B, max_len, C] (normalised) and k_pe [B, max_len, R] (rotated);
+    naive:  k [B, max_len, H, N+R] and v [B, max_len, H, V].
+    """
+
+    kind: str = dataclass_field(metadata=dict(static=True))
+    max_len: int = dataclass_field(metadata=dict(static=True))
+    layers: list = dataclass_field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.layers[0].values())).shape[0]
 
 
 def _is_traced(x) -> bool:
@@ -122,21 +143,22 @@ class DeepSeekV3(nnx.Module):
             new_caches.append(c)
         return h, stats, (cos, sin), (None if caches is None else new_caches)
 
-    def logits(self, tokens):
-        """Traceable forward without input checks: tokens [B,T] -> logits [B,T,V]."""
-        h, _, _, _ = self._trunk(tokens)
-        return dense(self.head, self.norm(h))
-
     def __call__(self, tokens) -> jax.Array:
+        """tokens [B, T] int -> main-head logits [B, T, V] (model dtype); eager calls run one jitted program."""
         self._check_tokens(tokens)
         if _is_traced(tokens):
             return self.logits(tokens)
         return _jit_logits(self, jnp.asarray(tokens))
 
-    def forward_with_stats(self, tokens):
-        """tokens [B,T] -> (logits [B,T,V], counts [n_moe_layers, E]) of the main model; bias untouched."""
+    def logits(self, tokens):
+        """Traceable forward without input checks: tokens [B,T] -> logits [B,T,V]."""
+        h, _ = self.hidden(tokens)
+        return dense(self.head, h)
+
+    def hidden(self, tokens) -> tuple[jax.Array, list[MoEOutput]]:
+        """tokens [B, T] -> (hidden AFTER the final norm [B, T, D], MoEOutput per main MoE layer); bias untouched."""
         h, stats, _, _ = self._trunk(tokens)
-        return dense(self.head, self.norm(h)), self._stack_counts(stats)
+        return self.norm(h), stats
 
     def _stack_counts(self, stats):
         if not stats:
@@ -155,8 +177,8 @@ class DeepSeekV3(nnx.Module):
         input_ids = jnp.asarray(input_ids).astype(jnp.int32)
         labels = jnp.asarray(labels).astype(jnp.int32)
         T = input_ids.shape[1]
-        h, stats, (cos, sin), _ = self._trunk(input_ids)
-        h = self.norm(h)
+        h, stats = self.hidden(input_ids)  # h^0: the main hidden after the final norm (REFERENCE §6)
+        cos, sin = self.rope(jnp.arange(T), self.dtype)
         main = cross_entropy(dense(self.head, h), labels)
         mtp_losses = []
         for k, module in enumerate(self.mtp, start=1):
@@ -166,9 +188,9 @@ class DeepSeekV3(nnx.Module):
             h, st = module(h, self.embed(ids_k), cos, sin)
             mtp_losses.append(cross_entropy(dense(self.head, module.norm(h)), lab_k))
             stats.append(st)
-        D = len(self.mtp)
+        n_mtp = len(self.mtp)  # MTP depths (the Paper's D; D is the model width here)
         mtp_losses = jnp.stack(mtp_losses) if mtp_losses else jnp.zeros((0,), jnp.float32)
-        mtp_loss = cfg.mtp_loss_weight / D * jnp.sum(mtp_losses) if D else jnp.float32(0.0)
+        mtp_loss = cfg.mtp_loss_weight / n_mtp * jnp.sum(mtp_losses) if n_mtp else jnp.float32(0.0)
         K = cfg.num_experts_per_tok
         bal = sum((sequence_balance_loss(o.scores, K) for o in stats), jnp.float32(0.0)) * jnp.float32(
             cfg.balance_loss_alpha)
@@ -177,10 +199,21 @@ class DeepSeekV3(nnx.Module):
                           balance_loss=bal, counts=self._stack_counts(stats))
 
     # ----------------------------------------------------------- router bias
-    def routers(self) -> list:
-        """Every Router in order: main MoE layers, then the MTP depths."""
-        out = [layer.ffn.gate for layer in self.layers if layer.moe]
-        return out + [m.block.ffn.gate for m in self.mtp]
+    def routers(self) -> list[Router]:
+        """Every router in counts order: main MoE layers, then MTP depths."""
+        return [moe.gate for moe in self.moe_layers()]
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE in counts order: main MoE layers, then MTP depths."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.ffn for b in blocks if b.moe]
+
+    def set_moe_combine(self, scheme: str) -> None:
+        """'grouped' (default) or 'eager' (bit parity with HF eager experts in bf16)."""
+        if scheme not in COMBINES:
+            raise ValueError(f"combine scheme must be one of {COMBINES}, got {scheme!r}")
+        for moe in self.moe_layers():
+            moe.dispatcher.scheme = scheme
 
     def update_router_bias(self, counts, gamma=None) -> None:
         """b += gamma * sign(mean(c) - c) for every router (REFERENCE §8.1). counts [n_router_layers, E].
@@ -196,42 +229,59 @@ class DeepSeekV3(nnx.Module):
             r.bias[...] = r.bias[...] + delta[i]
 
     # -------------------------------------------------------------- decoding
-    def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> list:
-        """Per-layer caches: latent {c_kv [B,L,C], k_pe [B,L,R]} or naive {k [B,L,H,N+R], v [B,L,H,V]}."""
+    def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> KVCache:
+        """An empty KVCache: per layer latent {c_kv [B,L,C], k_pe [B,L,R]} or naive {k [B,L,H,N+R], v [B,L,H,V]}."""
         if max_len > self.cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
-        return [layer.attn.init_cache(batch, max_len, kind) for layer in self.layers]
+        return KVCache(kind, max_len, [layer.attn.init_cache(batch, max_len, kind) for layer in self.layers])
 
-    def forward_cached(self, tokens, cache, start_pos):
+    def hidden_cached(self, tokens, cache: KVCache, start_pos):
+        """tokens [B,S] at positions start_pos.. -> (hidden AFTER the final norm [B,S,D], updated cache).
+
+        The h^0 an MTP depth takes (speculative decoding). start_pos may be traced."""
+        self._check_tokens(tokens, start_pos, cache_len=cache.max_len)
+        h, _, _, layers = self._trunk(jnp.asarray(tokens), start_pos, cache.layers)
+        return self.norm(h), KVCache(cache.kind, cache.max_len, layers)
+
+    def forward_cached(self, tokens, cache: KVCache, start_pos):
         """tokens [B,S] at positions start_pos.. -> (logits [B,S,V], updated cache). start_pos may be traced."""
-        self._check_tokens(tokens, start_pos, cache_len=next(iter(cache[0].values())).shape[1] if cache else None)
-        h, _, _, cache = self._trunk(jnp.asarray(tokens), start_pos, cache)
-        return dense(self.head, self.norm(h)), cache
+        h, cache = self.hidden_cached(tokens, cache, start_pos)
+        return dense(self.head, h), cache
 
     # ------------------------------------------------------ canonical state
-    def _canonical_vars(self) -> Iterator[tuple[str, nnx.Variable, str]]:
-        """(canonical name, variable, layout) with layout "id", "T" (2-D transpose) or "E" (swap last 2)."""
-        yield "embed.weight", self.embed.embedding, "id"
-        for i, layer in enumerate(self.layers):
-            yield from _block_vars(f"layers.{i}.", layer)
-        yield "norm.weight", self.norm.weight, "id"
-        yield "head.weight", self.head.kernel, "T"
-        for k, m in enumerate(self.mtp):
-            p = f"mtp.{k}."
-            yield p + "enorm.weight", m.enorm.weight, "id"
-            yield p + "hnorm.weight", m.hnorm.weight, "id"
-            yield p + "eh_proj.weight", m.eh_proj.kernel, "T"
-            yield p + "norm.weight", m.norm.weight, "id"
-            yield from _block_vars(p + "block.", m.block)
+    def _named_vars(self) -> list[tuple[str, nnx.Variable, str]]:
+        """(canonical name, variable, layout) in the order of dsv3.checkpoint's table, derived from the
+        module paths by one rule: the path joined by "."; a Linear's ``kernel`` and the Embed's
+        ``embedding`` are the canonical ``weight`` (layout "T": 2-D transpose, "id" for the embedding);
+        the stacked experts' 3-D w1/w2/w3 swap their last two axes ("E"); everything else as is ("id")."""
+        found = {}
+        for path, node in nnx.iter_graph(self):
+            if not isinstance(node, nnx.Variable):
+                continue
+            *head, leaf = (str(p) for p in path)
+            if leaf == "kernel":
+                name, lay = ".".join(head + ["weight"]), "T"
+            elif leaf == "embedding":
+                name, lay = ".".join(head + ["weight"]), "id"
+            elif head[-1:] == ["experts"]:
+                name, lay = ".".join(head + [leaf]), "E"
+            else:
+                name, lay = ".".join(head + [leaf]), "id"
+            found[name] = (node, lay)
+        order = list(names.canonical_shapes(self.cfg))
+        if set(found) != set(order):
+            raise names.CheckpointError(f"module paths do not map onto the canonical names: "
+                                        f"{sorted(set(found) ^ set(order))[:10]}")
+        return [(n, *found[n]) for n in order]
 
     def canonical_state(self) -> dict[str, np.ndarray]:
         """{canonical name: numpy array} in torch layout ([out, in]; experts [E, out, in])."""
-        return {name: np.asarray(_to_torch(var.get_value(), lay)) for name, var, lay in self._canonical_vars()}
+        return {name: to_numpy(_to_torch(var.get_value(), lay)) for name, var, lay in self._named_vars()}
 
     def load_canonical_state(self, state) -> None:
         """Fill every variable from a torch-layout canonical dict (validated with check_state)."""
-        checkpoint.check_state(state, self.cfg)
-        for name, var, lay in self._canonical_vars():
+        names.check_state(state, self.cfg)
+        for name, var, lay in self._named_vars():
             cur = var.get_value()
             var.set_value(jnp.asarray(_from_torch(np.asarray(state[name]), lay), dtype=cur.dtype))
 
@@ -243,7 +293,7 @@ class DeepSeekV3(nnx.Module):
         model.load_canonical_state(state)
         left = [p for p, v in nnx.to_flat_state(nnx.state(model)) if not isinstance(v.get_value(), jax.Array)]
         if left:
-            raise checkpoint.CheckpointError(f"variables not filled from the checkpoint: {left[:10]}")
+            raise names.CheckpointError(f"variables not filled from the checkpoint: {left[:10]}")
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -251,37 +301,8 @@ class DeepSeekV3(nnx.Module):
         checkpoint.save_canonical(os.fspath(directory), self.canonical_state(), self.cfg)
 
     def num_params(self) -> int:
-        """Every canonical tensor's size (router biases included): sum over canonical_shapes(cfg)."""
-        return sum(int(np.prod(v.get_value().shape)) for _, v, _ in self._canonical_vars())
-
-    def num_parameters(self) -> int:
-        """Trainable parameters (nnx.Param; router biases excluded), as dsv3_torch's num_parameters."""
-        return sum(int(np.prod(v.get_value().shape)) for _, v, _ in self._canonical_vars()
-                   if isinstance(v, nnx.Param))
-
-
-def _block_vars(p: str, b: Block):
-    yield p + "attn_norm.weight", b.attn_norm.weight, "id"
-    yield p + "ffn_norm.weight", b.ffn_norm.weight, "id"
-    a = b.attn
-    for n in ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
-        if hasattr(a, n):
-            yield f"{p}attn.{n}.weight", getattr(a, n).kernel, "T"
-    for n in ("q_norm", "kv_norm"):
-        if hasattr(a, n):
-            yield f"{p}attn.{n}.weight", getattr(a, n).weight, "id"
-    f = b.ffn
-    if not b.moe:
-        for n in ("w1", "w2", "w3"):
-            yield f"{p}ffn.{n}.weight", getattr(f, n).kernel, "T"
-        return
-    yield p + "ffn.gate.weight", f.gate.weight, "id"
-    yield p + "ffn.gate.bias", f.gate.bias, "id"
-    for n in ("w1", "w2", "w3"):
-        yield f"{p}ffn.experts.{n}", getattr(f.experts, n), "E"
-    if f.shared_experts is not None:
-        for n in ("w1", "w2", "w3"):
-            yield f"{p}ffn.shared_experts.{n}.weight", getattr(f.shared_experts, n).kernel, "T"
+        """Parameters counted once (nnx.Param; router biases excluded: they are not parameters)."""
+        return sum(int(np.prod(v.get_value().shape)) for _, v, _ in self._named_vars() if isinstance(v, nnx.Param))
 
 
 def _to_torch(x, layout: str):

@@ -1,11 +1,14 @@
 """DeepSeekMoE with auxiliary-loss-free balancing (Paper §2.1.2; REFERENCE §4, §8), Flax NNX port.
 
-Three separable steps, so an expert-parallel dispatch can replace the single-device one:
-  route     Router: fp32 sigmoid affinities s; selection on s + bias inside the top
+Four named steps, MoE.route -> dispatch -> compute -> combine; dispatch and combine sit behind one
+dispatcher object (``LocalDispatcher``, single device), so an expert-parallel dispatcher can
+replace it without touching the router or the experts' maths:
+  route     Router -> Routing: fp32 sigmoid affinities s; selection on s + bias inside the top
             ``topk_group`` groups (a group scores the sum of its 2 best biased scores, the
             others are masked with -inf); top-K indices SORTED ascending (fixed slot order);
             weights from the UNBIASED s, normalised (+1e-20) and scaled.
-  dispatch  (token, slot) pairs sorted by expert (dropless; no token is ever dropped).
+  dispatch  LocalDispatcher.dispatch: (token, slot) pairs sorted by expert (dropless; no token is
+            ever dropped) -> (x_sorted [M, D], group_sizes [E] int32, plan).
   compute   Experts: SwiGLU per expert on its contiguous rows, by one of two grouped matmuls:
             "blocksparse": each expert's rows padded to whole blocks of ``bm`` rows, one batched
                 matmul over at most ceil(N*K/bm) + E blocks, each block with its expert's weights
@@ -13,7 +16,7 @@ Three separable steps, so an expert-parallel dispatch can replace the single-dev
             "ragged": ``jax.lax.ragged_dot`` (grouped GEMM on GPU/TPU; on CPU it lowers to a
                 masked all-experts matmul, ~20x the routed FLOPs, REFERENCE §11).
             "auto" picks blocksparse on CPU and ragged elsewhere.
-  combine   "grouped" (default): out * w in fp32, summed over the K slots in slot order, one cast;
+  combine   LocalDispatcher.combine, scheme "grouped" (default): out * w in fp32, summed over the K slots in slot order, one cast;
             "eager": (out * w) cast to the model dtype per slot and summed in the model dtype in
             ascending expert id (HF experts_implementation="eager", REFERENCE §4.5). Equal in fp32.
 
@@ -27,17 +30,18 @@ Flax kernels: w1/w3 [E, D, F], w2 [E, F, D] (torch: [E, F, D], [E, D, F]).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dsv3.config import ModelConfig
-from dsv3_jax.mla import linear
-from dsv3_jax.norm import const, normal_init
+from dsv3.types import Routing
+from dsv3_jax.layers import const, linear, normal_init
 
 EXPERT_IMPLS = ("auto", "blocksparse", "ragged")
+COMBINES = ("grouped", "eager")
 
 
 class RouterBias(nnx.Variable):
@@ -53,6 +57,7 @@ class MLP(nnx.Module):
     """SwiGLU FFN w2(silu(w1 x) * w3 x): the dense layers' FFN and the shared experts."""
 
     def __init__(self, dim: int, inter: int, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        # cfg: the initializer range (torch initialises in DeepSeekV3.reset_parameters)
         self.w1 = linear(dim, inter, cfg, dtype, rngs)
         self.w2 = linear(inter, dim, cfg, dtype, rngs)
         self.w3 = linear(dim, inter, cfg, dtype, rngs)
@@ -71,25 +76,30 @@ class Router(nnx.Module):
         self.weight = nnx.Param(normal_init(cfg.initializer_range)(rngs.params(), (E, D), jnp.float32))
         self.bias = RouterBias(const((E,), 0.0, jnp.float32))
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [N, D] -> weights [N, K] fp32, indices [N, K] int32 (ascending), scores s [N, E] fp32."""
+    def select(self, scores: jax.Array) -> jax.Array:
+        """[N, E] fp32 scores -> [N, K] int32 expert ids, ascending (bias + group limit)."""
         cfg = self.cfg
-        N = x.shape[0]
+        N = scores.shape[0]
         E, G, K = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
-        logits = jnp.einsum("nd,ed->ne", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
-        s = jax.nn.sigmoid(logits)  # affinities: give the WEIGHTS
-        sel = s + self.bias[...]  # biased: SELECTION only
+        sel = scores + self.bias[...]  # biased: SELECTION only
         if cfg.topk_group < G:
             gscore = jax.lax.top_k(sel.reshape(N, G, E // G), 2)[0].sum(-1)  # [N, G]
             _, gidx = jax.lax.top_k(gscore, cfg.topk_group)
             gmask = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], gidx].set(True)
             sel = jnp.where(jnp.repeat(gmask, E // G, axis=1), sel, -jnp.inf)
         _, idx = jax.lax.top_k(jax.lax.stop_gradient(sel), K)
-        idx = jnp.sort(idx, axis=-1).astype(jnp.int32)  # fixed slot order: ascending expert id
+        return jnp.sort(idx, axis=-1).astype(jnp.int32)  # fixed slot order: ascending expert id
+
+    def __call__(self, x: jax.Array) -> Routing:
+        """x [N, D] -> Routing(scores [N, E], indices [N, K] int32 ascending, weights [N, K]), all fp32."""
+        cfg = self.cfg
+        logits = jnp.einsum("nd,ed->ne", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        s = jax.nn.sigmoid(logits)  # affinities: give the WEIGHTS
+        idx = self.select(s)
         w = jnp.take_along_axis(s, idx, axis=-1)
         if cfg.norm_topk_prob:
             w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
-        return w * jnp.float32(cfg.routed_scaling_factor), idx, s
+        return Routing(s, idx, w * jnp.float32(cfg.routed_scaling_factor))
 
 
 def default_block_rows(M: int, E: int) -> int:
@@ -152,57 +162,85 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, impl: str = "auto", rngs: nnx.Rngs):
         if impl not in EXPERT_IMPLS:
             raise ValueError(f"expert impl must be one of {EXPERT_IMPLS}, got {impl!r}")
-        self.impl = impl
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         init = normal_init(cfg.initializer_range)
         self.w1 = nnx.Param(init(rngs.params(), (E, D, F), dtype))
         self.w2 = nnx.Param(init(rngs.params(), (E, F, D), dtype))
         self.w3 = nnx.Param(init(rngs.params(), (E, D, F), dtype))
+        self.impl = impl
 
     def resolved_impl(self) -> str:
         if self.impl != "auto":
             return self.impl
         return "blocksparse" if jax.default_backend() == "cpu" else "ragged"
 
-    def __call__(self, x: jax.Array, idx: jax.Array, impl: str | None = None) -> jax.Array:
-        """x [N, D], idx [N, K] -> per-(token, slot) expert outputs [N, K, D] in the model dtype."""
-        N, D = x.shape
-        K = idx.shape[1]
-        E = self.w1.shape[0]
-        flat = idx.reshape(-1)                                     # [M] expert of pair (n, k)
-        order = jnp.argsort(flat, stable=True)                     # dispatch: pairs sorted by expert
-        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)     # [E]
+    def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array, impl: str | None = None) -> jax.Array:
+        """x_sorted [M, D] grouped by expert, group_sizes [E] int32 -> y_sorted [M, D] (model dtype)."""
+        M, E = x_sorted.shape[0], self.w1.shape[0]
         w1, w2, w3 = self.w1[...], self.w2[...], self.w3[...]
         impl = impl or self.resolved_impl()
         if impl == "ragged":
-            ys = _ragged_swiglu(x[order // K], sizes, w1, w2, w3)  # [M, D] expert-sorted rows
-            inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-            return ys[inv].reshape(N, K, D)                        # back to (token, slot) order
-        if impl == "blocksparse":  # one gather in (token -> padded block row), one out
-            yb, pos = _blocksparse_swiglu(x, sizes, w1, w2, w3, default_block_rows(N * K, E),
-                                          rows=(order // K).astype(jnp.int32))
-            back = jnp.zeros_like(pos).at[order].set(pos)          # pair (n, k) -> its padded row
-            return yb[back].reshape(N, K, D)
+            return _ragged_swiglu(x_sorted, group_sizes, w1, w2, w3)
+        if impl == "blocksparse":
+            yb, pos = _blocksparse_swiglu(x_sorted, group_sizes, w1, w2, w3, default_block_rows(M, E))
+            return yb[pos]
         raise ValueError(f"expert impl must be 'blocksparse' or 'ragged', got {impl!r}")
 
 
-def combine(y: jax.Array, w: jax.Array, scheme: str = "grouped") -> jax.Array:
-    """Weighted sum over slots: y [N, K, D] (model dtype), w [N, K] fp32 -> [N, D] model dtype.
+class Dispatch(NamedTuple):
+    order: jax.Array    # [M] position in the token-major flattening of [N, K], sorted by expert
+    tokens: jax.Array   # [M] token id of each sorted row
+    counts: jax.Array   # [E] rows per expert (int32)
+    inverse: jax.Array  # [M] sorted row of each token-major position: order[inverse] = arange(M)
+    dtype: Any          # the dtype of the dispatched x, that of the combined output
 
-    Slots are in ascending expert id, so a running sum over k reproduces HF's eager order.
+
+def sort_by_expert(indices: jax.Array, n_experts: int, dtype=jnp.float32) -> Dispatch:
+    """Sort (token, slot) pairs by expert; within an expert by token (stable)."""
+    K = indices.shape[1]
+    flat = indices.reshape(-1)                                 # [M] expert of pair (n, k)
+    order = jnp.argsort(flat, stable=True)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    counts = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    return Dispatch(order, (order // K).astype(jnp.int32), counts, inverse, dtype)
+
+
+class LocalDispatcher(nnx.Module):
+    """Single-device dispatch and combine: the (token, slot) rows sorted by expert, and back.
+
+    The interface an expert-parallel dispatcher implements:
+      dispatch(x [N, D], routing) -> (x_sorted [M, D], group_sizes [E], plan)
+      combine(y_sorted [M, D], plan, routing) -> y [N, D] (in the dtype of the dispatched x)
+    An nnx.Module (no variables) so that ``scheme`` is part of the graph: nnx.jit retraces when it changes.
+    scheme: "grouped" (default) or "eager" (bit parity with HF eager experts in bf16).
     """
-    dt, K = y.dtype, y.shape[1]
-    if scheme == "grouped":
-        acc = y[:, 0].astype(jnp.float32) * w[:, 0, None]
-        for k in range(1, K):
-            acc = acc + y[:, k].astype(jnp.float32) * w[:, k, None]
-        return acc.astype(dt)
-    if scheme == "eager":
-        acc = jnp.zeros(y.shape[::2], dt)
-        for k in range(K):
-            acc = acc + (y[:, k].astype(jnp.float32) * w[:, k, None]).astype(dt)
-        return acc
-    raise ValueError(f"combine scheme must be 'grouped' or 'eager', got {scheme!r}")
+
+    def __init__(self, n_experts: int, top_k: int, scheme: str = "grouped"):
+        if scheme not in COMBINES:
+            raise ValueError(f"combine scheme must be one of {COMBINES}, got {scheme!r}")
+        self.n_experts, self.top_k, self.scheme = n_experts, top_k, scheme
+
+    def dispatch(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array, Dispatch]:
+        d = sort_by_expert(routing.indices, self.n_experts, x.dtype)
+        return x[d.tokens], d.counts, d
+
+    def combine(self, y_sorted: jax.Array, plan: Dispatch, routing: Routing) -> jax.Array:
+        """Weighted sum over slots. Slots are in ascending expert id, so a running sum over k
+        reproduces HF's eager order."""
+        N, K = routing.indices.shape
+        y = y_sorted[plan.inverse].reshape(N, K, -1)             # back to (token, slot) order
+        w, dt = routing.weights, plan.dtype
+        if self.scheme == "grouped":
+            acc = y[:, 0].astype(jnp.float32) * w[:, 0, None]
+            for k in range(1, K):
+                acc = acc + y[:, k].astype(jnp.float32) * w[:, k, None]
+            return acc.astype(dt)
+        if self.scheme == "eager":
+            acc = jnp.zeros(y.shape[::2], dt)
+            for k in range(K):
+                acc = acc + (y[:, k].astype(jnp.float32) * w[:, k, None]).astype(dt)
+            return acc
+        raise ValueError(f"combine scheme must be one of {COMBINES}, got {self.scheme!r}")
 
 
 def sequence_balance_loss(s: jax.Array, K: int) -> jax.Array:
@@ -226,14 +264,12 @@ class MoEOutput(NamedTuple):
 
 
 class MoE(nnx.Module):
-    """Routed experts (dropless, grouped by expert) + shared experts -> MoEOutput. Never changes the bias."""
+    """Routed experts (dropless, grouped by expert) + shared experts: route -> dispatch -> compute -> combine.
+    Never changes the bias."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, impl: str = "auto",
                  combine: str = "grouped", rngs: nnx.Rngs):
-        if combine not in ("grouped", "eager"):
-            raise ValueError(f"combine scheme must be 'grouped' or 'eager', got {combine!r}")
         self.cfg = cfg
-        self.combine = combine
         self.gate = Router(cfg, rngs=rngs)
         self.experts = Experts(cfg, dtype=dtype, impl=impl, rngs=rngs)
         if cfg.n_shared_experts:
@@ -241,15 +277,31 @@ class MoE(nnx.Module):
                                       cfg, dtype=dtype, rngs=rngs)
         else:
             self.shared_experts = None
+        self.dispatcher = LocalDispatcher(cfg.n_routed_experts, cfg.num_experts_per_tok, combine)
+
+    def route(self, x: jax.Array) -> Routing:
+        """x [N, D] -> Routing (fp32)."""
+        return self.gate(x)
+
+    def dispatch(self, x: jax.Array, routing: Routing):
+        """x [N, D] -> (x_sorted [M, D], group_sizes [E], plan): the dispatcher's."""
+        return self.dispatcher.dispatch(x, routing)
+
+    def compute(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """Expert-sorted rows -> y_sorted [M, D] (grouped SwiGLU)."""
+        return self.experts(x_sorted, group_sizes)
+
+    def combine(self, y_sorted: jax.Array, plan: Dispatch, routing: Routing) -> jax.Array:
+        """y_sorted [M, D] -> y [N, D]: the weighted sum over each token's K slots (the dispatcher's)."""
+        return self.dispatcher.combine(y_sorted, plan, routing)
 
     def __call__(self, x: jax.Array) -> MoEOutput:
         """x [B, T, D] -> MoEOutput(out [B, T, D], counts [E], scores [B, T, E])."""
         B, T, D = x.shape
-        E = self.cfg.n_routed_experts
         xf = x.reshape(B * T, D)
-        w, idx, s = self.gate(xf)
-        y = combine(self.experts(xf, idx), w, self.combine)
+        r = self.route(xf)
+        xs, sizes, plan = self.dispatch(xf, r)
+        y = self.combine(self.compute(xs, sizes), plan, r)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)
-        counts = jnp.bincount(idx.reshape(-1), length=E).astype(jnp.int32)
-        return MoEOutput(y.reshape(B, T, D), counts, s.reshape(B, T, E))
+        return MoEOutput(y.reshape(B, T, D), plan.counts, r.scores.reshape(B, T, -1))

@@ -9,8 +9,6 @@ model's hidden AFTER model.norm) and the embedding of t_{i+k}:
 
 Depth k+1 receives h^k from BEFORE ``norm``. RoPE inside uses the original positions i.
 
-Also holds Block, the decoder layer shared by the main model and the MTP depths (as dsv3_torch).
-
 Shape legend: B batch, T time, D model width, E routed experts.
 """
 
@@ -21,36 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3.config import ModelConfig
-from dsv3_jax.mla import MLA, dense, linear
-from dsv3_jax.moe import MLP, MoE
+from dsv3_jax.block import Block
+from dsv3_jax.layers import dense, linear
 from dsv3_jax.norm import RMSNorm
-
-
-class Block(nnx.Module):
-    """Pre-norm decoder layer: h + attn(attn_norm(h)), then + ffn(ffn_norm(h)); ffn = MLP or MoE."""
-
-    def __init__(self, cfg: ModelConfig, moe: bool, *, dtype=jnp.float32, moe_impl: str = "auto",
-                 combine: str = "grouped", rngs: nnx.Rngs):
-        self.moe = moe
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.attn = MLA(cfg, dtype=dtype, rngs=rngs)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        if moe:
-            self.ffn = MoE(cfg, dtype=dtype, impl=moe_impl, combine=combine, rngs=rngs)
-        else:
-            self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, cfg, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x, cos, sin, start_pos=0, cache=None):
-        """x [B,T,D] -> (h [B,T,D], MoEOutput or None for a dense layer, updated layer cache or None)."""
-        if cache is None:
-            a = self.attn(self.attn_norm(x), cos, sin)
-        else:
-            a, cache = self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
-        x = x + a
-        if self.moe:
-            f = self.ffn(self.ffn_norm(x))
-            return x + f.out, f, cache
-        return x + self.ffn(self.ffn_norm(x)), None, cache
 
 
 class MTPModule(nnx.Module):

@@ -10,36 +10,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-
-def normal_init(std: float):
-    """N(0, std) initializer (HF init) that compiles once for every shape.
-
-    Eager ``jax.random.normal`` compiles one program per parameter shape (seconds for a tiny model);
-    here a concrete key draws fixed-size chunks with ONE compiled function and the values are cut to
-    shape on the host. Under tracing (nnx.eval_shape, jit) it is plain ``jax.random.normal``.
-    """
-
-    def init(key, shape, dtype=jnp.float32):
-        if isinstance(key, jax.core.Tracer):
-            return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-        n = int(np.prod(shape))
-        keys = jax.random.split(key, max(1, -(-n // _CHUNK)))
-        flat = np.concatenate([np.asarray(_normal_chunk(k)) for k in keys])[:n]
-        return jnp.asarray((flat.reshape(shape) * np.float32(std)).astype(np.float32), dtype=dtype)
-
-    return init
-
-
-_CHUNK = 1 << 16
-_normal_chunk = jax.jit(lambda key: jax.random.normal(key, (_CHUNK,), jnp.float32))
-
-
-def const(shape, value: float, dtype) -> jax.Array:
-    """A constant array placed from the host (no per-shape compile in eager mode)."""
-    return jnp.asarray(np.full(shape, value, np.float32), dtype=dtype)
+from dsv3_jax.layers import const
 
 
 class RMSNorm(nnx.Module):

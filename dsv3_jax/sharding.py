@@ -22,7 +22,7 @@ mesh is built with ``AxisType.Auto`` on every axis: the input and parameter shar
 XLA's sharding propagation decides the rest.
 
 **The rules** (``RULES``) map each canonical parameter name (torch layout, ``[out, in]``; experts
-``[E, out, in]``; names as ``dsv3.checkpoint.canonical_shapes``) to a ``PartitionSpec``. An axis that
+``[E, out, in]``; names as ``dsv3.names.canonical_shapes``) to a ``PartitionSpec``. An axis that
 does not divide its dimension is dropped from that dimension (the tensor is then replicated over it);
 ``spec_for`` reports the spec actually used, so the byte counts of ``planned_bytes`` are exact.
 AdamW moments follow their parameter; the step count is replicated.
@@ -154,7 +154,7 @@ def to_flax_layout(spec: P, layout: str) -> P:
 
 def spec_table(cfg: ModelConfig, mesh: Mapping[str, int]) -> dict[str, P]:
     """{canonical name: torch-layout PartitionSpec} for every tensor of the model."""
-    from dsv3.checkpoint import canonical_shapes
+    from dsv3.names import canonical_shapes
 
     sizes = parse_mesh(mesh)
     return {name: spec_for(name, shape, sizes) for name, shape in canonical_shapes(cfg).items()}
@@ -226,7 +226,7 @@ def model_specs(model, mesh: Mapping[str, int]) -> dict[tuple, P]:
     abstract (``DeepSeekV3.abstract``): canonical variables per RULES, anything else replicated."""
     sizes = parse_mesh(mesh)
     by_id = {}
-    for name, var, layout in model._canonical_vars():
+    for name, var, layout in model._named_vars():
         shape = tuple(var.get_value().shape)
         by_id[id(var)] = to_flax_layout(spec_for(name, _torch_shape(shape, layout), sizes), layout)
     return {path: by_id.get(id(var), P()) for path, var in _flat_vars(model)}

@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from dsv3.config import ModelConfig
-from dsv3.training import TrainConfig, decays
+from dsv3.train_config import TrainConfig, decays
 from dsv3_jax.model import DeepSeekV3
 
 

@@ -15,6 +15,9 @@ Three ways to attend, all the same function of the weights:
       q_lat = q_nope W_UK;   score = (q_lat.c_kv + q_pe.k_pe) * scale
       o     = W_UV (sum_t p_t c_kv_t)
 
+Tensor layout: q/k/v are [B,H,S,*] here (the layout torch's SDPA takes), [B,S,H,*] in
+dsv3_jax. Masks are [S,T] bool, True = visible (the Hugging Face attention_mask convention).
+
 Pinned numerics (REFERENCE §9.2.3): scores = q.k^T in the model dtype, THEN
 multiplied by the scale (not folded into q); masked with -inf from absolute
 positions; softmax in fp32 and cast back before p.v. The softmax scale is
@@ -30,20 +33,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3_torch.layers import linear
 from dsv3_torch.norm import RMSNorm
 from dsv3_torch.rope import apply_rope
 
 
 def causal_mask(start_pos: int, S: int, T: int, device=None) -> torch.Tensor:
-    """[S, T] bool, True where key t is in the future of query start_pos + i."""
+    """[S, T] bool, True where key t is visible to query start_pos + i (t <= start_pos + i).
+
+    True = visible, the Hugging Face attention_mask convention (1 = attend)."""
     q_pos = torch.arange(start_pos, start_pos + S, device=device)
     k_pos = torch.arange(T, device=device)
-    return k_pos[None, :] > q_pos[:, None]
+    return k_pos[None, :] <= q_pos[:, None]
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """-inf where masked, softmax over the last axis in fp32, cast to `dtype`."""
-    scores = scores.masked_fill(mask, float("-inf"))
+    """-inf where mask is False, softmax over the last axis in fp32, cast to `dtype`."""
+    scores = scores.masked_fill(~mask, float("-inf"))
     return F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
@@ -52,7 +58,7 @@ class MLA(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        kw = dict(bias=False, dtype=dtype, device=device)
+        self.cfg, self.dtype = cfg, dtype
         D, H = cfg.hidden_size, cfg.num_attention_heads
         self.n_heads, self.q_lora_rank = H, cfg.q_lora_rank
         self.kv_lora_rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -60,15 +66,15 @@ class MLA(nn.Module):
         self.qk_dim = cfg.qk_head_dim
         self.scale = cfg.softmax_scale
         if cfg.q_lora_rank is None:
-            self.wq = nn.Linear(D, H * self.qk_dim, **kw)
+            self.wq = linear(D, H * self.qk_dim, dtype, device)
         else:
-            self.wq_a = nn.Linear(D, cfg.q_lora_rank, **kw)
+            self.wq_a = linear(D, cfg.q_lora_rank, dtype, device)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, device)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, H * self.qk_dim, **kw)
-        self.wkv_a = nn.Linear(D, self.kv_lora_rank + self.rope_dim, **kw)
+            self.wq_b = linear(cfg.q_lora_rank, H * self.qk_dim, dtype, device)
+        self.wkv_a = linear(D, self.kv_lora_rank + self.rope_dim, dtype, device)
         self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps, dtype, device)
-        self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), **kw)
-        self.wo = nn.Linear(H * self.v_dim, D, **kw)
+        self.wkv_b = linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), dtype, device)
+        self.wo = linear(H * self.v_dim, D, dtype, device)
 
     # ------------------------------------------------------------ projections
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -93,18 +99,19 @@ class MLA(nn.Module):
         return torch.cat([k_nope, k_pe], dim=-1), v
 
     # -------------------------------------------------------------- attention
-    def attend_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
-        """q [B,H,S,N+R], k [B,H,T,N+R], v [B,H,T,V] -> o [B,S,H*V]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+        """q [B,H,S,N+R], k [B,H,T,N+R], v [B,H,T,V], mask [S,T] (True = visible) -> o [B,S,H*V]."""
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # round q.k, then scale
         p = masked_softmax(scores, mask, q.dtype)
         o = torch.matmul(p, v)  # [B,H,S,V]
         B, H, S, V = o.shape
         return o.transpose(1, 2).reshape(B, S, H * V)
 
-    def attend_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal self-attention over the whole window (S == T) by torch's fused kernel -> o [B,S,H*V].
 
-        fp32 only: the same function as attend_expanded with the explicit scale,
+        Private: a torch-only fast path of ``attend`` for the fp32 training forward.
+        fp32 only: the same function as attend with the explicit scale,
         rounded differently (the scale is applied inside the kernel and the
         softmax is computed blockwise), ~1e-7 relative apart. bf16 keeps the
         explicit path, whose rounding is pinned to HF eager bit for bit.
@@ -127,7 +134,7 @@ class MLA(nn.Module):
     def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Weight-absorbed attention on latents (REFERENCE §2.1) -> o [B,S,H*V].
 
-        q_nope [B,H,S,N], q_pe [B,H,S,R], c_kv [B,T,C], k_pe [B,T,R].
+        q_nope [B,H,S,N], q_pe [B,H,S,R], c_kv [B,T,C], k_pe [B,T,R], mask [S,T] (True = visible).
         """
         w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H,N,C], [H,V,C]
@@ -141,12 +148,12 @@ class MLA(nn.Module):
         return o.reshape(B, S, -1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                start_pos: int = 0, cache: Optional[dict] = None) -> torch.Tensor:
-        """x [B,S,D] at positions start_pos.. -> [B,S,D].
+                start_pos: int = 0, cache: Optional[dict] = None):
+        """x [B,S,D] at positions start_pos.. -> out [B,S,D] (no cache) or (out, cache) with a cache.
 
-        cos/sin [S, R/2] (shared by the batch). `cache` is one layer of a KVCache: a dict with
-        "c_kv"/"k_pe" (latent) or "k"/"v" (naive), written in place at
-        [start_pos, start_pos + S); attention then covers [0, start_pos + S).
+        cos/sin [S, R/2] (shared by the batch). `cache` is one layer of a KVCache (`init_cache`): a dict
+        with "c_kv"/"k_pe" (latent) or "k"/"v" (naive), written in place at [start_pos, start_pos + S)
+        and returned; attention then covers [0, start_pos + S).
         """
         B, S, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)
@@ -158,9 +165,9 @@ class MLA(nn.Module):
             k, v = self.expand(c_kv, k_pe)
             q = torch.cat([q_nope, q_pe], dim=-1)
             if q.dtype == torch.float32:
-                o = self.attend_sdpa(q, k, v)
+                o = self._attend_sdpa(q, k, v)
             else:
-                o = self.attend_expanded(q, k, v, causal_mask(0, S, S, x.device))
+                o = self.attend(q, k, v, causal_mask(0, S, S, x.device))
             return self.wo(o)
         mask = causal_mask(start_pos, S, end, x.device)
         if "c_kv" in cache:
@@ -172,5 +179,16 @@ class MLA(nn.Module):
             cache["k"][:, start_pos:end] = k.transpose(1, 2)
             cache["v"][:, start_pos:end] = v.transpose(1, 2)
             k_all, v_all = cache["k"][:, :end].transpose(1, 2), cache["v"][:, :end].transpose(1, 2)
-            o = self.attend_expanded(torch.cat([q_nope, q_pe], dim=-1), k_all, v_all, mask)
-        return self.wo(o)
+            o = self.attend(torch.cat([q_nope, q_pe], dim=-1), k_all, v_all, mask)
+        return self.wo(o), cache
+
+    def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> dict:
+        """One layer's empty cache: latent {c_kv [B,L,C], k_pe [B,L,R]} or naive {k [B,L,H,N+R], v [B,L,H,V]}."""
+        kw = dict(dtype=self.wo.weight.dtype, device=self.wo.weight.device)
+        if kind == "latent":
+            return {"c_kv": torch.zeros(batch, max_len, self.kv_lora_rank, **kw),
+                    "k_pe": torch.zeros(batch, max_len, self.rope_dim, **kw)}
+        if kind == "naive":
+            return {"k": torch.zeros(batch, max_len, self.n_heads, self.qk_dim, **kw),
+                    "v": torch.zeros(batch, max_len, self.n_heads, self.v_dim, **kw)}
+        raise ValueError(f"cache kind must be 'latent' or 'naive', got {kind!r}")

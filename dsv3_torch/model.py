@@ -9,7 +9,7 @@ F ffn width, V vocab.
     logits = head(norm(h))                 (head NOT tied to embed)
 
 ``state_dict()`` keys are exactly the canonical names of
-``dsv3.checkpoint.canonical_shapes``; the interchange with other frameworks
+``dsv3.names.canonical_shapes``; the interchange with other frameworks
 and with disk is the flat ``{name: np.ndarray}`` of ``canonical_state()``.
 
 Training rules kept outside ``forward`` (REFERENCE §8.1): the forward reports
@@ -21,40 +21,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import checkpoint as ckpt
+from dsv3 import names
 from dsv3.config import ModelConfig
 from dsv3.types import LossOutput
-from dsv3_torch.moe import Experts, MoE, Router, sequence_balance_loss
-from dsv3_torch.mtp import Block, MTPModule
+from dsv3_torch.block import Block
+from dsv3_torch.layers import from_numpy, linear, to_numpy
+from dsv3_torch.moe import COMBINES, Experts, MoE, MoEOutput, Router, sequence_balance_loss
+from dsv3_torch.mtp import MTPModule
 from dsv3_torch.norm import RMSNorm
 from dsv3_torch.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
-
-
-# ------------------------------------------------------------ numpy <-> torch
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A copy as numpy; bf16 becomes ml_dtypes.bfloat16 (same bits)."""
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
-    return t.numpy().copy()
-
-
-def from_numpy(a: np.ndarray) -> torch.Tensor:
-    """A torch copy of a numpy array; ml_dtypes.bfloat16 becomes torch.bfloat16."""
-    a = np.asarray(a)
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.array(a.view(np.int16))).view(torch.bfloat16)
-    return torch.from_numpy(np.array(a))
 
 
 # -------------------------------------------------------------------- caches
@@ -70,28 +55,9 @@ class KVCache:
     max_len: int
     layers: list
 
-    @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, max_len: int, kind: str, dtype, device) -> "KVCache":
-        H = cfg.num_attention_heads
-        if kind == "latent":
-            shapes = {"c_kv": (cfg.kv_lora_rank,), "k_pe": (cfg.qk_rope_head_dim,)}
-        elif kind == "naive":
-            shapes = {"k": (H, cfg.qk_head_dim), "v": (H, cfg.v_head_dim)}
-        else:
-            raise ValueError(f"cache kind must be 'latent' or 'naive', got {kind!r}")
-        layers = [{n: torch.zeros(batch, max_len, *s, dtype=dtype, device=device) for n, s in shapes.items()}
-                  for _ in range(cfg.num_hidden_layers)]
-        return cls(kind, max_len, layers)
-
     @property
     def batch(self) -> int:
         return next(iter(self.layers[0].values())).shape[0]
-
-
-class TrainOutput(NamedTuple):
-    logits: torch.Tensor        # [B, T, V] main head, model dtype
-    mtp_logits: list            # D x [B, T, V]; depth k at position i predicts t_{i+k+1}
-    moe: list                   # MoEOutput per router: main MoE layers, then MTP depths
 
 
 def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
@@ -120,10 +86,15 @@ class DeepSeekV3(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i), dtype, device)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
-        self.head = nn.Linear(D, V, bias=False, dtype=dtype, device=device)
+        self.head = linear(D, V, dtype, device)
         self.mtp = nn.ModuleList(MTPModule(cfg, dtype, device) for _ in range(cfg.num_nextn_predict_layers))
         self.rope = RotaryEmbedding(cfg)
         self.reset_parameters()
+
+    @classmethod
+    def abstract(cls, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> "DeepSeekV3":
+        """The model on the meta device: shapes and dtypes only, allocating nothing."""
+        return cls(cfg, dtype=dtype, device="meta")
 
     # --------------------------------------------------------------- init
     @torch.no_grad()
@@ -148,15 +119,16 @@ class DeepSeekV3(nn.Module):
         return [b.ffn.gate for b in blocks if isinstance(b.ffn, MoE)]
 
     def moe_layers(self) -> list[MoE]:
+        """Every MoE in counts order: main MoE layers, then MTP depths."""
         blocks = list(self.layers) + [m.block for m in self.mtp]
         return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     def set_moe_combine(self, scheme: str) -> None:
         """'grouped' (default) or 'eager' (bit parity with HF eager experts in bf16)."""
-        if scheme not in MoE.COMBINES:
-            raise ValueError(f"combine scheme must be one of {MoE.COMBINES}, got {scheme!r}")
+        if scheme not in COMBINES:
+            raise ValueError(f"combine scheme must be one of {COMBINES}, got {scheme!r}")
         for moe in self.moe_layers():
-            moe.combine = scheme
+            moe.dispatcher.scheme = scheme
 
     # ------------------------------------------------------------- checks
     def _check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
@@ -176,12 +148,12 @@ class DeepSeekV3(nn.Module):
         return self.rope(torch.arange(start, start + length, device=device), self.dtype)
 
     # ------------------------------------------------------------ forward
-    def _trunk(self, tokens: torch.Tensor, cos, sin) -> tuple[torch.Tensor, list]:
+    def _trunk(self, tokens: torch.Tensor, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None):
         """tokens [B,T] -> (hidden BEFORE the final norm [B,T,D], MoEOutputs of main layers)."""
         h = self.embed(tokens)
         moe = []
-        for layer in self.layers:
-            h, out = layer(h, cos, sin)
+        for i, layer in enumerate(self.layers):
+            h, out, _ = layer(h, cos, sin, start_pos, None if cache is None else cache.layers[i])
             if out is not None:
                 moe.append(out)
         return h, moe
@@ -189,23 +161,18 @@ class DeepSeekV3(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] int -> main-head logits [B, T, V] (model dtype)."""
         self._check_tokens(tokens)
-        cos, sin = self._rope(0, tokens.shape[1], tokens.device)
-        h, _ = self._trunk(tokens, cos, sin)
-        return self.head(self.norm(h))
+        return self.logits(tokens)
 
-    def forward_train(self, input_ids: torch.Tensor) -> TrainOutput:
-        """Main logits, every MTP depth's logits and every router's MoEOutput."""
-        self._check_tokens(input_ids)
-        cos, sin = self._rope(0, input_ids.shape[1], input_ids.device)
-        h, moe = self._trunk(input_ids, cos, sin)
-        h = self.norm(h)  # h^0: the main hidden after the final norm (REFERENCE §6)
-        logits, mtp_logits = self.head(h), []
-        for k, mod in enumerate(self.mtp, start=1):
-            emb = self.embed(_shift_left(input_ids, k, 0))  # embed(t_{i+k}), tail token 0
-            h, out = mod(h, emb, cos, sin)                  # h^k before its norm feeds depth k+1
-            moe.append(out)
-            mtp_logits.append(self.head(mod.norm(h)))
-        return TrainOutput(logits, mtp_logits, moe)
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """forward without the input checks: tokens [B, T] -> logits [B, T, V]."""
+        h, _ = self.hidden(tokens)
+        return self.head(h)
+
+    def hidden(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[MoEOutput]]:
+        """tokens [B, T] -> (hidden AFTER the final norm [B, T, D], MoEOutput per main MoE layer)."""
+        cos, sin = self._rope(0, tokens.shape[1], tokens.device)
+        h, moe = self._trunk(tokens, cos, sin)
+        return self.norm(h), moe
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         """L = main CE + (lambda/D) sum_k L^k + alpha sum_routers L_Bal (REFERENCE §6, §8.2).
@@ -216,16 +183,23 @@ class DeepSeekV3(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
         cfg = self.cfg
-        out = self.forward_train(input_ids)
-        main = cross_entropy(out.logits, labels)
-        mtp_losses = [cross_entropy(lg, _shift_left(labels, k, IGNORE_INDEX))
-                      for k, lg in enumerate(out.mtp_logits, start=1)]
+        self._check_tokens(input_ids)
+        h, moe = self.hidden(input_ids)  # h^0: the main hidden after the final norm (REFERENCE §6)
+        main = cross_entropy(self.head(h), labels)
+        cos, sin = self._rope(0, input_ids.shape[1], input_ids.device)
+        mtp_losses = []
+        for k, mod in enumerate(self.mtp, start=1):
+            emb = self.embed(_shift_left(input_ids, k, 0))  # embed(t_{i+k}), tail token 0
+            h, out = mod(h, emb, cos, sin)                  # h^k before its norm feeds depth k+1
+            moe.append(out)
+            mtp_losses.append(cross_entropy(self.head(mod.norm(h)), _shift_left(labels, k, IGNORE_INDEX)))
         zero = main.new_zeros(())
+        n_mtp = len(self.mtp)  # MTP depths (the Paper's D; D is the model width here)
         mtp_losses = torch.stack(mtp_losses) if mtp_losses else main.new_zeros(0)
-        mtp_loss = cfg.mtp_loss_weight / len(self.mtp) * mtp_losses.sum() if len(self.mtp) else zero
+        mtp_loss = cfg.mtp_loss_weight / n_mtp * mtp_losses.sum() if n_mtp else zero
         K = cfg.num_experts_per_tok
-        balance = sum((sequence_balance_loss(o.scores, K) for o in out.moe), zero) * cfg.balance_loss_alpha
-        counts = (torch.stack([o.counts for o in out.moe]) if out.moe
+        balance = sum((sequence_balance_loss(o.scores, K) for o in moe), zero) * cfg.balance_loss_alpha
+        counts = (torch.stack([o.counts for o in moe]) if moe
                   else torch.zeros(0, cfg.n_routed_experts, dtype=torch.long, device=input_ids.device))
         return LossOutput(main + mtp_loss + balance, main, mtp_losses, mtp_loss, balance, counts)
 
@@ -244,13 +218,16 @@ class DeepSeekV3(nn.Module):
 
     # ------------------------------------------------------------ decoding
     def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> KVCache:
+        """An empty KVCache: per layer latent {c_kv, k_pe} or naive {k, v}, [B, max_len, ...]."""
         if max_len > self.cfg.max_position_embeddings:
             raise ValueError(f"max_len={max_len} exceeds max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}")
-        return KVCache.create(self.cfg, batch, max_len, kind, self.dtype, self.head.weight.device)
+        return KVCache(kind, max_len, [layer.attn.init_cache(batch, max_len, kind) for layer in self.layers])
 
-    def forward_cached(self, tokens: torch.Tensor, cache: KVCache, start_pos: int) -> tuple[torch.Tensor, KVCache]:
-        """tokens [B, S] at positions start_pos.. -> (logits [B, S, V], cache filled in place)."""
+    def hidden_cached(self, tokens: torch.Tensor, cache: KVCache, start_pos: int) -> tuple[torch.Tensor, KVCache]:
+        """tokens [B, S] at positions start_pos.. -> (hidden AFTER the final norm [B, S, D], cache filled in place).
+
+        The h^0 an MTP depth takes (speculative decoding)."""
         self._check_tokens(tokens, start_pos)
         S = tokens.shape[1]
         if start_pos < 0 or start_pos + S > cache.max_len:
@@ -258,10 +235,13 @@ class DeepSeekV3(nn.Module):
         if tokens.shape[0] != cache.batch:
             raise ValueError(f"tokens batch size {tokens.shape[0]} does not match the cache's {cache.batch}")
         cos, sin = self._rope(start_pos, S, tokens.device)
-        h = self.embed(tokens)
-        for layer, lc in zip(self.layers, cache.layers):
-            h, _ = layer(h, cos, sin, start_pos, lc)
-        return self.head(self.norm(h)), cache
+        h, _ = self._trunk(tokens, cos, sin, start_pos, cache)
+        return self.norm(h), cache
+
+    def forward_cached(self, tokens: torch.Tensor, cache: KVCache, start_pos: int) -> tuple[torch.Tensor, KVCache]:
+        """tokens [B, S] at positions start_pos.. -> (logits [B, S, V], cache filled in place)."""
+        h, cache = self.hidden_cached(tokens, cache, start_pos)
+        return self.head(h), cache
 
     # --------------------------------------------------------- checkpoints
     def canonical_state(self) -> dict[str, np.ndarray]:
@@ -274,7 +254,7 @@ class DeepSeekV3(nn.Module):
         Each tensor is converted to the dtype of the tensor it replaces (router
         weight and bias stay fp32 in a bf16 model).
         """
-        ckpt.check_state(state, self.cfg)
+        names.check_state(state, self.cfg)
         current = self.state_dict()
         on_meta = any(t.is_meta for t in current.values())
         tensors = {}
@@ -296,6 +276,6 @@ class DeepSeekV3(nn.Module):
         """config.json + HF-named safetensors (atomic writes, sharded above max_shard_bytes)."""
         ckpt.save_canonical(os.fspath(directory), self.canonical_state(), self.cfg, max_shard_bytes)
 
-    def num_parameters(self) -> int:
+    def num_params(self) -> int:
         """Parameters counted once (router bias excluded: a buffer)."""
         return sum(p.numel() for p in self.parameters())

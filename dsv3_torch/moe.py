@@ -3,16 +3,19 @@
 Shape legend: B batch, T time, N = B*T tokens, D model width, E routed experts,
 K experts per token, G expert groups, F expert width, M = N*K (token, slot) rows.
 
-The layer is three separable steps, so an expert-parallel dispatch can replace
-the single-device one without touching the router or the experts' maths:
+The layer is four named steps (MoE.route -> dispatch -> compute -> combine);
+dispatch and combine sit behind one dispatcher object (``LocalDispatcher``,
+single device), so an expert-parallel dispatcher can replace it without
+touching the router or the experts' maths:
 
 1. route    (Router):  fp32 sigmoid affinities s; selection on s + bias,
-                       group-limited; weights from the UNBIASED s;
-2. dispatch (dispatch): (token, slot) pairs sorted by expert, so each expert's
-                       rows are contiguous — dropless, no capacity, and no
-                       expert ever sees a token that did not choose it;
-3. compute + combine (Experts, MoE.combine): per-expert SwiGLU on its rows,
-                       then the weighted sum over the K slots.
+                       group-limited; weights from the UNBIASED s -> Routing;
+2. dispatch (LocalDispatcher.dispatch): (token, slot) pairs sorted by expert,
+                       so each expert's rows are contiguous — dropless, no
+                       capacity, no expert ever sees a token that did not
+                       choose it -> (x_sorted, group_sizes, plan);
+3. compute  (Experts): per-expert SwiGLU on its contiguous rows -> y_sorted;
+4. combine  (LocalDispatcher.combine): the weighted sum over the K slots.
 
 Pinned numerics (REFERENCE §4.2, §4.5, §9.2):
 * router in fp32 throughout (weight and bias are fp32 even in a bf16 model);
@@ -33,6 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.types import Routing
+from dsv3_torch.layers import linear
+
+COMBINES = ("grouped", "eager")
 
 
 class MLP(nn.Module):
@@ -40,19 +47,12 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        kw = dict(bias=False, dtype=dtype, device=device)
-        self.w1 = nn.Linear(dim, inter, **kw)
-        self.w2 = nn.Linear(inter, dim, **kw)
-        self.w3 = nn.Linear(dim, inter, **kw)
+        self.w1 = linear(dim, inter, dtype, device)
+        self.w2 = linear(inter, dim, dtype, device)
+        self.w3 = linear(dim, inter, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class Routing(NamedTuple):
-    scores: torch.Tensor   # [N, E] fp32 unbiased sigmoid affinities (differentiable)
-    indices: torch.Tensor  # [N, K] int64, selected experts, ascending per token
-    weights: torch.Tensor  # [N, K] fp32 combine weights (normalised, scaled)
 
 
 class Router(nn.Module):
@@ -60,25 +60,23 @@ class Router(nn.Module):
 
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
-        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
-        self.n_groups, self.topk_groups = cfg.n_group, cfg.topk_group
-        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.cfg = cfg
         # fp32 whatever the model dtype (REFERENCE §4.2).
-        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size, dtype=torch.float32, device=device))
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32, device=device))
         # Correction bias b: selection only, no gradient, outside the optimizer
         # (a persistent buffer); changed only by DeepSeekV3.update_router_bias.
-        self.register_buffer("bias", torch.zeros(self.n_experts, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32, device=device))
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """[N, E] fp32 scores -> [N, K] expert ids, ascending (bias + group limit)."""
-        N, E, G = scores.shape[0], self.n_experts, self.n_groups
+        N, E, G = scores.shape[0], self.cfg.n_routed_experts, self.cfg.n_group
         biased = scores.detach() + self.bias.float()
         group_score = biased.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)  # [N, G]
-        top_groups = group_score.topk(self.topk_groups, dim=-1).indices
+        top_groups = group_score.topk(self.cfg.topk_group, dim=-1).indices
         keep = torch.zeros(N, G, dtype=torch.bool, device=scores.device).scatter_(1, top_groups, True)
         # -inf, not 0: a bias trained from zero can go negative (REFERENCE §4.1).
         biased = biased.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
-        idx = biased.topk(self.top_k, dim=-1).indices
+        idx = biased.topk(self.cfg.num_experts_per_tok, dim=-1).indices
         return idx.sort(dim=-1).values  # fixed slot order for deterministic fp32 sums
 
     def forward(self, x: torch.Tensor) -> Routing:
@@ -86,9 +84,9 @@ class Router(nn.Module):
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         idx = self.select(scores)
         w = scores.gather(1, idx)
-        if self.norm_topk_prob:
+        if self.cfg.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(scores, idx, w * self.scaling)
+        return Routing(scores, idx, w * self.cfg.routed_scaling_factor)
 
 
 class Dispatch(NamedTuple):
@@ -96,15 +94,16 @@ class Dispatch(NamedTuple):
     tokens: torch.Tensor  # [M] token id of each sorted row
     counts: torch.Tensor  # [E] rows per expert (int64)
     inverse: torch.Tensor  # [M] sorted row of each slot-major position: order[inverse] = arange(M)
+    dtype: torch.dtype     # the dtype of the dispatched x, that of the combined output
 
 
-def dispatch(indices: torch.Tensor, n_experts: int) -> Dispatch:
+def sort_by_expert(indices: torch.Tensor, n_experts: int, dtype: torch.dtype = torch.float32) -> Dispatch:
     """Sort (token, slot) pairs by expert; within an expert by (slot, token), as HF eager."""
     N = indices.shape[0]
     flat = indices.t().reshape(-1)  # slot-major: row j is slot j // N of token j % N
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return Dispatch(order, order % N, torch.bincount(flat, minlength=n_experts), inverse)
+    return Dispatch(order, order % N, torch.bincount(flat, minlength=n_experts), inverse, dtype)
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -182,33 +181,70 @@ class Experts(nn.Module):
     All agree exactly with the loop in fp32 and bf16.
     """
 
-    def __init__(self, n_experts: int, dim: int, inter: int, dtype=torch.float32, device=None):
+    def __init__(self, cfg: ModelConfig, dtype=torch.float32, device=None):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(n_experts, inter, dim, dtype=dtype, device=device))
-        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter, dtype=dtype, device=device))
-        self.w3 = nn.Parameter(torch.empty(n_experts, inter, dim, dtype=dtype, device=device))
+        E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.w1 = nn.Parameter(torch.empty(E, F_, D, dtype=dtype, device=device))
+        self.w2 = nn.Parameter(torch.empty(E, D, F_, dtype=dtype, device=device))
+        self.w3 = nn.Parameter(torch.empty(E, F_, D, dtype=dtype, device=device))
 
-    @staticmethod
-    def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-        """One expert on its rows x [n, D] -> [n, D]."""
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-
-    def outputs(self, x_sorted: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        """x_sorted [M, D] grouped by expert, counts [E] -> [n_e, D] for each expert with rows.
+    def forward(self, x_sorted: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+        """x_sorted [M, D] grouped by expert, group_sizes [E] (host ints) -> y_sorted [M, D].
 
         split/unbind rather than slicing and indexing: their backward is one
         cat/stack, where E slices would each allocate a full-size zero gradient.
         """
-        return [self.swiglu(x, w1, w2, w3)
-                for x, w1, w2, w3, n in zip(x_sorted.split(counts), self.w1.unbind(0), self.w2.unbind(0),
-                                            self.w3.unbind(0), counts) if n]
-
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_sorted [M, D] grouped by expert, counts [E] -> outputs [M, D]."""
-        outs = self.outputs(x_sorted, counts)
+        outs = [_swiglu(x, w1, w2, w3)
+                for x, w1, w2, w3, n in zip(x_sorted.split(group_sizes), self.w1.unbind(0), self.w2.unbind(0),
+                                            self.w3.unbind(0), group_sizes) if n]
         if not outs:
             return x_sorted.new_zeros(x_sorted.shape)
-        return torch.cat(outs)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """One expert on its rows x [n, D] -> [n, D]."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+class LocalDispatcher:
+    """Single-device dispatch and combine: the (token, slot) rows sorted by expert, and back.
+
+    The interface an expert-parallel dispatcher implements:
+      dispatch(x [N, D], routing) -> (x_sorted [M, D], group_sizes [E], plan)
+      combine(y_sorted [M, D], plan, routing) -> y [N, D] (in the dtype of the dispatched x)
+    group_sizes are host ints here (torch's split needs them), an int32 array in dsv3_jax.
+    scheme: "grouped" (default) or "eager" (bit parity with HF eager experts in bf16).
+    """
+
+    def __init__(self, n_experts: int, top_k: int, scheme: str = "grouped"):
+        if scheme not in COMBINES:
+            raise ValueError(f"combine scheme must be one of {COMBINES}, got {scheme!r}")
+        self.n_experts, self.top_k, self.scheme = n_experts, top_k, scheme
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, list[int], Dispatch]:
+        d = sort_by_expert(routing.indices, self.n_experts, x.dtype)
+        xs = _GatherTokens.apply(x, d.tokens, d.inverse, self.top_k)  # [M, D] expert-sorted
+        return xs, d.counts.tolist(), d
+
+    def combine(self, y_sorted: torch.Tensor, plan: Dispatch, routing: Routing) -> torch.Tensor:
+        N, D = routing.indices.shape[0], y_sorted.shape[1]
+        if self.scheme == "grouped":
+            if y_sorted.shape[0] == 0:
+                return y_sorted.new_zeros(N, D, dtype=plan.dtype)
+            return _Combine.apply(routing.weights.t(), plan.order, plan.inverse, plan.tokens,
+                                  [y_sorted.shape[0]], y_sorted).to(plan.dtype)
+        if self.scheme == "eager":
+            w = routing.weights.t().reshape(-1)[plan.order]         # [M] fp32, sorted like y_sorted
+            y = y_sorted.new_zeros(N, D, dtype=plan.dtype)
+            start = 0
+            for n in plan.counts.tolist():  # ascending expert id; one add per token per expert
+                if n:
+                    rows = slice(start, start + n)
+                    y = y.index_add(0, plan.tokens[rows], (y_sorted[rows] * w[rows, None]).to(y.dtype))
+                    start += n
+            return y
+        raise ValueError(f"combine scheme must be one of {COMBINES}, got {self.scheme!r}")
 
 
 class MoEOutput(NamedTuple):
@@ -218,54 +254,43 @@ class MoEOutput(NamedTuple):
 
 
 class MoE(nn.Module):
-    """Routed experts (dropless, grouped by expert) + shared experts."""
+    """Routed experts (dropless, grouped by expert) + shared experts: route -> dispatch -> compute -> combine."""
 
-    COMBINES = ("grouped", "eager")
-
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device=None, combine: str = "grouped"):
         super().__init__()
-        D, F_ = cfg.hidden_size, cfg.moe_intermediate_size
-        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.cfg = cfg
         self.gate = Router(cfg, device)
-        self.experts = Experts(cfg.n_routed_experts, D, F_, dtype, device)
-        self.shared_experts = MLP(D, cfg.n_shared_experts * F_, dtype, device) if cfg.n_shared_experts else None
-        self.combine = "grouped"  # or "eager" for bit parity with HF eager experts
+        self.experts = Experts(cfg, dtype, device)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, dtype, device)
+                               if cfg.n_shared_experts else None)
+        self.dispatcher = LocalDispatcher(cfg.n_routed_experts, cfg.num_experts_per_tok, combine)
 
-    def routed(self, x: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D], routing -> (weighted expert sum [N, D] model dtype, counts [E])."""
-        N, D = x.shape
-        d = dispatch(r.indices, self.n_experts)
-        counts = d.counts.tolist()
-        xs = _GatherTokens.apply(x, d.tokens, d.inverse, self.top_k)  # [M, D] expert-sorted
-        if self.combine == "grouped":
-            outs = self.experts.outputs(xs, counts)
-            if not outs:
-                return x.new_zeros(N, D), d.counts
-            nonzero = [n for n in counts if n]
-            y = _Combine.apply(r.weights.t(), d.order, d.inverse, d.tokens, nonzero, *outs).to(x.dtype)
-        elif self.combine == "eager":
-            out = self.experts(xs, counts)                          # [M, D] model dtype
-            w = r.weights.t().reshape(-1)[d.order]                 # [M] fp32, sorted like out
-            y = x.new_zeros(N, D)
-            start = 0
-            for n in counts:  # ascending expert id; one add per token per expert
-                if n:
-                    rows = slice(start, start + n)
-                    y = y.index_add(0, d.tokens[rows], (out[rows] * w[rows, None]).to(x.dtype))
-                    start += n
-        else:
-            raise ValueError(f"MoE.combine must be one of {self.COMBINES}, got {self.combine!r}")
-        return y, d.counts
+    def route(self, x: torch.Tensor) -> Routing:
+        """x [N, D] -> Routing (fp32)."""
+        return self.gate(x)
+
+    def dispatch(self, x: torch.Tensor, routing: Routing):
+        """x [N, D] -> (x_sorted [M, D], group_sizes [E], plan): the dispatcher's."""
+        return self.dispatcher.dispatch(x, routing)
+
+    def compute(self, x_sorted: torch.Tensor, group_sizes) -> torch.Tensor:
+        """Expert-sorted rows -> y_sorted [M, D] (grouped SwiGLU)."""
+        return self.experts(x_sorted, group_sizes)
+
+    def combine(self, y_sorted: torch.Tensor, plan, routing: Routing) -> torch.Tensor:
+        """y_sorted [M, D] -> y [N, D]: the weighted sum over each token's K slots (the dispatcher's)."""
+        return self.dispatcher.combine(y_sorted, plan, routing)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         """x [B, T, D] -> MoEOutput. Never changes the router bias."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        r = self.gate(flat)
-        y, counts = self.routed(flat, r)
+        r = self.route(flat)
+        xs, sizes, plan = self.dispatch(flat, r)
+        y = self.combine(self.compute(xs, sizes), plan, r)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return MoEOutput(y.view(B, T, D), counts, r.scores.view(B, T, -1))
+        return MoEOutput(y.view(B, T, D), plan.counts, r.scores.view(B, T, -1))
 
 
 def sequence_balance_loss(scores: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -1,10 +1,6 @@
-"""Decoder block and multi-token prediction module (Paper §2.2 and §2.3; REFERENCE §5, §6).
+"""Multi-token prediction module (Paper §2.2 and §2.3; REFERENCE §6).
 
 Shape legend: B batch, T time, D model width.
-
-Block (pre-norm):  h = x + attn(attn_norm(x));  h = h + ffn(ffn_norm(h)),
-residual adds in the model dtype; ffn is a dense SwiGLU (MLP) in the first
-``first_k_dense_replace`` layers and a MoE afterwards.
 
 MTP depth k (shares the embedding and output head with the main model):
     x_i  = eh_proj([enorm(embed(t_{i+k})) ; hnorm(h^{k-1}_i)])    # EMBEDDING FIRST
@@ -17,36 +13,14 @@ model's hidden AFTER its final norm; depth k+1 receives h^k from before norm.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3_torch.mla import MLA
-from dsv3_torch.moe import MLP, MoE, MoEOutput
+from dsv3_torch.block import Block
+from dsv3_torch.layers import linear
+from dsv3_torch.moe import MoEOutput
 from dsv3_torch.norm import RMSNorm
-
-
-class Block(nn.Module):
-    """One decoder layer: attn_norm, attn (MLA), ffn_norm, ffn (MLP or MoE)."""
-
-    def __init__(self, cfg: ModelConfig, moe: bool, dtype: torch.dtype = torch.float32, device=None):
-        super().__init__()
-        D = cfg.hidden_size
-        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
-        self.attn = MLA(cfg, dtype, device)
-        self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
-        self.ffn = MoE(cfg, dtype, device) if moe else MLP(D, cfg.intermediate_size, dtype, device)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
-                cache: Optional[dict] = None) -> tuple[torch.Tensor, Optional[MoEOutput]]:
-        """x [B,T,D] -> (h [B,T,D], MoEOutput or None for a dense layer)."""
-        h = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
-        f = self.ffn(self.ffn_norm(h))
-        if isinstance(f, MoEOutput):
-            return h + f.out, f
-        return h + f, None
 
 
 class MTPModule(nn.Module):
@@ -57,7 +31,7 @@ class MTPModule(nn.Module):
         D = cfg.hidden_size
         self.enorm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
-        self.eh_proj = nn.Linear(2 * D, D, bias=False, dtype=dtype, device=device)
+        self.eh_proj = linear(2 * D, D, dtype, device)
         self.block = Block(cfg, moe=True, dtype=dtype, device=device)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
 
@@ -65,4 +39,5 @@ class MTPModule(nn.Module):
                 sin: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
         """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (embed of t_{i+k}) -> (h^k before norm, MoEOutput)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.block(x, cos, sin)
+        h, stats, _ = self.block(x, cos, sin)
+        return h, stats

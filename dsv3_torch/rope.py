@@ -55,6 +55,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.inv_freq = rope_inv_freq(cfg)
         self.attention_factor = float(cfg.rope_attention_factor)
 

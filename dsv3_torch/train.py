@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from dsv3.config import ModelConfig
-from dsv3.training import TrainConfig, decays
-from dsv3_torch.model import DeepSeekV3, from_numpy, to_numpy
+from dsv3.train_config import TrainConfig, decays
+from dsv3_torch.layers import from_numpy, to_numpy
+from dsv3_torch.model import DeepSeekV3
 
 
 class TorchBackend:

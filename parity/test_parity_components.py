@@ -89,12 +89,12 @@ def test_mla_cached_decode(pair, kind):
     dtype, tm, jm = pair
     xt, xj = _x((2, 7, TINY.hidden_size), dtype, 3)
     tcache = tm.init_cache(2, 8, kind).layers[1]
-    jcache = jm.layers[1].attn.init_cache(2, 8, kind)
+    jcache = jm.init_cache(2, 8, kind).layers[1]
     step = nnx.jit(lambda a, x, c, s, p, cache: a(x, c, s, p, cache))
     for a, b in [(0, 5), (5, 6), (6, 7)]:
         (ct, st), (cj, sj) = _rope(tm, jm, a, b - a, dtype)
         with torch.no_grad():
-            ref = tm.layers[1].attn(xt[:, a:b], ct, st, a, tcache)
+            ref, tcache = tm.layers[1].attn(xt[:, a:b], ct, st, a, tcache)
         out, jcache = step(jm.layers[1].attn, xj[:, a:b], cj, sj, jnp.int32(a), jcache)
         assert_close(f"MLA decode ({'absorbed' if kind == 'latent' else 'naive'})", dtype, out, ref)
     for name in jcache:  # the caches themselves agree
@@ -129,7 +129,7 @@ def test_router_indices_then_weights(pair):
     rt, rj = tm.layers[1].ffn.gate, jm.layers[1].ffn.gate
     with torch.no_grad():
         r = rt(xt)
-    w, idx, s = nnx.jit(lambda g, x: g(x))(rj, xj)
+    s, idx, w = nnx.jit(lambda g, x: g(x))(rj, xj)
     ties = check_routing(idx, r.indices, r.scores, rt.bias, TINY)
     assert not ties, f"near-ties at tokens {ties}: choose another seed for this test"
     record("router indices (mismatches)", dtype, 0.0, 0.0, "count")
@@ -170,7 +170,7 @@ def test_block(pair, layer):
     xt, xj = _x((2, 8, TINY.hidden_size), dtype, 7)
     (ct, st), (cj, sj) = _rope(tm, jm, 0, 8, dtype)
     with torch.no_grad():
-        ref, _ = tm.layers[layer](xt, ct, st)
+        ref, _, _ = tm.layers[layer](xt, ct, st)
     out, _, _ = nnx.jit(lambda b, x, c, s: b(x, c, s))(jm.layers[layer], xj, cj, sj)
     assert_close(f"Block ({'dense' if layer == 0 else 'MoE'})", dtype, out, ref)
 

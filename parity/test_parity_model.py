@@ -14,7 +14,7 @@ from flax import nnx
 import dsv3_jax
 import dsv3_torch
 from dsv3.config import ModelConfig
-from dsv3.training import decays
+from dsv3.train_config import decays
 from parity_util import GRAD_TOL, TOL, assert_close, kl, make_pair, np32, record
 
 TINY = ModelConfig.preset("tiny")

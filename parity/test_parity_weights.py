@@ -10,7 +10,8 @@ import torch
 
 import dsv3_jax
 import dsv3_torch
-from dsv3.checkpoint import CheckpointError, canonical_shapes
+from dsv3.checkpoint import CheckpointError
+from dsv3.names import canonical_shapes
 from dsv3.config import ModelConfig
 from parity_util import assert_close, bits, born_state, make_pair, record
 

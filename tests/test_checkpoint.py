@@ -1,4 +1,4 @@
-"""dsv3.checkpoint: the name table, expert stacking, FP8 dequantisation, sharded I/O, errors (framework-free)."""
+"""dsv3.names and dsv3.checkpoint: the name table, expert stacking, FP8 dequantisation, sharded I/O, errors (framework-free)."""
 
 import json
 import os
@@ -9,6 +9,8 @@ import pytest
 
 from dsv3 import ModelConfig
 from dsv3 import checkpoint as ck
+from dsv3 import fileio
+from dsv3 import names
 from dsv3.checkpoint import CheckpointError
 from safetensors_fp8 import write_safetensors
 
@@ -17,13 +19,13 @@ TINY = ModelConfig.preset("tiny")
 
 def _random_state(cfg, seed=0, dtype=np.float32):
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s).astype(dtype) for k, s in ck.canonical_shapes(cfg).items()}
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in names.canonical_shapes(cfg).items()}
 
 
 
 # ------------------------------------------------------------- the name table
 def test_canonical_shapes_of_v3_follow_the_reference():
-    s = ck.canonical_shapes(ModelConfig.preset("v3-671b"))
+    s = names.canonical_shapes(ModelConfig.preset("v3-671b"))
     assert s["embed.weight"] == s["head.weight"] == (129280, 7168)
     assert s["layers.0.ffn.w1.weight"] == (18432, 7168) and "layers.0.ffn.gate.weight" not in s
     assert s["layers.3.attn.wq_a.weight"] == (1536, 7168)
@@ -56,25 +58,25 @@ def test_canonical_shapes_of_v3_follow_the_reference():
     ("model.layers.61.shared_head.head.weight", None),   # copy of the shared head
 ])
 def test_hf_names_map_to_canonical_names(hf, canon):
-    assert ck.hf_to_canonical_name(hf, ModelConfig.preset("v3-671b")) == canon
+    assert names.hf_to_canonical_name(hf, ModelConfig.preset("v3-671b")) == canon
 
 
 @pytest.mark.parametrize("bad", ["model.layers.3.mlp.gate.bias", "model.layers.62.enorm.weight",
                                  "transformer.wte.weight", "model.layers.61.shared_head.foo"])
 def test_unknown_hf_names_raise_naming_them(bad):
     with pytest.raises(CheckpointError, match=bad.replace(".", r"\.")):
-        ck.hf_to_canonical_name(bad, ModelConfig.preset("v3-671b"))
+        names.hf_to_canonical_name(bad, ModelConfig.preset("v3-671b"))
 
 
 def test_canonical_hf_round_trip_stacks_experts_and_adds_mtp_copies():
     state = _random_state(TINY)
-    hf = ck.canonical_to_hf(state, TINY)
+    hf = names.canonical_to_hf(state, TINY)
     L = TINY.num_hidden_layers
     assert np.array_equal(hf["model.layers.1.mlp.experts.6.down_proj.weight"], state["layers.1.ffn.experts.w2"][6])
     assert np.array_equal(hf[f"model.layers.{L}.embed_tokens.weight"], state["embed.weight"])
     assert np.array_equal(hf[f"model.layers.{L}.shared_head.head.weight"], state["head.weight"])
     assert np.array_equal(hf[f"model.layers.{L}.eh_proj.weight"], state["mtp.0.eh_proj.weight"])
-    back = ck.hf_to_canonical(hf, TINY)
+    back = names.hf_to_canonical(hf, TINY)
     assert back.keys() == state.keys()
     assert all(np.array_equal(back[k], state[k]) for k in state)
 
@@ -82,20 +84,20 @@ def test_canonical_hf_round_trip_stacks_experts_and_adds_mtp_copies():
 def test_hf_fused_in_memory_expert_layout_is_split():
     cfg = TINY.replace(num_nextn_predict_layers=0)
     state = _random_state(cfg)
-    hf = {k: v for k, v in ck.canonical_to_hf(state, cfg).items() if ".experts." not in k}
+    hf = {k: v for k, v in names.canonical_to_hf(state, cfg).items() if ".experts." not in k}
     for i in (1, 2):
         w1, w3 = state[f"layers.{i}.ffn.experts.w1"], state[f"layers.{i}.ffn.experts.w3"]
         hf[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.concatenate([w1, w3], axis=1)
         hf[f"model.layers.{i}.mlp.experts.down_proj"] = state[f"layers.{i}.ffn.experts.w2"]
-    back = ck.hf_to_canonical(hf, cfg)
+    back = names.hf_to_canonical(hf, cfg)
     assert all(np.array_equal(back[k], state[k]) for k in state)
 
 
 def test_missing_expert_is_named():
-    hf = ck.canonical_to_hf(_random_state(TINY), TINY)
+    hf = names.canonical_to_hf(_random_state(TINY), TINY)
     del hf["model.layers.2.mlp.experts.5.up_proj.weight"]
     with pytest.raises(CheckpointError, match=r"layers\.2\.ffn\.experts\.w3: experts missing \[5\]"):
-        ck.hf_to_canonical(hf, TINY)
+        names.hf_to_canonical(hf, TINY)
 
 
 def test_check_state_names_missing_unexpected_and_misshaped_keys():
@@ -104,7 +106,7 @@ def test_check_state_names_missing_unexpected_and_misshaped_keys():
     state["layers.9.attn.wo.weight"] = np.zeros(3, np.float32)
     state["norm.weight"] = np.zeros(63, np.float32)
     with pytest.raises(CheckpointError) as err:
-        ck.check_state(state, TINY)
+        names.check_state(state, TINY)
     msg = str(err.value)
     assert "missing (1): layers.0.attn.kv_norm.weight" in msg
     assert "unexpected (1): layers.9.attn.wo.weight" in msg
@@ -226,7 +228,7 @@ def test_checkpoint_without_mtp_layer_loads_with_zero_depths(tmp_path):
 
 def test_partial_mtp_layer_is_an_error(tmp_path):
     state = _random_state(TINY)
-    hf = ck.canonical_to_hf(state, TINY)
+    hf = names.canonical_to_hf(state, TINY)
     del hf[f"model.layers.{TINY.num_hidden_layers}.eh_proj.weight"]
     TINY.save_pretrained(tmp_path)
     write_safetensors(tmp_path / "model.safetensors", hf)
@@ -242,13 +244,13 @@ def test_empty_directory_is_an_error(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "x.bin"
-    ck.atomic_write_bytes(str(path), b"old")
+    fileio.atomic_write_bytes(str(path), b"old")
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
-        ck.atomic_write_bytes(str(path), b"new")
+        fileio.atomic_write_bytes(str(path), b"new")
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["x.bin"]

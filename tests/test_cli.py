@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from dsv3 import ModelConfig
-from dsv3.checkpoint import canonical_shapes, load_canonical, read_safetensors, save_canonical
+from dsv3.checkpoint import load_canonical, read_safetensors, save_canonical
 from dsv3.cli import build_parser, generate_text, info_dict, main, train_config_from_args
-from dsv3.training import TrainConfig, latest_checkpoint, read_metrics
+from dsv3.names import canonical_shapes
+from dsv3.rundir import latest_checkpoint, read_metrics
+from dsv3.train_config import TrainConfig
 from safetensors_fp8 import write_safetensors
 
 TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)

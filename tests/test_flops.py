@@ -6,7 +6,7 @@ import pytest
 
 from dsv3 import ModelConfig
 from dsv3 import flops
-from dsv3.checkpoint import canonical_shapes
+from dsv3.names import canonical_shapes
 
 PRESETS = ["tiny", "small", "v3-671b"]
 
@@ -16,8 +16,13 @@ def test_param_count_equals_canonical_shapes(name):
     cfg = ModelConfig.preset(name)
     shapes = canonical_shapes(cfg)
     pc = flops.param_counts(cfg)
-    assert pc.total == sum(math.prod(s) for s in shapes.values())
-    assert pc.mtp == sum(math.prod(s) for k, s in shapes.items() if k.startswith("mtp."))
+    params = {k: s for k, s in shapes.items() if not k.endswith("gate.bias")}  # the router bias is a buffer
+    assert pc.stored == sum(math.prod(s) for s in shapes.values())
+    assert pc.total == sum(math.prod(s) for s in params.values())
+    assert pc.router_biases == sum(math.prod(s) for k, s in shapes.items() if k.endswith("gate.bias"))
+    assert pc.mtp == sum(math.prod(s) for k, s in params.items() if k.startswith("mtp."))
+    assert pc.routed_experts == sum(math.prod(s) for k, s in params.items()
+                                    if k.startswith("layers.") and ".ffn.experts." in k)
     assert pc.main + pc.mtp == pc.total
 
 
@@ -25,8 +30,16 @@ def test_no_q_lora_and_no_shared_expert_counts():
     cfg = ModelConfig.preset("tiny").replace(q_lora_rank=None, n_shared_experts=0,
                                              num_nextn_predict_layers=0)
     pc = flops.param_counts(cfg)
-    assert pc.total == sum(math.prod(s) for s in canonical_shapes(cfg).values())
+    assert pc.stored == sum(math.prod(s) for s in canonical_shapes(cfg).values())
     assert pc.mtp == 0 and pc.mtp_active_matmul_per_token == 0
+
+
+def test_param_counts_of_the_small_model():
+    """Counted on dsv3_torch.DeepSeekV3(small).num_parameters(): 8,561,088 parameters and 64 router-bias
+    buffers (3 MoE layers + 1 MTP block, 16 experts each)."""
+    pc = flops.param_counts(ModelConfig.preset("small"))
+    assert (pc.total, pc.router_biases, pc.stored) == (8_561_088, 64, 8_561_152)
+    assert pc.main == 6_552_576  # the "6.55M parameters without MTP" of the preset
 
 
 def test_v3_published_sizes():
@@ -38,6 +51,7 @@ def test_v3_published_sizes():
     assert 11.4e9 < pc.mtp < 11.7e9
     # The checkpoint ("685B") also stores the MTP's copies of embed and head.
     assert 684e9 < pc.total + pc.embedding + pc.head < 686e9
+    assert pc.total == 682_636_472_320 and pc.stored == 682_636_487_424  # 59 routers x 256 biases apart
 
 
 def test_latent_cache_is_rank_plus_rope_per_layer():

@@ -8,7 +8,9 @@ import pytest
 
 from dsv3 import ModelConfig
 from dsv3.data import BatchSampler, load_corpus
-from dsv3.training import TrainConfig, latest_checkpoint, load_train_state, lr_at, model_config, read_metrics, train
+from dsv3.rundir import latest_checkpoint, load_train_state, read_metrics
+from dsv3.train_config import TrainConfig, lr_at, model_config
+from dsv3.training import train
 
 FRAMEWORKS = ["torch", "jax"]
 TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)
@@ -110,8 +112,8 @@ def test_bias_update_once_per_step_from_summed_counts_and_never_in_eval(framewor
 
 def test_weight_decay_masks_skip_norms_and_bias(config_dir):
     """Both optimizers decay exactly the canonical matrices, never a norm weight or the router bias."""
-    from dsv3.checkpoint import canonical_shapes
-    from dsv3.training import decays
+    from dsv3.names import canonical_shapes
+    from dsv3.train_config import decays
 
     want = {n for n, s in canonical_shapes(TINY).items() if decays(n, len(s))}
     assert want and not any("norm" in n or n.endswith("bias") for n in want)

@@ -7,7 +7,7 @@ import pytest
 
 from dsv3 import ModelConfig
 from dsv3.data import BatchSampler, load_corpus
-from dsv3.training import TrainConfig, lr_at
+from dsv3.train_config import TrainConfig, lr_at
 
 pytest.importorskip("dsv3_jax.train")
 

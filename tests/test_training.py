@@ -1,4 +1,4 @@
-"""dsv3.training: schedule, decay rule, metrics, plots, checkpoint layout, resume-state I/O and the
+"""dsv3.train_config, rundir, plots, training: schedule, decay rule, metrics, plots, checkpoint layout, resume-state I/O and the
 loop driver (driven here by a numpy backend, so these tests need neither torch nor jax)."""
 
 import json
@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from dsv3 import ModelConfig
-from dsv3.checkpoint import canonical_shapes, load_canonical, save_canonical
+from dsv3.checkpoint import load_canonical, save_canonical
 from dsv3.data import load_corpus
-from dsv3.training import (
-    NonFiniteLoss, TrainConfig, decays, latest_checkpoint, load_ratio, load_train_state, lr_at, model_config,
-    param_counts, plot_expert_load, plot_losses, read_metrics, resolve_weights_dir, save_train_state, train,
-    write_checkpoint,
+from dsv3.flops import param_counts
+from dsv3.names import canonical_shapes
+from dsv3.plots import plot_expert_load, plot_losses
+from dsv3.rundir import (
+    latest_checkpoint, load_train_state, read_metrics, resolve_weights_dir, save_train_state, write_checkpoint,
 )
+from dsv3.train_config import TrainConfig, decays, lr_at, model_config
+from dsv3.training import NonFiniteLoss, load_ratio, train
 
 TINY = ModelConfig.preset("tiny").replace(vocab_size=256)
 
@@ -58,10 +61,10 @@ def test_load_ratio_and_param_counts():
     c = np.array([[4, 4, 4, 4], [8, 0, 4, 4], [0, 0, 0, 0]])
     assert load_ratio(c).tolist() == [1.0, 2.0, 1.0]
     pc = param_counts(ModelConfig.preset("small"))
-    assert pc["main"] == sum(int(np.prod(s)) for n, s in canonical_shapes(ModelConfig.preset("small")).items()
+    assert pc.main == sum(int(np.prod(s)) for n, s in canonical_shapes(ModelConfig.preset("small")).items()
                              if not n.startswith("mtp.") and not n.endswith("gate.bias"))
-    assert 6.0e6 < pc["main"] < 7.0e6  # config.py: 6.55M without MTP
-    assert pc["active_per_token"] < pc["main"]
+    assert 6.0e6 < pc.main < 7.0e6  # config.py: 6.55M without MTP
+    assert pc.active_per_token < pc.main
 
 
 def test_write_checkpoint_atomic_and_keeps_last(tmp_path):

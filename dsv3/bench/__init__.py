@@ -83,7 +83,7 @@ def random_state(cfg, seed: int) -> dict:
     for linear, embedding and router weights, 1 for norms, 0 for router biases."""
     import numpy as np
 
-    from dsv3.checkpoint import canonical_shapes
+    from dsv3.names import canonical_shapes
 
     rng = np.random.default_rng(seed)
     out = {}

@@ -124,7 +124,7 @@ def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = Fal
     """
     import importlib
 
-    from dsv3.training import TrainConfig
+    from dsv3.train_config import TrainConfig
 
     make_backend = importlib.import_module(f"dsv3_{framework}.train").make_backend
     kw = {"compile": compile_} if framework == "torch" else {}

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any, Optional
 
-from dsv3.checkpoint import atomic_write_text
+from dsv3.fileio import atomic_write_text
 
 MAXTEXT_TOK_S = 1450.0  # MaxText on peer-small, CPU fp32, seq 256, batch 8 (the figure)
 

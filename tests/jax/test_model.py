@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3.checkpoint import CheckpointError, canonical_shapes
+from dsv3.checkpoint import CheckpointError
+from dsv3.names import canonical_shapes
 from dsv3.config import ModelConfig
 from dsv3_jax import DeepSeekV3, RouterBias, generate
 
@@ -60,9 +61,10 @@ def test_decode_step_compiles_once(model, tokens):
 
 def test_latent_cache_holds_c_kv_and_k_pe(model):
     c = model.init_cache(3, 7, "latent")
-    assert len(c) == CFG.num_hidden_layers
+    assert len(c.layers) == CFG.num_hidden_layers and (c.kind, c.max_len, c.batch) == ("latent", 7, 3)
+    c = c.layers
     assert c[0]["c_kv"].shape == (3, 7, CFG.kv_lora_rank) and c[0]["k_pe"].shape == (3, 7, CFG.qk_rope_head_dim)
-    n = model.init_cache(3, 7, "naive")[0]
+    n = model.init_cache(3, 7, "naive").layers[0]
     assert n["k"].shape == (3, 7, CFG.num_attention_heads, CFG.qk_head_dim)
     assert n["v"].shape == (3, 7, CFG.num_attention_heads, CFG.v_head_dim)
 
@@ -134,8 +136,8 @@ def test_v3_671b_abstract_param_count():
     assert isinstance(m.layers[60].ffn.experts.w1.get_value(), jax.ShapeDtypeStruct)
     assert m.layers[60].ffn.experts.w1.get_value().shape == (256, 7168, 2048)
     want = sum(int(np.prod(s)) for s in canonical_shapes(cfg).values())
-    assert m.num_params() == want == 682_636_487_424  # 671B main + MTP, router biases included
-    assert m.num_parameters() == want - sum(cfg.n_routed_experts for _ in range(cfg.n_router_layers))
+    assert want == 682_636_487_424  # 671B main + MTP, router biases included
+    assert m.num_params() == want - sum(cfg.n_routed_experts for _ in range(cfg.n_router_layers))
 
 
 def test_loss_terms_and_mtp_alignment(model, tokens):

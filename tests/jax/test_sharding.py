@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dsv3 import ModelConfig
-from dsv3.checkpoint import canonical_shapes
+from dsv3.names import canonical_shapes
 from dsv3_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

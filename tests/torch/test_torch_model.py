@@ -8,12 +8,27 @@ import torch.nn.functional as F
 
 import dsv3_torch
 from dsv3 import ModelConfig
-from dsv3.checkpoint import CheckpointError, canonical_shapes
+from dsv3.checkpoint import CheckpointError
+from dsv3.names import canonical_shapes
 
 
 def _model(cfg, dtype=torch.float32):
     torch.manual_seed(0)
     return dsv3_torch.DeepSeekV3(cfg, dtype=dtype)
+
+
+class _Logits:
+    """Main-head logits and each MTP depth's logits, through the public steps: hidden, mtp[k], head."""
+
+    def __init__(self, m, ids):
+        h, _ = m.hidden(ids)
+        self.logits, self.mtp_logits = m.head(h), []
+        cos, sin = m.rope(torch.arange(ids.shape[1]), m.dtype)
+        for k, mod in enumerate(m.mtp, start=1):
+            nxt = torch.zeros_like(ids)
+            nxt[:, : ids.shape[1] - k] = ids[:, k:]  # t_{i+k}, tail token 0
+            h, _ = mod(h, m.embed(nxt), cos, sin)
+            self.mtp_logits.append(m.head(mod.norm(h)))
 
 
 @pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"n_shared_experts": 0},
@@ -57,7 +72,7 @@ def test_causality(tiny):
     t = 9
     y[:, t] = (y[:, t] + 1) % tiny.vocab_size
     with torch.no_grad():
-        a, b = m.forward_train(x), m.forward_train(y)
+        a, b = _Logits(m, x), _Logits(m, y)
     assert _max_diff(a.logits[:, :t], b.logits[:, :t]) <= ULP_NOISE
     assert _max_diff(a.logits[:, t], b.logits[:, t]) > 1e-2
     # MTP depth 1 at position i reads embed(t_{i+1}): it may change from i = t - 1 on, never before
@@ -73,7 +88,7 @@ def test_mtp_depth_two_reads_two_tokens_ahead(tiny):
     t = 8
     y[:, t] = (y[:, t] + 1) % cfg.vocab_size
     with torch.no_grad():
-        a, b = m.forward_train(x), m.forward_train(y)
+        a, b = _Logits(m, x), _Logits(m, y)
     d2a, d2b = a.mtp_logits[1], b.mtp_logits[1]
     assert _max_diff(d2a[:, : t - 2], d2b[:, : t - 2]) <= ULP_NOISE
     assert _max_diff(d2a[:, t - 2], d2b[:, t - 2]) > 1e-2
@@ -88,7 +103,7 @@ def test_mtp_loss_scores_depth_k_against_token_i_plus_k_plus_1(tiny):
     labels[0, 4] = -100  # an ignored target shifts into depth k's mask at position 4 - k
     with torch.no_grad():
         out = m.compute_loss(ids, labels)
-        fw = m.forward_train(ids)
+        fw = _Logits(m, ids)
     for k in (1, 2):
         terms = [F.cross_entropy(fw.mtp_logits[k - 1][b, i], stream[b, i + k + 1])
                  for b in range(B) for i in range(T - k) if not (b == 0 and i + k == 4)]

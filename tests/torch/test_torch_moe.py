@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import dsv3_torch
 from dsv3 import ModelConfig
-from dsv3_torch.moe import MoE, dispatch, sequence_balance_loss
+from dsv3_torch.moe import MoE, sequence_balance_loss, sort_by_expert
 
 # 16 experts in 4 groups of 4, 2 groups kept, 3 per token: the group limit binds often.
 CFG = ModelConfig.preset("tiny").replace(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
@@ -72,7 +72,7 @@ def test_experts_run_only_on_their_own_tokens():
 
 def test_dispatch_sorts_pairs_by_expert():
     idx = torch.tensor([[0, 3], [1, 3], [0, 2]])
-    d = dispatch(idx, 4)
+    d = sort_by_expert(idx, 4)
     flat = idx.t().reshape(-1)
     assert torch.equal(flat[d.order], torch.tensor([0, 0, 1, 2, 3, 3]))
     assert torch.equal(d.tokens, torch.tensor([0, 2, 1, 2, 0, 1]))
@@ -134,9 +134,9 @@ def test_eager_and_grouped_combine_agree_in_fp32():
     x = torch.randn(2, 11, CFG.hidden_size)
     with torch.no_grad():
         grouped = moe(x).out
-        moe.combine = "eager"
+        moe.dispatcher.scheme = "eager"
         eager = moe(x).out
-        moe.combine = "bogus"
+        moe.dispatcher.scheme = "bogus"
         with pytest.raises(ValueError, match="combine"):
             moe(x)
     torch.testing.assert_close(eager, grouped, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,64 @@
+"""Layer helpers shared by the modules: bias-free Linear construction and init, the 2-D ``dense``
+matmul, numpy conversion. Flax kernels are [in, out] (transposed torch weights).
+
+Shape legend: D_in, D_out the layer's input and output widths.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3.config import ModelConfig
+
+
+def normal_init(std: float):
+    """N(0, std) initializer (HF init) that compiles once for every shape.
+
+    Eager ``jax.random.normal`` compiles one program per parameter shape (seconds for a tiny model);
+    here a concrete key draws fixed-size chunks with ONE compiled function and the values are cut to
+    shape on the host. Under tracing (nnx.eval_shape, jit) it is plain ``jax.random.normal``.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        if isinstance(key, jax.core.Tracer):
+            return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        n = int(np.prod(shape))
+        keys = jax.random.split(key, max(1, -(-n // _CHUNK)))
+        flat = np.concatenate([np.asarray(_normal_chunk(k)) for k in keys])[:n]
+        return jnp.asarray((flat.reshape(shape) * np.float32(std)).astype(np.float32), dtype=dtype)
+
+    return init
+
+
+_CHUNK = 1 << 16
+_normal_chunk = jax.jit(lambda key: jax.random.normal(key, (_CHUNK,), jnp.float32))
+
+
+def const(shape, value: float, dtype) -> jax.Array:
+    """A constant array placed from the host (no per-shape compile in eager mode)."""
+    return jnp.asarray(np.full(shape, value, np.float32), dtype=dtype)
+
+
+def linear(d_in: int, d_out: int, cfg: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """Bias-free Linear, weights N(0, initializer_range) as in HF; kernel [d_in, d_out]."""
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=dtype,
+                      kernel_init=normal_init(cfg.initializer_range), rngs=rngs)
+
+
+def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+    """layer(x) for x [..., d_in] as ONE 2-D matmul on [prod(...), d_in]: XLA:CPU runs the backward of a
+    matmul on a 3-D [B, T, D] activation much slower than on the same rows flattened."""
+    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def to_numpy(x: jax.Array) -> np.ndarray:
+    """A host copy as numpy; bf16 is ml_dtypes.bfloat16 (same bits)."""
+    return np.array(x)
+
+
+def from_numpy(a: np.ndarray) -> jax.Array:
+    """A device copy of a numpy array (ml_dtypes.bfloat16 becomes bf16)."""
+    return jnp.asarray(np.asarray(a))
