@@ -96,9 +96,12 @@ class JaxBackend:
         self.gamma = float(cfg.bias_update_speed)
         self._train, self._eval = _steps(cfg if tcfg.dtype == "bfloat16" else None)
         if mesh is not None:
+            from dsv3_jax.expert_parallel import use_expert_parallel
+
             self._place()
+            use_expert_parallel(self.model, mesh)  # expert > 1: the MoE layers exchange tokens over `expert`
             self._train = _sharded_train_step(cfg if tcfg.dtype == "bfloat16" else None, self.model,
-                                              self.optimizer)
+                                              self.optimizer, mesh)
 
     def _place(self) -> None:
         """(Re)place the model and optimizer state on the mesh (after init or a load)."""
@@ -200,7 +203,7 @@ def _steps(bf16_cfg: ModelConfig | None):
     return _make_train_step(twin), _make_eval_step(twin)
 
 
-def _sharded_train_step(bf16_cfg, model, optimizer):
+def _sharded_train_step(bf16_cfg, model, optimizer, mesh):
     """The step of ``_train_step_fn`` under ``jax.jit`` on split state, for a model and optimizer
     already placed on a mesh: the new state leaves are pinned to the shardings they came in with
     (so GSPMD cannot drift them) and the old ones are donated. Same call signature as the
@@ -208,7 +211,7 @@ def _sharded_train_step(bf16_cfg, model, optimizer):
     gd_m, st_m = nnx.split(model)
     gd_o, st_o = nnx.split(optimizer)
     leaves, treedef = jax.tree.flatten((st_m, st_o))
-    jitted = _jit_sharded_step(bf16_cfg, gd_m, gd_o, treedef, tuple(x.sharding for x in leaves))
+    jitted = _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, tuple(x.sharding for x in leaves))
 
     def train_step(model, optimizer, xs, ys, lr, gamma):
         new, out = jitted(jax.tree.leaves((nnx.state(model), nnx.state(optimizer))), xs, ys, lr, gamma)
@@ -221,9 +224,18 @@ def _sharded_train_step(bf16_cfg, model, optimizer):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_sharded_step(bf16_cfg, gd_m, gd_o, treedef, shardings):
-    """One jitted sharded step per (precision, graph, state structure, shardings): equal backends share it."""
-    body = _train_step_fn(_steps_twin(bf16_cfg))
+def _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, shardings):
+    """One jitted sharded step per (precision, mesh, graph, state structure, shardings): equal
+    backends share it."""
+    twin = None
+    if bf16_cfg is not None:  # the bf16 twin uses the same dispatchers as the model
+        from dsv3_jax.expert_parallel import use_expert_parallel
+
+        abstract = nnx.eval_shape(lambda: DeepSeekV3(bf16_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+        use_expert_parallel(abstract, mesh)
+        gd, p_abs, _ = nnx.split(abstract, nnx.Param, ...)
+        twin = (gd, p_abs)
+    body = _train_step_fn(twin)
 
     def step(leaves, xs, ys, lr, gamma):
         sm, so = jax.tree.unflatten(treedef, leaves)

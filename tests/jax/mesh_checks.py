@@ -111,9 +111,66 @@ def train_checks() -> dict:
             "planned_bytes": plan["total"],
             "specs": sorted(shardings),
             "still_sharded": _still_sharded(be),
+            "dispatcher": type(be.model.moe_layers()[0].dispatcher).__name__,
             "seconds": time.perf_counter() - t0,
         }
         del be
+    return out
+
+
+EP_MESHES = ("expert=8", "data=2,fsdp=2,expert=2", "fsdp=4,expert=2")
+
+
+def ep_checks() -> dict:
+    """The MoE layer with ExpertParallelDispatcher vs the single-device layer (same weights), routing
+    skewed so that expert shard 0 receives most (token, slot) pairs: outputs, gradients (input,
+    router, experts, shared experts) and counts."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv3_jax import sharding
+    from dsv3_jax.expert_parallel import ExpertParallelDispatcher
+    from dsv3_jax.moe import MoE
+
+    cfg = CFG.replace(initializer_range=0.2)  # outputs O(1), so absolute bounds mean something
+    E = cfg.n_routed_experts
+    B, T, D = 8, 8, cfg.hidden_size
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+
+    def loss(params, rest, gd, x):
+        out = nnx.merge(gd, params, rest)(x)
+        return jnp.sum(out.out * ct), (out.out, out.counts)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 3), has_aux=True), static_argnums=2)
+    out: dict = {}
+    for impl in ("blocksparse", "ragged"):
+        moe = MoE(cfg, impl=impl, rngs=nnx.Rngs(5))
+        # Skew: experts 0..E/2-1 (groups 0 and 1, expert shard 0 of expert=2) get +0.5, expert 0 another +0.5.
+        moe.gate.bias[...] = jnp.asarray([1.0] + [0.5] * (E // 2 - 1) + [0.0] * (E // 2), jnp.float32)
+        gd, params, rest = nnx.split(moe, nnx.Param, ...)
+        (g_ref, gx_ref), (y_ref, c_ref) = grad(params, rest, gd, x)
+        for mesh_text in EP_MESHES:
+            mesh = sharding.make_mesh(mesh_text)
+            ep = nnx.merge(gd, params, rest)
+            ep.dispatcher = ExpertParallelDispatcher(E, cfg.num_experts_per_tok, mesh)
+            gd_ep, p_ep, r_ep = nnx.split(ep, nnx.Param, ...)
+            put = lambda path, v: jax.device_put(v, jax.sharding.NamedSharding(  # noqa: E731
+                mesh, jax.sharding.PartitionSpec("expert", None, "fsdp") if v.ndim == 3 else jax.sharding.PartitionSpec()))
+            p_ep = jax.tree_util.tree_map_with_path(put, p_ep)
+            xs = jax.device_put(x, sharding.batch_sharding(mesh, 3))
+            (g, gx), (y, c) = grad(p_ep, r_ep, gd_ep, xs)
+            gl, gl_ref = jax.tree.leaves(g), jax.tree.leaves(g_ref)
+            rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))  # noqa: E731
+            out[f"{impl} {mesh_text}"] = {
+                "y_rel": rel(y, y_ref), "dx_rel": rel(gx, gx_ref),
+                "dparams_rel": max(rel(a, b) for a, b in zip(gl, gl_ref)), "n_grads": len(gl),
+                "counts_equal": bool(np.array_equal(np.asarray(c), np.asarray(c_ref))),
+                "counts": np.asarray(c).tolist(),
+                "is_ep": type(ep.dispatcher).__name__,
+            }
     return out
 
 
@@ -137,7 +194,9 @@ def main() -> None:
     from dsv3 import runtime
 
     runtime.configure()
-    res["train"] = train_checks()
+    res["ep"] = ep_checks()
+    if os.environ.get("MESH_CHECKS_ONLY") != "ep":
+        res["train"] = train_checks()
     res["seconds"] = time.perf_counter() - t0
     print(json.dumps(res))
 

@@ -134,6 +134,7 @@ def test_sharded_training_equals_single_device(mesh_results, mesh):
     assert r["bias_equal"] and r["bias_moved"]
     assert r["param_worst"][1] <= 1e-5
     assert r["still_sharded"]
+    assert r["dispatcher"] == ("ExpertParallelDispatcher" if "expert" in mesh else "LocalDispatcher")
 
 
 @pytest.mark.slow
@@ -147,3 +148,18 @@ def test_bytes_per_device_match_the_plan(mesh_results, mesh):
         assert single / 8 <= r["planned_bytes"] <= single / 8 * 1.05
     if mesh == "data=8":
         assert r["planned_bytes"] == single
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["blocksparse", "ragged"])
+@pytest.mark.parametrize("mesh", ["expert=8", "data=2,fsdp=2,expert=2", "fsdp=4,expert=2"])
+def test_expert_parallel_layer_equals_single_device(mesh_results, impl, mesh):
+    """Skewed routing: experts 0-3 (expert shard 0 of expert=2) receive almost every (token, slot)."""
+    r = mesh_results["ep"][f"{impl} {mesh}"]
+    print(f"{impl} {mesh}: rel err y {r['y_rel']:.1e}, dx {r['dx_rel']:.1e}, dparams {r['dparams_rel']:.1e}, "
+          f"counts {r['counts']}")
+    assert r["is_ep"] == "ExpertParallelDispatcher"
+    assert r["counts_equal"]
+    assert sum(r["counts"][:4]) >= 0.9 * sum(r["counts"])  # the skew is real
+    assert r["n_grads"] == 7  # router, w1/w2/w3, shared w1/w2/w3
+    assert max(r["y_rel"], r["dx_rel"], r["dparams_rel"]) <= 1e-6
