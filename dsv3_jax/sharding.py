@@ -27,8 +27,9 @@ does not divide its dimension is dropped from that dimension (the tensor is then
 ``spec_for`` reports the spec actually used, so the byte counts of ``planned_bytes`` are exact.
 AdamW moments follow their parameter; the step count is replicated.
 
-Expert parallelism (``ExpertParallel``) runs the routed experts inside ``jax.shard_map`` over
-``expert``; see ``ring_experts``.
+Expert parallelism (``dsv3_jax.expert_parallel.ExpertParallelDispatcher``, installed by the JAX
+backend when ``expert`` > 1) runs the routed experts inside ``jax.shard_map``; docs/scaling.md has
+the layout, the table and what each collective moves.
 
 Shape legend: B batch, T time, N = B*T tokens, D model width, E routed experts, K experts per token,
 F expert width, V vocab, S shards of the expert axis, El = E/S local experts.
