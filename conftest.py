@@ -1,9 +1,9 @@
-"""Settings every test session needs before jax is first imported (REFERENCE §9, §11).
+"""Settings every test session needs before jax is first imported (docs/reference.md §9, §11).
 
 - ``--xla_allow_excess_precision=false``: XLA:CPU otherwise keeps fused bf16
   intermediates in fp32, which moves bf16 results away from torch's and HF's
   op-by-op rounding (the bf16 bit-parity tests rely on this).
-- fp32 matmuls at full precision (REFERENCE §9.2.7; a no-op on CPU, needed on GPU/TPU).
+- fp32 matmuls at full precision (docs/reference.md §9.2.7; a no-op on CPU, needed on GPU/TPU).
 - ``dsv3.runtime.configure()``: the settings the ``dsv3`` command runs with.
 
 This root conftest is loaded before any test module or sub-directory conftest,
@@ -35,7 +35,7 @@ def one_torch_thread():
 
     Their matmuls take microseconds; on a shared 2-core machine OpenMP's
     barrier between two threads costs milliseconds per op when the other core
-    is busy (measured under load: 0.045 s vs 2.7 s per tiny forward+backward).
+    is busy (figures: docs/bench/README.md, "Measured choices in the code").
     Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
     """
     import torch

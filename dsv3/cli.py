@@ -3,6 +3,7 @@
     dsv3 train                                  # JAX, `small` preset, default corpus, ~10 min on 2 CPU cores
     dsv3 train --framework torch --steps 200 --out runs/t
     dsv3 train --out runs/small --resume        # continue a killed run exactly
+    dsv3 train --out runs/small --overwrite     # replace the run in runs/small (refused without it)
     dsv3 generate --checkpoint runs/small --prompt "def main("
     dsv3 convert --input DeepSeek-V3-fp8/ --output v3-bf16/ --dtype bfloat16
     dsv3 info --preset v3-671b
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -24,6 +26,7 @@ from typing import Optional, Sequence
 from dsv3 import runtime
 from dsv3.config import PRESETS, ModelConfig
 from dsv3.flops import param_counts
+from dsv3.rundir import DiskFullError
 from dsv3.train_config import DTYPES, FRAMEWORKS, TrainConfig
 
 
@@ -68,7 +71,12 @@ def _add_train(sub) -> None:
         if group is not None and group not in groups:
             groups[group] = p.add_mutually_exclusive_group()
         _add_field(groups[group] if group else p, f)
-    p.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out's newest intact checkpoint (a broken newer one is skipped, with a "
+                        "message)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out (metrics, checkpoints, train_config) and start anew; "
+                        "without it such a directory is refused")
     p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
                    help="simulate N CPU devices (sets XLA_FLAGS before JAX starts), e.g. for --mesh on a laptop")
 
@@ -167,14 +175,20 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             old = TrainConfig.from_dict(json.load(f))
         explicit = _explicit_train_options(argv)
         tcfg = TrainConfig.from_dict({**old.to_dict(), **{k: getattr(tcfg, k) for k in explicit}, "out": tcfg.out})
-    if tcfg.mesh and tcfg.framework != "jax":
-        raise ValueError("--mesh applies to --framework jax only")
     if tcfg.compile and tcfg.framework != "torch":
         raise ValueError("--compile applies to --framework torch only (the JAX step is always nnx.jit-compiled)")
     try:
-        train(tcfg, backend_factory(tcfg.framework), resume=args.resume)
+        # the framework is imported inside the run, after it holds --out's lock: a refused run fails at once
+        train(tcfg, lambda cfg, t: backend_factory(t.framework)(cfg, t), resume=args.resume,
+              overwrite=args.overwrite)
     except NonFiniteLoss as err:
         print(f"dsv3 train: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        detail = err.strerror if isinstance(err, DiskFullError) else f"no space left on the device ({err})"
+        print(f"dsv3 train: error: {detail}", file=sys.stderr)
         return 1
     return 0
 

@@ -482,7 +482,7 @@ PRESETS: dict[str, ModelConfig] = {
         rope_factor=4.0, original_max_position_embeddings=32, max_position_embeddings=128,
         num_nextn_predict_layers=1,
     ),
-    # CPU training demo: the shape of ../shared/bench/peer-small.json with a
+    # CPU training demo: the shape of docs/bench/peer-small.json with a
     # byte-level vocabulary (6.55M parameters without MTP).
     "small": ModelConfig(
         vocab_size=256, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,

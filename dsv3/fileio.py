@@ -2,6 +2,8 @@
 
 A file written here is complete or absent: the bytes go to a temporary file in
 the same directory, are flushed to disk, and the file is renamed into place.
+The file gets the mode an ordinary ``open(path, "w")`` would give it
+(0o666 less the process umask; ``mkstemp`` alone would leave it 0600).
 Imports nothing from the project.
 """
 
@@ -13,12 +15,24 @@ import tempfile
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write via a temporary file in the same directory, then rename."""
+    """Write via a temporary file in the same directory, then rename.
+
+    On any error (a full disk included) the temporary file is removed and the
+    previous content of ``path``, if any, is left as it was.
+    """
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -25,11 +25,11 @@ Conventions (the documented formula)
 * **Training** = forward + backward = ``3 ×`` forward (backward computes the
   gradients of the activations and of the weights: two matmuls per forward
   matmul). The optimizer and the router-bias update are not counted.
-* **MTP** (REFERENCE §6): each depth runs ``eh_proj`` (``2D → D``), one MoE
+* **MTP** (docs/reference.md §6): each depth runs ``eh_proj`` (``2D → D``), one MoE
   decoder layer with its own causal attention, and the shared ``head`` once
   more, over all ``T`` positions (the last ``k`` targets are masked, but the
   positions are computed).
-* **KV cache bytes per token** (REFERENCE §2.1), over the main model's layers:
+* **KV cache bytes per token** (docs/reference.md §2.1), over the main model's layers:
   ``latent`` = ``(kv_lora_rank + qk_rope_head_dim)·L`` values (the absorbed
   path's normalised ``c_kv`` and rotated ``k_pe``); ``naive`` = the expanded
   ``K [H, qk_nope + qk_rope]`` and ``V [H, v]`` per layer, i.e. ``H·(qk_head_dim

@@ -1,5 +1,6 @@
 """The run directory (``dsv3 train --out``): its layout, checkpoints, resume state and metrics log.
 
+    .lock                  advisory lock (fcntl.flock) of the run writing here; holds its pid
     train_config.json      the TrainConfig of the run
     metrics.jsonl          one JSON object per step ("train") and per evaluation ("eval")
     loss.png               train / validation loss, main and MTP (`dsv3.plots`)
@@ -12,12 +13,19 @@
 A checkpoint directory is written completely under a temporary name, renamed
 into place, and only then named by ``latest`` (atomic rename), so a killed run
 always leaves the previous complete checkpoint.
+
+One run owns a directory at a time (`RunLock`): a second run on the same
+directory is refused while the first holds the lock, so the clean-up of
+leftover temporary directories can only ever remove a dead run's files.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 from typing import Callable, Optional
 
@@ -26,9 +34,113 @@ import numpy as np
 from dsv3.fileio import atomic_write_bytes, atomic_write_text
 
 
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (held by another run, or holding a run already)."""
+
+
+class DiskFullError(OSError):
+    """No space left on the device while writing a checkpoint; the previous checkpoint is intact."""
+
+
+# -------------------------------------------------------------- ownership
+class RunLock:
+    """``<out>/.lock``, held with ``fcntl.flock`` for the life of a run (released when the process dies).
+
+    ``acquire`` fails at once with a `RunDirError` naming the holder's pid.
+    The lock file itself is never deleted (deleting it would let two runs hold
+    two different files).
+    """
+
+    def __init__(self, out: str):
+        self.out = out
+        self.path = os.path.join(out, ".lock")
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(self.out, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"{self.out!r} is in use by another run (pid {holder}, lock {self.path}); "
+                              f"wait for it to finish or use another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_RUN_FILES = ("train_config.json", "metrics.jsonl", "latest", "loss.png", "expert_load.png")
+_STEP_DIR = re.compile(r"^step_\d{6,}$")
+
+
+def run_files(out: str) -> list[str]:
+    """The entries of ``out`` that belong to a training run (sorted); empty when it holds none."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(d for d in os.listdir(out)
+                  if d in _RUN_FILES or _STEP_DIR.match(d) or d.startswith((".tmp-step_", ".old-step_")))
+
+
+def clear_run(out: str) -> list[str]:
+    """Remove a previous run's files from ``out`` (other files are left alone); returns what was removed."""
+    gone = run_files(out)
+    for d in gone:
+        p = os.path.join(out, d)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+    remove_leftovers(out)
+    return gone
+
+
+def remove_leftovers(out: str) -> list[str]:
+    """Remove what a killed run leaves behind: ``.tmp-step_*`` / ``.old-step_*`` directories and the
+    temporary files of interrupted atomic writes of ``latest``, ``metrics.jsonl``... Only safe for the
+    holder of the directory's `RunLock` (no other run can be writing them)."""
+    gone = []
+    if not os.path.isdir(out):
+        return gone
+    for d in os.listdir(out):
+        p = os.path.join(out, d)
+        if d.startswith((".tmp-step_", ".old-step_")) and os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(d)
+        elif d.startswith(".tmp-") and d.endswith(_RUN_FILES) and os.path.isfile(p):
+            os.unlink(p)
+            gone.append(d)
+    return gone
+
+
 # ------------------------------------------------------------ checkpoints
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def checkpoints(out: str) -> list[str]:
+    """Every checkpoint directory of a run, newest (highest step) first."""
+    if not os.path.isdir(out):
+        return []
+    names = [d for d in os.listdir(out) if _STEP_DIR.match(d) and os.path.isdir(os.path.join(out, d))]
+    return [os.path.join(out, d) for d in sorted(names, key=lambda d: int(d[5:]), reverse=True)]
 
 
 def latest_checkpoint(out: str) -> Optional[str]:
@@ -58,7 +170,10 @@ def write_checkpoint(out: str, step: int, write_into: Callable[[str], None], kee
 
     ``write_into(tmpdir)`` writes every file; the directory is then renamed to
     ``step_NNNNNN`` and ``latest`` is re-pointed (atomic rename). Older
-    checkpoints beyond ``keep`` are removed afterwards.
+    checkpoints beyond ``keep``, and any of a later step (an abandoned continuation), are removed
+    afterwards. A full disk raises
+    `DiskFullError` naming the directory, with the temporary directory removed
+    and the previous checkpoint untouched.
     """
     os.makedirs(out, exist_ok=True)
     name = checkpoint_name(step)
@@ -78,16 +193,29 @@ def write_checkpoint(out: str, step: int, write_into: Callable[[str], None], kee
         else:
             os.replace(tmp, final)
             atomic_write_text(os.path.join(out, "latest"), name + "\n")
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno != errno.ENOSPC:
+            raise
+        prev = latest_checkpoint(out)
+        raise DiskFullError(errno.ENOSPC, f"no space left on the device while writing checkpoint {name} into "
+                            f"{os.path.abspath(out)!r}; nothing of it was kept, "
+                            + (f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists")
+                            + "; free some space, then continue with --resume") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ckpts = sorted(d for d in os.listdir(out) if d.startswith("step_") and os.path.isdir(os.path.join(out, d)))
-    for d in ckpts[:-keep] if keep > 0 else []:
+    # Checkpoints of later steps than this one belong to a continuation that was abandoned (a resume fell
+    # back past them: unreadable, or their weights gave a non-finite loss); this run replaces them.
+    ckpts = [os.path.basename(d) for d in checkpoints(out)]
+    for d in ckpts:
+        if int(d[5:]) > step:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    ckpts = [d for d in ckpts if int(d[5:]) <= step]
+    for d in ckpts[keep:] if keep > 0 else []:
         if d != name:
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-    for d in os.listdir(out):  # leftovers of killed runs
-        if d.startswith((".tmp-step_", ".old-step_")) and not d.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    remove_leftovers(out)  # of killed runs (only the lock holder writes here)
     return final
 
 

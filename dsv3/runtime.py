@@ -7,21 +7,16 @@ CPU, fp32); the measured effects are in ``docs/bench/README.md``.
 * **glibc malloc keeps freed memory** (``mallopt``): by default blocks above
   a dynamic threshold come from ``mmap`` and go back to the OS when freed, so
   a step's multi-MB temporaries can be fresh pages, faulted in 4 KiB at a
-  time (profiled: a 10 MB zero-fill in the JAX MoE layer took 8 ms). Keeping
-  blocks up to 32 MiB (the largest threshold glibc allows) on a heap that is
-  never trimmed: the JAX MoE layer forward went from 40-50 ms to 25 ms and
-  the JAX training step to 0.81x the time; torch's step did not change
-  measurably. (XLA's own preallocated buffer of a whole step is larger than
-  32 MiB and is still mapped per call; serving it from the heap as well did
-  not change the step time.)
+  time. Blocks up to 32 MiB (the largest threshold glibc allows) are kept on
+  a heap that is never trimmed. (XLA's own preallocated buffer of a whole
+  step is larger than 32 MiB and is still mapped per call.)
 * **XLA:CPU without the YNNPACK dot fusions**
   (``--xla_cpu_experimental_ynn_fusion_type=``): jaxlib 0.10 routes dots
-  through YNNPACK; with XLA's own dot emitters the JAX training step took
-  0.77-0.86x the time and the dense SwiGLU forward 0.65x. The price: a row's
-  product now rounds by its position in the matmul, so in the grouped
-  (dropless) MoE a token's output can move by an ulp when OTHER tokens'
-  routing moves its row (measured 9e-8 on logits; torch's per-expert matmuls
-  behave the same way).
+  through YNNPACK; XLA's own dot emitters run this model's steps faster.
+  The price: a row's product rounds by its position in the matmul, so in the
+  grouped (dropless) MoE a token's output can move by an ulp when OTHER
+  tokens' routing moves its row (torch's per-expert matmuls behave the same
+  way; the causality tests allow for it).
 
 Nothing here changes a result beyond floating-point rounding of matmuls
 (tests run with the same settings), and every setting the user already chose

@@ -29,7 +29,8 @@ from dsv3.fileio import atomic_write_json
 from dsv3.flops import param_counts
 from dsv3.plots import plot_expert_load, plot_losses, router_names
 from dsv3.rundir import (
-    MetricsLog, latest_checkpoint, load_train_state, read_metrics, save_train_state, write_checkpoint,
+    MetricsLog, RunDirError, RunLock, checkpoints, clear_run, load_train_state, read_metrics, remove_leftovers,
+    run_files, save_train_state, write_checkpoint,
 )
 from dsv3.train_config import TrainConfig, lr_at, model_config
 
@@ -63,7 +64,7 @@ class Backend(Protocol):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A step's loss or gradient norm (or a validation loss) was not finite; the weights were left as they were."""
 
 
 @dataclass
@@ -75,6 +76,8 @@ class RunResult:
     final_train_loss: Optional[float]
     wall_s: float
     records: list = field(default_factory=list)
+    resumed_from: Optional[str] = None
+    skipped_checkpoints: list = field(default_factory=list)  # (directory, why) newer ones passed over on resume
 
 
 # ------------------------------------------------------------------ metrics
@@ -121,18 +124,100 @@ def _message(msg: str, quiet: bool = False) -> None:
             print(msg, file=sys.stderr)
 
 
+def is_writer_process() -> bool:
+    """False on every rank but 0 of a multi-process job (torchrun's RANK): they neither log nor write
+    the run directory's files; a sharded backend writes their checkpoint shards itself."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class _NoLog:
+    """The metrics log of a rank that does not write one."""
+
+    path = os.devnull
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # ------------------------------------------------------------------- resume
-def _resume_point(tcfg: TrainConfig) -> tuple[str, dict]:
-    """The run's latest checkpoint and its train-state metadata, checked against ``tcfg``."""
-    resume_from = latest_checkpoint(tcfg.out)
-    if resume_from is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {tcfg.out!r} (no 'latest' file)")
-    _, meta = load_train_state(resume_from)
-    old = TrainConfig.from_dict(meta["train_config"])
+def _all_finite(arrays) -> bool:
+    for a in arrays:
+        a = np.asarray(a)
+        if a.dtype.kind == "f" or a.dtype.kind == "V" or "float" in str(a.dtype):
+            if not np.isfinite(a.astype(np.float32, copy=False)).all():
+                return False
+    return True
+
+
+def _finite_or_none(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
+
+
+@dataclass
+class _ResumePoint:
+    directory: str
+    meta: dict
+    state: dict
+    optimizer: dict
+    skipped: list
+
+
+def _verify_checkpoint(directory: str, cfg: ModelConfig, tcfg: TrainConfig) -> _ResumePoint:
+    """Load a checkpoint completely (train state, config, model) and check it is finite and usable.
+
+    Raises ValueError for a checkpoint of the other framework (no other checkpoint of the run can do
+    better); any other problem raises `_Unusable` with the reason.
+    """
+    from dsv3.checkpoint import load_canonical
+
+    try:
+        tensors, meta = load_train_state(directory)
+        old = TrainConfig.from_dict(meta["train_config"])
+        int(meta["step"])
+    except Exception as err:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+        raise _Unusable(f"train state unreadable ({type(err).__name__}: {err})") from None
     if old.framework != tcfg.framework:
         raise ValueError(f"--resume: the checkpoint was trained with {old.framework}; its optimizer "
                          f"state cannot continue in {tcfg.framework}")
-    return resume_from, meta
+    if meta.get("non_finite_next_step") is not None:
+        raise _Unusable(f"the step after it (step {meta['non_finite_next_step']}) had a non-finite loss")
+    if not _finite_or_none(meta.get("val_loss")):
+        raise _Unusable(f"its validation loss is {meta.get('val_loss')}")
+    try:
+        _, state = load_canonical(directory, cfg)
+    except Exception as err:  # noqa: BLE001
+        raise _Unusable(f"model unreadable ({type(err).__name__}: {err})") from None
+    if not _all_finite(state.values()):
+        raise _Unusable("its weights are not finite")
+    if not _all_finite(tensors.values()):
+        raise _Unusable("its optimizer state is not finite")
+    return _ResumePoint(directory, meta, state, tensors, [])
+
+
+class _Unusable(Exception):
+    pass
+
+
+def _resume_point(tcfg: TrainConfig, cfg: ModelConfig, quiet: bool) -> _ResumePoint:
+    """The newest checkpoint of the run that loads completely; newer broken ones are named with the reason."""
+    cands = checkpoints(tcfg.out)
+    if not cands:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {tcfg.out!r} (no step_* directory)")
+    skipped = []
+    for d in cands:
+        try:
+            point = _verify_checkpoint(d, cfg, tcfg)
+        except _Unusable as why:
+            skipped.append((d, str(why)))
+            _message(f"--resume: skipping {d}: {why}", quiet)
+            continue
+        point.skipped = skipped
+        return point
+    raise FileNotFoundError(f"--resume: no intact checkpoint in {tcfg.out!r}: "
+                            + "; ".join(f"{os.path.basename(d)}: {why}" for d, why in skipped))
 
 
 def _check_resume_data(meta: dict, corpus, tcfg: TrainConfig) -> None:
@@ -144,13 +229,12 @@ def _check_resume_data(meta: dict, corpus, tcfg: TrainConfig) -> None:
         raise ValueError(f"--resume: the checkpoint is at step {int(meta['step'])}, beyond --steps {tcfg.steps}")
 
 
-def _restore(backend: Backend, resume_from: str, cfg: ModelConfig) -> None:
-    from dsv3.checkpoint import load_canonical
-
-    _, state = load_canonical(resume_from, cfg)
-    backend.load_canonical_state(state)
-    tensors, _ = load_train_state(resume_from)
-    backend.load_optimizer_state(tensors)
+def _restore(backend: Backend, point: _ResumePoint) -> None:
+    if hasattr(backend, "restore_checkpoint"):  # a sharded backend reads its own shards
+        backend.restore_checkpoint(point.directory)
+        return
+    backend.load_canonical_state(point.state)
+    backend.load_optimizer_state(point.optimizer)
 
 
 def _announce(tcfg: TrainConfig, cfg: ModelConfig, corpus, quiet: bool) -> None:
@@ -170,8 +254,9 @@ class _Run:
                  start_step: int, resume_from: Optional[str], quiet: bool):
         self.tcfg, self.cfg, self.backend, self.corpus = tcfg, cfg, backend, corpus
         self.sampler, self.val = data  # BatchSampler, validation batches
-        self.log = MetricsLog(os.path.join(tcfg.out, "metrics.jsonl"),
-                              resume_step=start_step if resume_from else None)
+        self.writer = getattr(backend, "is_writer", True)
+        self.log = (MetricsLog(os.path.join(tcfg.out, "metrics.jsonl"), resume_step=start_step if resume_from else None)
+                    if self.writer else _NoLog())
         self.last_ckpt = resume_from
         self.last_eval: dict = {}
         self.last_train: Optional[dict] = None
@@ -186,29 +271,82 @@ class _Run:
         tcfg, mb = self.tcfg, self.tcfg.micro_batch_size
         t0 = time.perf_counter()
         first = step * tcfg.batch_size
-        micro = [self.sampler.batch(first + j * mb, mb) for j in range(tcfg.grad_accum)]
+        # A sharded backend's rank reads only its rows of each micro-batch.
+        lo, n = self.backend.data_slice(mb) if hasattr(self.backend, "data_slice") else (0, mb)
+        micro = [self.sampler.batch(first + j * mb + lo, n) for j in range(tcfg.grad_accum)]
         lr = lr_at(step, tcfg)
+        # The backend applies no update when the loss or the gradient norm is not finite (the weights,
+        # optimizer state and router biases stay as they were); the run stops here.
         res = self.backend.train_step(micro, lr)
         rec = train_record(step + 1, lr, res, time.perf_counter() - t0, tcfg.tokens_per_step)
         self._check_finite(rec)
         self.log.write(rec)
         self.last_train = rec
         done = step + 1
-        if done % tcfg.eval_every == 0 or done == tcfg.steps:
+        evaluated = done % tcfg.eval_every == 0 or done == tcfg.steps
+        if evaluated:
             self.last_eval = evaluate(self.backend, self.val)
             self.log.write({"kind": "eval", "step": done, **self.last_eval})
+            self._check_finite_eval(done, self.last_eval)
         self._progress(rec)
         if done % tcfg.save_every == 0 or done == tcfg.steps:
-            self.last_ckpt = self.save(done)
+            # every checkpoint records its validation loss (evaluated now if this is no evaluation step)
+            val = self.last_eval if evaluated else evaluate(self.backend, self.val)
+            self._check_finite_eval(done, val)
+            self.last_ckpt = self.save(done, val)
             self.draw()
 
+    _LOSS_KEYS = ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm")
+
     def _check_finite(self, rec: dict) -> None:
-        if all(math.isfinite(rec[k]) for k in ("loss", "main_loss") if k in rec):
+        if all(math.isfinite(rec[k]) for k in ("loss", "main_loss", "grad_norm") if k in rec):
             return
-        bad = {k: rec[k] for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm") if k in rec}
-        raise NonFiniteLoss(f"non-finite loss at step {rec['step']} ({bad}); stopped. The last good "
-                            f"checkpoint is {self.last_ckpt or 'none (no checkpoint written yet)'}; "
-                            f"try a lower --lr or --dtype float32")
+        bad = {k: rec[k] for k in self._LOSS_KEYS if k in rec}
+        self._stop(rec["step"], f"non-finite loss at step {rec['step']} ({bad}); stopped, the step was not "
+                                f"applied (the weights are those after step {rec['step'] - 1})",
+                   bad_weights_step=rec["step"] - 1)
+
+    def _check_finite_eval(self, step: int, ev: dict) -> None:
+        if all(math.isfinite(v) for v in ev.values()):
+            return
+        self._stop(step, f"non-finite loss at step {step} (validation after the step: {ev}); stopped, no "
+                         f"checkpoint is written from these weights", bad_weights_step=step)
+
+    def _stop(self, step: int, what: str, bad_weights_step: int) -> None:
+        """Raise NonFiniteLoss naming the newest checkpoint whose weights and validation loss are finite.
+
+        The weights after step ``bad_weights_step`` produced the non-finite value: a checkpoint of that
+        step is marked in its train_state.json so that --resume passes over it.
+        """
+        tcfg = self.tcfg
+        good, good_val = None, None
+        for d in checkpoints(tcfg.out):
+            try:
+                _, meta = load_train_state(d)
+                st = int(meta["step"])
+            except Exception:  # noqa: BLE001 - an unreadable checkpoint is not a good one
+                continue
+            if st >= bad_weights_step:
+                if st == bad_weights_step and meta.get("non_finite_next_step") is None:
+                    meta["non_finite_next_step"] = step if bad_weights_step < step else step + 1
+                    try:
+                        atomic_write_json(os.path.join(d, "train_state.json"), meta, indent=2, sort_keys=True)
+                    except OSError:
+                        pass
+                continue
+            if meta.get("non_finite_next_step") is not None or not _finite_or_none(meta.get("val_loss")):
+                continue
+            good, good_val = d, meta.get("val_loss")
+            break
+        hint = f"lower --lr (now {tcfg.lr:g})"
+        if tcfg.dtype == "bfloat16":
+            hint += " or --dtype float32"
+        if tcfg.grad_clip <= 0:
+            hint += ", or clip gradients with --grad-clip"
+        where = (f"The last good checkpoint (finite weights and validation loss"
+                 + (f" {good_val:.4f}" if good_val is not None else "") + f") is {good}" if good
+                 else "There is no last good checkpoint (none with finite weights and validation loss)")
+        raise NonFiniteLoss(f"{what}. {where}. Try a {hint}.")
 
     def _progress(self, rec: dict) -> None:
         if self.bar is None:
@@ -223,10 +361,13 @@ class _Run:
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
-    def save(self, step: int) -> str:
+    def save(self, step: int, val: Optional[dict] = None) -> str:
         tcfg, corpus = self.tcfg, self.corpus
+        if not _all_finite(self.backend.canonical_state().values()):  # never write non-finite weights
+            self._stop(step, f"non-finite weights after step {step}; stopped, no checkpoint is written from them",
+                       bad_weights_step=step)
         meta: dict[str, Any] = {
-            "step": step, "samples_seen": step * tcfg.batch_size, "seed": tcfg.seed,
+            "step": step, "val_loss": (val or {}).get("val_loss"), "weights_finite": True, "samples_seen": step * tcfg.batch_size, "seed": tcfg.seed,
             "framework": tcfg.framework, "train_config": tcfg.to_dict(),
             "data": {"source": corpus.source, "fingerprint": corpus.fingerprint,
                      "epoch": self.sampler.epoch_of(step * tcfg.batch_size)},
@@ -237,11 +378,13 @@ class _Run:
             self.backend.save_pretrained(d)
             save_train_state(d, self.backend.optimizer_state(), meta)
 
+        if hasattr(self.backend, "write_checkpoint"):  # a sharded backend: every rank writes its shards
+            return self.backend.write_checkpoint(tcfg.out, step, meta, tcfg.keep_checkpoints)
         return write_checkpoint(tcfg.out, step, write_into, keep=tcfg.keep_checkpoints)
 
     def draw(self) -> None:
         tcfg = self.tcfg
-        if tcfg.plots:
+        if tcfg.plots and self.writer:
             recs = read_metrics(self.log.path)
             plot_losses(recs, os.path.join(tcfg.out, "loss.png"),
                         title=f"{tcfg.config or tcfg.preset} ({tcfg.framework}), {self.corpus.source}")
@@ -265,15 +408,51 @@ class _Run:
 
 
 def train(tcfg: TrainConfig, make_backend: Callable[[ModelConfig, TrainConfig], Backend], *,
-          resume: bool = False, corpus=None, quiet: bool = False) -> RunResult:
-    """Run (or resume) training; returns a summary. Raises NonFiniteLoss after keeping the last checkpoint."""
+          resume: bool = False, overwrite: bool = False, corpus=None, quiet: bool = False) -> RunResult:
+    """Run (or resume) training; returns a summary. Raises NonFiniteLoss after keeping the last checkpoint.
+
+    The run holds ``<out>/.lock`` throughout (`dsv3.rundir.RunLock`): a second run on the same directory
+    raises `RunDirError` naming the holder's pid. Without ``resume``, a directory that already holds a run
+    is refused unless ``overwrite`` (which removes that run's files first).
+    """
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    # Rank 0 of a multi-process job owns the directory; the other ranks write only their checkpoint shards.
+    lock = RunLock(tcfg.out).acquire() if is_writer_process() else None
+    try:
+        return _train_locked(tcfg, make_backend, resume, overwrite, corpus, quiet)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_run_dir(tcfg: TrainConfig, resume: bool, overwrite: bool, quiet: bool) -> None:
+    """Clear what a killed run left; refuse a directory that holds a run unless resuming or overwriting."""
+    remove_leftovers(tcfg.out)  # of a killed run: this run holds the lock, no other can be writing them
+    if resume:
+        return
+    old = run_files(tcfg.out)
+    if old and not overwrite:
+        shown = ", ".join(old[:6]) + (f", ... ({len(old)} entries)" if len(old) > 6 else "")
+        raise RunDirError(f"{tcfg.out!r} already holds a run ({shown}); continue it with --resume, "
+                          f"or replace it with --overwrite (deletes those files), or choose another --out")
+    if old:
+        clear_run(tcfg.out)
+        _message(f"--overwrite: removed the previous run's files from {tcfg.out} ({len(old)} entries)", quiet)
+
+
+def _train_locked(tcfg: TrainConfig, make_backend, resume: bool, overwrite: bool, corpus, quiet: bool) -> RunResult:
     from dsv3.data import BatchSampler, eval_batches, load_corpus
 
     t_start = time.time()
-    os.makedirs(tcfg.out, exist_ok=True)
-    resume_from, meta = _resume_point(tcfg) if resume else (None, {})
-    start_step = int(meta["step"]) if resume_from else 0
+    quiet = quiet or not is_writer_process()
+    if is_writer_process():  # the other ranks of a multi-process job write only their checkpoint shards
+        _claim_run_dir(tcfg, resume, overwrite, quiet)
     cfg = model_config(tcfg)
+    point = _resume_point(tcfg, cfg, quiet) if resume else None
+    resume_from = point.directory if point else None
+    meta = point.meta if point else {}
+    start_step = int(meta["step"]) if resume_from else 0
     corpus = corpus if corpus is not None else load_corpus(tcfg.data)
     if cfg.vocab_size < 256:
         raise ValueError(f"byte-level data needs vocab_size >= 256; the model has {cfg.vocab_size}")
@@ -281,16 +460,21 @@ def train(tcfg: TrainConfig, make_backend: Callable[[ModelConfig, TrainConfig], 
         _check_resume_data(meta, corpus, tcfg)
     data = (BatchSampler(corpus.train, tcfg.seq_len, tcfg.seed),
             eval_batches(corpus.val, tcfg.seq_len, tcfg.micro_batch_size, tcfg.eval_batches))
-    atomic_write_json(os.path.join(tcfg.out, "train_config.json"), tcfg.to_dict(), indent=2)
+    if is_writer_process():
+        atomic_write_json(os.path.join(tcfg.out, "train_config.json"), tcfg.to_dict(), indent=2)
     _announce(tcfg, cfg, corpus, quiet)
     backend = make_backend(cfg, tcfg)
-    if resume_from is not None:
-        _restore(backend, resume_from, cfg)
-        _message(f"resumed from {resume_from} at step {start_step}", quiet)
+    if point is not None:
+        _restore(backend, point)
+        why = "".join(f"; skipped the newer {os.path.basename(d)}: {r}" for d, r in point.skipped)
+        _message(f"resumed from {resume_from} at step {start_step}{why}", quiet)
     run = _Run(tcfg, cfg, backend, corpus, data, start_step, resume_from, quiet)
     try:
         for step in range(start_step, tcfg.steps):
             run.step(step)
     finally:
         run.close()
-    return run.result(time.time() - t_start, quiet)
+    res = run.result(time.time() - t_start, quiet)
+    res.resumed_from = resume_from
+    res.skipped_checkpoints = list(point.skipped) if point else []
+    return res

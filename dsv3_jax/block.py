@@ -1,4 +1,4 @@
-"""The decoder layer, Block (Paper §2; REFERENCE §5), shared by the main model and the MTP depths.
+"""The decoder layer, Block (Paper §2; docs/reference.md §5), shared by the main model and the MTP depths.
 
 Shape legend: B batch, T time, D model width.
 

@@ -1,4 +1,4 @@
-"""RMSNorm (DeepSeek-V3 Paper §2; REFERENCE §5), Flax NNX.
+"""RMSNorm (DeepSeek-V3 Paper §2; docs/reference.md §5), Flax NNX.
 
 Numerics pinned as in Hugging Face and dsv3_torch: normalise in fp32, cast back
 to the input dtype, THEN multiply by the weight in the model dtype.

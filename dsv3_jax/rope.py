@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN frequencies (Paper §2.1.1; REFERENCE §3), Flax NNX port.
+"""Rotary position embedding with YaRN frequencies (Paper §2.1.1; docs/reference.md §3), Flax NNX port.
 
 The project uses the Hugging Face form of interleaved RoPE: the checkpoint's
 rope rows hold interleaved pairs (x[2j], x[2j+1]); the output is de-interleaved
@@ -30,7 +30,7 @@ def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse frequencies [R/2] in fp32, YaRN-blended when cfg.rope_scaling_type == "yarn".
 
-    Follows Hugging Face's op order exactly (REFERENCE §3): pos_freqs = base ** (arange/d),
+    Follows Hugging Face's op order exactly (docs/reference.md §3): pos_freqs = base ** (arange/d),
     extra = 1 / pos_freqs, inter = 1 / (s * pos_freqs), inv = inter * (1 - ef) + extra * ef.
     """
     d = cfg.qk_rope_head_dim

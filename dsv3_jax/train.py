@@ -6,6 +6,7 @@ One optimizer step is ONE `nnx.jit`-compiled call (REFERENCE §8, §10):
     grads /= k                                      # the mean over the step's sequences
     optimizer.update(model, grads, lr=lr)           # clip -> Adam -> decoupled decay (mask) -> -lr
     model.update_router_bias(counts, gamma)         # once, summed counts; RouterBias is not a Param
+    keep the old model and optimizer state unless loss and gradient norm are finite
 
 The optimizer is ``nnx.Optimizer(model, tx, wrt=nnx.Param)``, so neither the
 gradient, the clipping, the decay nor the Adam moments ever see the router
@@ -270,9 +271,16 @@ def _train_step_fn(twin):
         k = xs.shape[0]
         grads = jax.tree.map(lambda g: g / k, gsum)
         grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient norm applies nothing: every array of the model (parameters and
+        # router biases) and of the optimizer (moments, step count) is selected back to its old value.
+        ok = jnp.isfinite(jnp.mean(outs.loss)) & jnp.isfinite(grad_norm)
+        old_model, old_opt = jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(optimizer))
         optimizer.update(model, grads, lr=lr)
         counts = jnp.sum(outs.counts, axis=0)
         model.update_router_bias(counts, gamma)  # once per optimizer step, summed counts
+        for obj, old in ((model, old_model), (optimizer, old_opt)):
+            new, treedef = jax.tree.flatten(nnx.state(obj))
+            nnx.update(obj, jax.tree.unflatten(treedef, [jnp.where(ok, n, o) for n, o in zip(new, old)]))
         depth = jnp.mean(outs.mtp_losses) if outs.mtp_losses.shape[-1] else jnp.float32(0.0)
         return {"loss": jnp.mean(outs.loss), "main_loss": jnp.mean(outs.main_loss),
                 "mtp_loss": jnp.mean(outs.mtp_loss), "balance_loss": jnp.mean(outs.balance_loss),

@@ -1,4 +1,4 @@
-"""RMSNorm (DeepSeek-V3 Paper §2; REFERENCE §5 "RMSNorm").
+"""RMSNorm (DeepSeek-V3 Paper §2; docs/reference.md §5 "RMSNorm").
 
 Shape legend: B batch, T time, D model width (any trailing width here).
 

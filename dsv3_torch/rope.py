@@ -1,4 +1,4 @@
-"""Decoupled RoPE with YaRN (DeepSeek-V3 Paper §2.1, eqs. 3 and 7; REFERENCE §3).
+"""Decoupled RoPE with YaRN (DeepSeek-V3 Paper §2.1, eqs. 3 and 7; docs/reference.md §3).
 
 Shape legend: B batch, T time, H heads, R rope head dim (qk_rope_head_dim).
 

@@ -6,6 +6,9 @@ the expert counts of all micro-batches are summed, the global gradient norm is
 clipped, AdamW steps at the schedule's learning rate (weight decay only on
 matrices: not on norms, and the router bias is a buffer the optimizer never
 sees), and then ``update_router_bias`` runs ONCE with the summed counts.
+When the loss or the gradient norm is not finite, neither the optimizer nor
+the bias update runs: weights, moments and biases stay as they were, and the
+non-finite values are returned for the driver to report.
 Evaluation runs under ``torch.no_grad`` and never touches a bias.
 
 ``dtype="bfloat16"`` keeps fp32 master weights and optimizer state and runs the
@@ -15,6 +18,8 @@ forward and backward under CPU autocast to bf16.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from typing import Sequence
 
 import numpy as np
@@ -70,14 +75,26 @@ class TorchBackend:
             sums["balance_loss"] += float(out.balance_loss.detach()) / k
             if out.mtp_losses.numel():
                 sums["mtp_depth_loss"] += float(out.mtp_losses.detach().mean()) / k
+        counts, sums = self._reduce_counts(counts), self._reduce_metrics(sums)
         grad_norm = self._clip()
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        model.update_router_bias(counts, gamma=self.model_cfg.bias_update_speed)
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)  # the step is not applied
+        else:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
+            model.update_router_bias(counts, gamma=self.model_cfg.bias_update_speed)
         if not self.model.mtp:
             sums.pop("mtp_depth_loss")
         return {**sums, "grad_norm": grad_norm, "counts": counts.cpu().numpy()}
+
+    def _reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """The step's expert counts over every process holding distinct tokens (one process: as is)."""
+        return counts
+
+    def _reduce_metrics(self, sums: dict) -> dict:
+        """The step's mean losses over every process (one process: as is)."""
+        return sums
 
     @torch.no_grad()
     def _clip(self) -> float:
@@ -85,7 +102,7 @@ class TorchBackend:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
         c = self.tcfg.grad_clip
-        if c > 0 and float(norm) >= c:
+        if c > 0 and math.isfinite(float(norm)) and float(norm) >= c:
             for g in grads:
                 g.div_(norm).mul_(c)
         return float(norm)
@@ -141,4 +158,9 @@ class TorchBackend:
 
 
 def make_backend(cfg: ModelConfig, tcfg: TrainConfig) -> TorchBackend:
+    """TorchBackend; under torchrun or with a mesh, the sharded one (dsv3_torch.dist_train)."""
+    if getattr(tcfg, "mesh", None) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from dsv3_torch.dist_train import ShardedTorchBackend
+
+        return ShardedTorchBackend(cfg, tcfg)
     return TorchBackend(cfg, tcfg)

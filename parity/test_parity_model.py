@@ -18,6 +18,8 @@ from dsv3.train_config import decays
 from parity_util import GRAD_TOL, TOL, assert_close, kl, make_pair, np32, record
 
 TINY = ModelConfig.preset("tiny")
+# |d| / |ref| of the balance loss, ~20x the worst measured over the four weight pairs: fp32 1.7e-7, bf16 8.7e-6
+BALANCE_TOL = {"float32": 3e-6, "bfloat16": 2e-4}
 
 
 def batch(cfg, B=2, T=12, seed=0):
@@ -47,8 +49,15 @@ def compare_forward(tm, jm, cfg, dtype, tag="", seed=0):
         k = kl(lt, lj)
         record("model logits KL" + tag, dtype, k, 1e-3, "KL(torch||jax)")
         assert k < 1e-3
-    for name in ("loss", "main_loss", "mtp_loss", "balance_loss"):
+    for name in ("loss", "main_loss", "mtp_loss"):
         assert_close(f"loss: {name}" + tag, dtype, getattr(out_j, name), getattr(out_t, name), TOL[dtype])
+    # The balance loss is ~3e-4 (alpha * sum f_i P_i): TOL's max(1, |ref|) scale would allow ~65x its value
+    # in bf16, so it is compared relative to itself.
+    bt, bj = float(np32(out_t.balance_loss)), float(np32(out_j.balance_loss))
+    assert bt > 0, bt
+    rel = abs(bj - bt) / abs(bt)
+    record("loss: balance_loss" + tag, dtype, rel, BALANCE_TOL[dtype], "|d|/|ref|")
+    assert rel <= BALANCE_TOL[dtype], f"balance loss [{dtype}]: {bj!r} vs {bt!r}, relative error {rel:.3e}"
     if cfg.num_nextn_predict_layers:
         assert_close("loss: mtp_losses" + tag, dtype, out_j.mtp_losses, out_t.mtp_losses, TOL[dtype])
 
@@ -99,8 +108,10 @@ def test_gradients_every_parameter(born):
 
 
 def test_gradients_bf16_every_parameter():
-    """bf16 gradients: relative Frobenius error per tensor, ||g_jax - g_torch|| / ||g_torch|| <= 2e-2
-    (the element-wise max compounds bf16 rounding through the backward pass; reported alongside)."""
+    """bf16 gradients: relative Frobenius error per tensor, ||g_jax - g_torch|| / ||g_torch|| <= 2e-2, and
+    the element-wise max|g_jax - g_torch| / max|g_torch| per tensor <= 0.1 (measured worst over the 67
+    tensors: 2.5e-2; it compounds bf16 rounding through the backward pass, so it gets ~4x headroom: ~13 bf16
+    ulps of the tensor's largest entry; a wrong or missing term moves it to O(1))."""
     tm, jm = make_pair(TINY, "bfloat16", "torch", seed=12)
     ids, labels = batch(TINY, seed=1)
     gt, _ = torch_grads(tm, ids, labels)
@@ -111,10 +122,10 @@ def test_gradients_bf16_every_parameter():
         n = np.linalg.norm(gt[name])
         e = float(np.linalg.norm(gj[name] - gt[name]) / n) if n > 0 else float(np.linalg.norm(gj[name]))
         record("grad (all params, ||d||/||g||)", "bfloat16", e, 2e-2, "||d||/||g|| per tensor")
-        record("grad (all params, max|d|/max|g|, info)", "bfloat16", grad_err(gj[name], gt[name]), float("inf"),
-               "max|d|/max|g| per tensor")
-        if e > 2e-2:
-            worst.append((name, e))
+        m = grad_err(gj[name], gt[name])
+        record("grad (all params, max|d|/max|g|)", "bfloat16", m, 0.1, "max|d|/max|g| per tensor")
+        if e > 2e-2 or m > 0.1:
+            worst.append((name, e, m))
     assert not worst, worst[:10]
 
 
@@ -206,12 +217,23 @@ def test_one_adamw_step_and_bias_update():
     c_own = train_step(jm_own, opt_own, jnp.asarray(ids, jnp.int32), jnp.asarray(labels, jnp.int32))
     np.testing.assert_array_equal(np.asarray(c_own), out_t.counts.numpy())
     so = jm_own.canonical_state()
+    worst = []
     for name in st:
         if name.endswith("gate.bias"):
             np.testing.assert_array_equal(so[name], st[name], err_msg=name)
-        else:
-            record("AdamW step (own grads, info)", "float32", float(np.abs(so[name] - st[name]).max()) / LR,
-                   float("inf"), "max|d| / lr")
+            continue
+        # The first step moves an entry by lr * g / (|g| + eps) (+ decay): where |g| >> eps that is lr * sign(g)
+        # whatever the gradient's rounding, so the weights must agree as with the same gradients; where |g| is
+        # within rounding of eps, the two gradients' 1e-6-relative noise legitimately moves it by O(lr), bounded
+        # by lr per framework.
+        d = np.abs(so[name] - st[name]) / LR
+        clear = np.abs(gt[name]) > 1e3 * EPS
+        e_clear, e_all = float(d[clear].max(initial=0.0)), float(d.max())
+        record("AdamW step (own grads, |g| > 1e3 eps)", "float32", e_clear, 1e-3, "max|d| / lr")
+        record("AdamW step (own grads, every entry)", "float32", e_all, 1.0, "max|d| / lr")
+        if e_clear > 1e-3 or e_all > 1.0:
+            worst.append((name, e_clear, e_all))
+    assert not worst, worst[:10]
 
 
 # --------------------------------------------------------------- decoding

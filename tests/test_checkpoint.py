@@ -160,7 +160,7 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path):
     tensors = ck.read_safetensors(str(tmp_path / "model.safetensors"))
     quantised = {}
     for name in list(tensors):
-        # every attention and MLP projection; not norms, the router weight or its bias (REFERENCE §7)
+        # every attention and MLP projection; not norms, the router weight or its bias (docs/reference.md §7)
         if (name.endswith(".weight") and (".self_attn." in name or ".mlp." in name)
                 and "layernorm" not in name and not name.endswith("mlp.gate.weight")):
             q, s = _quantize(tensors[name], block)

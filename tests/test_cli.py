@@ -70,7 +70,6 @@ def _train_args(config_dir, out, framework, *extra):
 
 
 def test_train_jax_then_generate_in_torch_and_jax(config_dir, tmp_path, capsys):
-    pytest.importorskip("dsv3_jax.train")
     out = tmp_path / "run"
     assert main(_train_args(config_dir, out, "jax")) == 0
     err = capsys.readouterr().err
@@ -92,8 +91,9 @@ def test_train_jax_then_generate_in_torch_and_jax(config_dir, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(config_dir, tmp_path, capsys):
+    # --lr 1e9 (the reported case): step 1's update is finite (weights ~1e9), step 2's gradient norm is not
     out = tmp_path / "nan"
-    args = _train_args(config_dir, out, "torch", "--lr", "1e12", "--warmup-steps", "0", "--grad-clip", "0",
+    args = _train_args(config_dir, out, "torch", "--lr", "1e9", "--warmup-steps", "0",
                        "--save-every", "1", "--steps", "6")
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -103,6 +103,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(config_dir, tmp_pa
     assert ckpt.endswith(f"step_{step - 1:06d}")  # the step before the bad one, complete
     _, state = load_canonical(ckpt)
     assert all(np.isfinite(v).all() for v in state.values())
+    # ... but its weights are what produced the non-finite values: it is not named as the good one
+    assert "There is no last good checkpoint" in err and f"step_{step - 1:06d}" not in err
+    assert "lower --lr (now 1e+09)" in err and "--dtype float32" not in err  # the run is already float32
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2  # nothing intact to resume
+    assert "non-finite loss" in capsys.readouterr().err
+    # --lr 1e12 without clipping: the weights after step 1 already give a NaN validation loss: not saved
+    out = tmp_path / "nan12"
+    args = _train_args(config_dir, out, "torch", "--lr", "1e12", "--warmup-steps", "0", "--grad-clip", "0",
+                       "--save-every", "1", "--steps", "6", "--dtype", "bfloat16")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 1" in err and "There is no last good checkpoint" in err
+    assert "or --dtype float32" in err and "--grad-clip" in err
+    assert latest_checkpoint(str(out)) is None and not any(d.startswith("step_") for d in os.listdir(out))
 
 
 def test_resume_via_cli(config_dir, tmp_path):

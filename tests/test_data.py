@@ -79,9 +79,19 @@ def test_epochs_cover_every_window_once():
     assert starts == list(range(n0))
     # epoch 1 begins right after epoch 0, with a new order
     assert s.epoch_of(n0 - 1) == 0 and s.epoch_of(n0) == 1
-    a = [tuple(s.window(i)) for i in range(n0)]
-    b = [tuple(s.window(i)) for i in range(n0, 2 * n0 - 1)]
-    assert a != b[: len(a)]
+    # Tokens equal to their positions: a window's first token is where it starts.
+    s = BatchSampler(np.arange(1000, dtype=np.int32), seq_len=10, seed=0)
+    n1 = next(i for i in range(n0, 3 * n0) if s.epoch_of(i) == 2) - n0
+    for i in range(2 * n0):
+        w = s.window(i)
+        assert np.array_equal(w, np.arange(w[0], w[0] + 11)), i  # seq_len + 1 consecutive tokens
+    a = [int(s.window(i)[0]) for i in range(n0)]
+    b = [int(s.window(i)[0]) for i in range(n0, n0 + n1)]
+    assert sorted(a) == list(range(0, 10 * n0, 10))  # epoch 0: every window at offset 0, once
+    o1 = b[0] % 10
+    assert n1 == (1000 - o1 - 1) // 10 == n0  # 99 windows at any offset in [0, 10)
+    assert sorted(b) == list(range(o1, o1 + 10 * n1, 10))  # epoch 1: every window at its offset, once
+    assert [x - o1 for x in b] != a  # in a new order (same length: a real comparison)
 
 
 def test_eval_batches_fixed():

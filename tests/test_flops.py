@@ -1,4 +1,4 @@
-"""Checks of dsv3/flops.py against independent counts (REFERENCE §1, §2.1, Paper)."""
+"""Checks of dsv3/flops.py against independent counts (docs/reference.md §1, §2.1, Paper)."""
 
 import math
 
@@ -47,7 +47,7 @@ def test_v3_published_sizes():
     pc = flops.param_counts(cfg)
     assert round(pc.main / 1e9) == 671  # "671B total parameters"
     assert 37e9 <= pc.active_per_token <= 38e9  # "37B activated for each token"
-    # REFERENCE §6: the MTP module adds 11.5B unique parameters.
+    # docs/reference.md §6: the MTP module adds 11.5B unique parameters.
     assert 11.4e9 < pc.mtp < 11.7e9
     # The checkpoint ("685B") also stores the MTP's copies of embed and head.
     assert 684e9 < pc.total + pc.embedding + pc.head < 686e9
@@ -68,7 +68,7 @@ def test_latent_cache_is_rank_plus_rope_per_layer():
 def test_v3_latent_cache_bytes_reference():
     cfg = ModelConfig.preset("v3-671b")
     b = flops.kv_cache_bytes_per_token(cfg, "bf16")
-    assert b["latent"] == 70_272  # REFERENCE §2.1
+    assert b["latent"] == 70_272  # docs/reference.md §2.1
     assert b["latent"] // cfg.num_hidden_layers == 1_152
     assert flops.kv_cache_values_per_token(cfg)["naive"] // cfg.num_hidden_layers == 40_960
     assert flops.kv_cache_bytes_per_token(cfg, "fp32")["latent"] == 2 * 70_272

@@ -1,6 +1,8 @@
 """dsv3.runtime: the process settings the dsv3 command applies before the frameworks start."""
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -29,8 +31,75 @@ def test_malloc_settings_applied_unless_user_set_malloc_env(monkeypatch):
     assert runtime.configure_malloc() == {}
 
 
+def probe() -> dict:
+    """What the running process actually does, not what configure() reports.
+
+    - ``ynn_fusion``: XLA:CPU compiled a jitted dot into a YNNPACK fusion (the flag is missing or came
+      too late: XLA reads XLA_FLAGS once, when its CPU backend starts).
+    - ``mmapped_24MiB``: a fresh 24 MiB malloc was served by mmap (glibc's default 128 KiB threshold)
+      rather than from the heap (the 32 MiB threshold set by mallopt). None off Linux.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((64, 64), jnp.float32)
+    hlo = jax.jit(lambda x, y: x @ y).lower(a, a).compile().as_text()
+    out = {"ynn_fusion": "__ynn_fusion" in hlo, "mmapped_24MiB": None, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    if sys.platform == "linux":
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        before = libc.mallinfo2().hblks
+        ptr = libc.malloc(24 << 20)
+        out["mmapped_24MiB"] = int(libc.mallinfo2().hblks - before)
+        libc.free(ptr)
+    return out
+
+
+def _user_set_malloc(env) -> bool:
+    return any(k.startswith("MALLOC_") for k in env) or "malloc" in env.get("GLIBC_TUNABLES", "")
+
+
+def _subprocess_probe(code: str) -> dict:
+    """probe() in a fresh interpreter whose environment has none of the settings, after ``code``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def test_test_session_runs_with_the_command_settings():
-    """The root conftest applied configure() before jax started (the suite tests what users run)."""
-    applied = runtime.configure()
+    """The root conftest applied the settings before jax started: this process compiles and allocates
+    as the dsv3 command does (the suite tests what users run)."""
+    got = probe()
     for flag in runtime.XLA_CPU_FLAGS:
-        assert flag.split("=")[0] in applied["XLA_FLAGS"]
+        assert flag in got["XLA_FLAGS"].split()
+    assert not got["ynn_fusion"], "XLA:CPU still emits YNNPACK dot fusions in this test session"
+    if sys.platform == "linux" and not _user_set_malloc(os.environ):
+        assert got["mmapped_24MiB"] == 0, "glibc malloc still mmaps 24 MiB blocks in this test session"
+
+
+def test_dsv3_command_runs_with_the_settings_and_the_probe_sees_their_absence():
+    """A subprocess runs the real ``dsv3`` entry point (dsv3.cli.main) with its ``info`` command replaced
+    by the probe: main() applied both settings. The same probe in a bare interpreter sees both missing,
+    so neither check above can pass without the settings."""
+    command = _subprocess_probe(
+        "import json, sys\n"
+        "import dsv3.cli as cli\n"
+        "from test_runtime import probe\n"
+        "cli.cmd_info = lambda args: print(json.dumps(probe())) or 0\n"
+        "sys.exit(cli.main(['info', '--preset', 'tiny']))\n")
+    bare = _subprocess_probe("import json\nfrom test_runtime import probe\nprint(json.dumps(probe()))\n")
+    assert not command["ynn_fusion"] and bare["ynn_fusion"]
+    if sys.platform == "linux":
+        assert command["mmapped_24MiB"] == 0 and bare["mmapped_24MiB"] == 1

@@ -79,7 +79,7 @@ def _is_peer_small(cfg) -> bool:
 
 
 def random_state(cfg, seed: int) -> dict:
-    """Canonical weights with HF's initialisation (REFERENCE §5): N(0, 0.02)
+    """Canonical weights with HF's initialisation (docs/reference.md §5): N(0, 0.02)
     for linear, embedding and router weights, 1 for norms, 0 for router biases."""
     import numpy as np
 

@@ -11,7 +11,7 @@ import numpy as np
 from dsv3 import flops
 from dsv3.config import ModelConfig
 
-# The training hyper-parameters of every train-step row (REFERENCE §8.3 shape).
+# The training hyper-parameters of every train-step row (docs/reference.md §8.3 shape).
 LR, BETAS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
 
 

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face DeepseekV3ForCausalLM checkpoints: the oracle for tests/jax (REFERENCE §9.2.2)."""
+"""Tiny random Hugging Face DeepseekV3ForCausalLM checkpoints: the oracle for tests/jax (docs/reference.md §9.2.2)."""
 
 from __future__ import annotations
 

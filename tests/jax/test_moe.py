@@ -1,7 +1,12 @@
-"""dsv3_jax MoE: block-sparse == ragged_dot == per-token dense reference; routing rules; bias handling."""
+"""dsv3_jax MoE: block-sparse == ragged_dot == per-token dense reference; routing rules; bias handling.
+
+Trees and arrays are compared with chex (``assert_trees_all_close`` / ``assert_trees_all_equal``), shapes
+with ``chex.assert_shape``; the MoE layer and the router are checked with and without jit (``chex.variants``).
+"""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +57,8 @@ def test_expert_paths_agree_with_per_token_reference(moe, skew):
     ref = jax.jit(per_token_reference)(x, idx, *_weights(moe))
     for impl in ("blocksparse", "ragged"):
         out = nnx.jit(lambda e, x, idx: through_dispatch(e, x, idx, impl))(moe.experts, x, idx)
-        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5, err_msg=impl)
+        chex.assert_shape(out, (N, K, CFG.hidden_size))
+        chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5, custom_message=impl)
 
 
 @pytest.mark.parametrize("bm", [1, 16])
@@ -65,12 +71,12 @@ def test_blocksparse_any_block_size_and_gradient(moe, bm):
     w = _weights(moe)
     f_bs = lambda xs, *w: (lambda yb, pos: yb[pos])(*_blocksparse_swiglu(xs, sizes, *w, bm))
     f_rg = lambda xs, *w: _ragged_swiglu(xs, sizes, *w)
-    np.testing.assert_allclose(np.asarray(jax.jit(f_bs)(xs, *w)), np.asarray(f_rg(xs, *w)), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.jit(f_bs)(xs, *w), f_rg(xs, *w), rtol=1e-5, atol=1e-6)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
     g_bs = jax.jit(jax.grad(loss(f_bs), argnums=(0, 1, 2, 3)))(xs, *w)
     g_rg = jax.jit(jax.grad(loss(f_rg), argnums=(0, 1, 2, 3)))(xs, *w)
-    for a, b in zip(g_bs, g_rg):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal_shapes(g_bs, (xs, *w))
+    chex.assert_trees_all_close(g_bs, g_rg, rtol=1e-5, atol=1e-6)
 
 
 def test_default_block_rows_bounds_padding():
@@ -90,8 +96,10 @@ def test_moe_forward_matches_reference_and_counts(moe):
         return moe(x), routed + moe.shared_experts(xf), idx
 
     out, ref, idx = run(moe, x)
-    np.testing.assert_allclose(np.asarray(out.out).reshape(-1, CFG.hidden_size), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(out.counts), np.bincount(np.asarray(idx).ravel(), minlength=CFG.n_routed_experts))
+    chex.assert_shape(out.out, x.shape)
+    chex.assert_trees_all_close(out.out.reshape(-1, CFG.hidden_size), ref, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_equal(np.asarray(out.counts),
+                                np.bincount(np.asarray(idx).ravel(), minlength=CFG.n_routed_experts))
     assert int(out.counts.sum()) == 18 * CFG.num_experts_per_tok
 
 
@@ -136,6 +144,40 @@ def test_experts_gradients_blocksparse_equal_ragged(moe):
         f = lambda e, x, impl=impl: jnp.sum(jnp.sin(through_dispatch(e, x, idx, impl)))
         grads[impl] = nnx.jit(nnx.grad(f, argnums=(0, 1)))(moe.experts, x)
     (gw_b, gx_b), (gw_r, gx_r) = grads["blocksparse"], grads["ragged"]
-    np.testing.assert_allclose(np.asarray(gx_b), np.asarray(gx_r), rtol=1e-5, atol=1e-6)
-    for n in ("w1", "w2", "w3"):
-        np.testing.assert_allclose(np.asarray(gw_b[n][...]), np.asarray(gw_r[n][...]), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(gx_b, gx_r, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close({n: gw_b[n][...] for n in ("w1", "w2", "w3")},
+                                {n: gw_r[n][...] for n in ("w1", "w2", "w3")}, rtol=1e-5, atol=1e-6)
+
+
+class MoEWithAndWithoutJit(chex.TestCase):
+    """The same MoE layer and router results traced under jit and run op by op (chex.variants)."""
+
+    def setUp(self):
+        super().setUp()
+        self.moe = MoE(CFG, rngs=nnx.Rngs(3))
+        rng = np.random.default_rng(6)
+        self.moe.gate.bias[...] = jnp.asarray(rng.normal(0, 0.05, CFG.n_routed_experts), jnp.float32)
+        self.x = jnp.asarray(rng.standard_normal((2, 7, CFG.hidden_size)), jnp.float32)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_moe_layer(self):
+        moe, x = self.moe, self.x
+        out = self.variant(lambda x: moe(x))(x)
+        chex.assert_shape(out.out, x.shape)
+        chex.assert_shape(out.counts, (CFG.n_routed_experts,))
+        xf = x.reshape(-1, CFG.hidden_size)
+        _, idx, w = moe.gate(xf)
+        ref = jnp.einsum("nkd,nk->nd", per_token_reference(xf, idx, *_weights(moe)), w) + moe.shared_experts(xf)
+        chex.assert_trees_all_close(out.out.reshape(-1, CFG.hidden_size), ref, rtol=1e-5, atol=1e-5)
+        chex.assert_trees_all_equal(out.counts, jnp.bincount(idx.ravel(), length=CFG.n_routed_experts))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_router(self):
+        gate, xf = self.moe.gate, self.x.reshape(-1, CFG.hidden_size)
+        s, idx, w = self.variant(lambda x: gate(x))(xf)
+        N, E, K = xf.shape[0], CFG.n_routed_experts, CFG.num_experts_per_tok
+        chex.assert_shape((s, idx, w), ((N, E), (N, K), (N, K)))
+        chex.assert_type((s, idx, w), (jnp.float32, jnp.int32, jnp.float32))
+        chex.assert_trees_all_equal(idx, jnp.sort(idx, axis=-1))  # ascending slots
+        sel = jnp.take_along_axis(s, idx, axis=-1)
+        chex.assert_trees_all_close(w, sel / sel.sum(-1, keepdims=True) * CFG.routed_scaling_factor, rtol=1e-6)

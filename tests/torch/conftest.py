@@ -2,8 +2,8 @@
 
 The tiny models' matmuls are microseconds long; on a shared 2-core machine
 OpenMP's barrier between two threads costs milliseconds per op when the other
-core is busy (a tiny compute_loss went from 20 ms to 4 s). One thread is both
-faster and steadier here.
+core is busy. One thread is both faster and steadier here (figures:
+docs/bench/README.md, "Measured choices in the code").
 """
 
 import pytest

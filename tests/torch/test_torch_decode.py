@@ -1,4 +1,4 @@
-"""Decoding on the latent (absorbed) and naive caches reproduces the full forward (REFERENCE §2.1)."""
+"""Decoding on the latent (absorbed) and naive caches reproduces the full forward (docs/reference.md §2.1)."""
 
 import pytest
 import torch

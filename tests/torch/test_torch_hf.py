@@ -101,7 +101,7 @@ def test_bf16_eager_scheme_is_bit_identical_and_grouped_close(tmp_path):
     assert eager.dtype == torch.bfloat16
     assert torch.equal(eager, ref), (eager.float() - ref.float()).abs().max()
     err = (grouped.float() - ref.float()).abs().max().item()
-    assert 0 < err <= 2e-2, err  # the two combine schemes round differently (REFERENCE §4.5)
+    assert 0 < err <= 2e-2, err  # the two combine schemes round differently (docs/reference.md §4.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

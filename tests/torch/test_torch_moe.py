@@ -1,4 +1,4 @@
-"""Router, dropless grouped MoE, balance loss and the bias update (REFERENCE §4, §8)."""
+"""Router, dropless grouped MoE, balance loss and the bias update (docs/reference.md §4, §8)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Hugging Face transformers 5.24 DeepSeek-V3 as a test oracle (REFERENCE §9.2.2).
+"""Hugging Face transformers 5.24 DeepSeek-V3 as a test oracle (docs/reference.md §9.2.2).
 
 Always pinned to attn_implementation="eager" and experts_implementation="eager".
 """
