@@ -110,6 +110,8 @@ class ExpertParallelDispatcher(nnx.Module):
     def combine(self, y_sorted: jax.Array, plan: EPPlan, routing: Routing) -> jax.Array:
         """y_sorted -> y [N, D]: this shard's slots weighted and summed in slot order (fp32), then
         psum_scatter over ``expert`` back to each token's own device (model dtype)."""
+        if self.scheme != "grouped":  # e.g. set_moe_combine("eager") after the switch
+            raise ValueError(f"expert parallelism combines in fp32 ('grouped'); got combine scheme {self.scheme!r}")
         K = self.top_k
 
         def local(ys, order, mine, w):
