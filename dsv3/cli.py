@@ -77,6 +77,19 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --out (metrics, checkpoints, train_config) and start anew; "
                         "without it such a directory is refused")
+    p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                   help="simulate N CPU devices (sets XLA_FLAGS before JAX starts), e.g. for --mesh on a laptop")
+
+
+def set_cpu_devices(n: int) -> None:
+    """Ask XLA:CPU for n devices: must run before jax is imported (the flag is read once, at start)."""
+    if n < 1:
+        raise ValueError(f"--cpu-devices must be >= 1, got {n}")
+    if "jax" in sys.modules:
+        raise ValueError("--cpu-devices: jax is already imported; the device count can no longer change")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
 
 
 def _add_generate(sub) -> None:
@@ -107,6 +120,10 @@ def _add_info(sub) -> None:
     g.add_argument("--preset", choices=sorted(PRESETS), default="small")
     g.add_argument("--config", metavar="CONFIG_JSON")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--mesh", default=None, metavar="AXES",
+                   help="also print per-device bytes of parameters, AdamW state and activations per token on "
+                        "this mesh (abstract: nothing is allocated), e.g. data=8,fsdp=32,expert=32")
+    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for the activation estimate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,15 +320,31 @@ def _human(n: int) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     cfg = ModelConfig.from_pretrained(args.config) if args.config else ModelConfig.preset(args.preset)
     d = info_dict(cfg)
+    if args.mesh:
+        from dsv3_jax.sharding import abstract_plan
+
+        d["mesh"] = abstract_plan(cfg, args.mesh, seq_len=args.seq_len)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     print(f"{args.config or args.preset}:")
     for k, v in d.items():
+        if k == "mesh":
+            continue
         if k.startswith("params_"):
             v = f"{v:,} ({_human(v)})"
         print(f"  {k:26s} {v}")
+    if "mesh" in d:
+        _print_mesh_plan(d["mesh"])
     return 0
+
+
+def _print_mesh_plan(m: dict) -> None:
+    print(f"  per device on {m['mesh']} ({m['devices']} devices, fp32 weights, AdamW):")
+    for k, label in (("params", "parameters"), ("optimizer", "AdamW state"), ("total", "total")):
+        print(f"    {label:24s} {m[k]:,} B ({m[k] / 2**30:.2f} GiB)")
+    print(f"    {'activations per token':24s} {m['activations_per_token']:,} B at seq_len {m['seq_len']} "
+          f"(of which attention probabilities {m['attention_probs_per_token']:,} B)")
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
@@ -333,6 +366,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
+    if getattr(args, "cpu_devices", None):
+        set_cpu_devices(args.cpu_devices)  # before any command imports jax
     commands = {"train": lambda a: cmd_train(a, argv), "generate": cmd_generate, "convert": cmd_convert,
                 "info": cmd_info}
     try:

@@ -95,8 +95,9 @@ class TrainConfig:
     save_every: int = _opt(200, "steps between checkpoints")
     keep_checkpoints: int = _opt(2, "checkpoints kept")
     compile: bool = _opt(False, "torch.compile the loss (torch only)")
-    mesh: Optional[str] = _opt(None, "device mesh over the axes data, fsdp, expert, e.g. fsdp=2,expert=2 (torch: "
-                                     "launch with torchrun --nproc-per-node N -m dsv3 train ...)", metavar="SPEC")
+    mesh: Optional[str] = _opt(None, "device mesh over the axes data, fsdp, expert, e.g. data=2,fsdp=2,expert=2 "
+                                     "(JAX: one process, see docs/scaling.md, --cpu-devices N on CPU; torch: launch "
+                                     "with torchrun --nproc-per-node N -m dsv3 train ...)", metavar="SPEC")
     progress: bool = _opt(True, "no progress bar")
     plots: bool = _opt(True, "no PNG plots")
 

@@ -209,7 +209,8 @@ class LocalDispatcher(nnx.Module):
     """Single-device dispatch and combine: the (token, slot) rows sorted by expert, and back.
 
     The interface an expert-parallel dispatcher implements:
-      dispatch(x [N, D], routing) -> (x_sorted [M, D], group_sizes [E], plan)
+      dispatch(x [N, D], routing) -> (x_sorted [M, D], group_sizes [E], plan)   (plan.counts [E])
+      compute(experts, x_sorted, group_sizes) -> y_sorted [M, D]
       combine(y_sorted [M, D], plan, routing) -> y [N, D] (in the dtype of the dispatched x)
     An nnx.Module (no variables) so that ``scheme`` is part of the graph: nnx.jit retraces when it changes.
     scheme: "grouped" (default) or "eager" (bit parity with HF eager experts in bf16).
@@ -223,6 +224,11 @@ class LocalDispatcher(nnx.Module):
     def dispatch(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array, Dispatch]:
         d = sort_by_expert(routing.indices, self.n_experts, x.dtype)
         return x[d.tokens], d.counts, d
+
+    def compute(self, experts: "Experts", x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """The experts on the dispatched rows (here: all experts, all rows; an expert-parallel
+        dispatcher runs each shard's experts on its own rows)."""
+        return experts(x_sorted, group_sizes)
 
     def combine(self, y_sorted: jax.Array, plan: Dispatch, routing: Routing) -> jax.Array:
         """Weighted sum over slots. Slots are in ascending expert id, so a running sum over k
@@ -314,8 +320,8 @@ class MoE(nnx.Module):
         return self.dispatcher.dispatch(x, routing)
 
     def compute(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """Expert-sorted rows -> y_sorted [M, D] (grouped SwiGLU)."""
-        return self.experts(x_sorted, group_sizes)
+        """Expert-sorted rows -> y_sorted [M, D] (grouped SwiGLU, run where the dispatcher places it)."""
+        return self.dispatcher.compute(self.experts, x_sorted, group_sizes)
 
     def combine(self, y_sorted: jax.Array, plan: Dispatch, routing: Routing) -> jax.Array:
         """y_sorted [M, D] -> y [N, D]: the weighted sum over each token's K slots (the dispatcher's)."""

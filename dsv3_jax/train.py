@@ -85,17 +85,49 @@ def _flat(state) -> dict[str, np.ndarray]:
 
 
 class JaxBackend:
-    def __init__(self, cfg: ModelConfig, tcfg: TrainConfig, model: DeepSeekV3 | None = None):
+    def __init__(self, cfg: ModelConfig, tcfg: TrainConfig, model: DeepSeekV3 | None = None, mesh=None):
+        """``mesh``: a ``jax.sharding.Mesh`` from ``dsv3_jax.sharding.make_mesh`` (None: one device).
+
+        On a mesh the model and the AdamW state are placed per ``dsv3_jax.sharding.RULES``, each
+        batch is split over every mesh axis, and the same step runs under GSPMD with its outputs
+        pinned to the same shardings."""
         self.model_cfg, self.tcfg = cfg, tcfg
         self.model = model if model is not None else DeepSeekV3(cfg, rngs=nnx.Rngs(tcfg.seed), dtype=jnp.float32)
+        self.mesh = mesh
         self.optimizer = nnx.Optimizer(self.model, make_tx(tcfg), wrt=nnx.Param)
         self.gamma = float(cfg.bias_update_speed)
         self._train, self._eval = _steps(cfg if tcfg.dtype == "bfloat16" else None)
+        if mesh is not None:
+            from dsv3_jax.expert_parallel import use_expert_parallel
+
+            self._place()
+            use_expert_parallel(self.model, mesh)  # expert > 1: the MoE layers exchange tokens over `expert`
+            self._train = _sharded_train_step(cfg if tcfg.dtype == "bfloat16" else None, self.model,
+                                              self.optimizer, mesh)
+
+    def _place(self) -> None:
+        """(Re)place the model and optimizer state on the mesh (after init or a load)."""
+        from dsv3_jax import sharding
+
+        sharding.shard_model(self.model, self.mesh)
+        sharding.shard_optimizer(self.optimizer, self.model, self.mesh)
+
+    def _put_batch(self, a: np.ndarray, batch_dim: int) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(a, jnp.int32)
+        from dsv3_jax import sharding
+
+        n = sharding.mesh_size(sharding.mesh_shape(self.mesh))
+        if a.shape[batch_dim] % n:
+            raise ValueError(f"the micro-batch of {a.shape[batch_dim]} sequences does not split over the mesh "
+                             f"{sharding.format_mesh(sharding.mesh_shape(self.mesh))} ({n} devices): use a "
+                             f"multiple of {n} sequences per micro-batch")
+        return jax.device_put(np.asarray(a, np.int32), sharding.batch_sharding(self.mesh, a.ndim, batch_dim))
 
     # ------------------------------------------------------------- train
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
-        xs = jnp.asarray(np.stack([x for x, _ in micro_batches]), jnp.int32)
-        ys = jnp.asarray(np.stack([y for _, y in micro_batches]), jnp.int32)
+        xs = self._put_batch(np.stack([x for x, _ in micro_batches]), 1)
+        ys = self._put_batch(np.stack([y for _, y in micro_batches]), 1)
         out = self._train(self.model, self.optimizer, xs, ys, jnp.float32(lr), jnp.float32(self.gamma))
         out = jax.device_get(out)
         res = {k: float(v) for k, v in out.items() if k != "counts"}
@@ -105,7 +137,8 @@ class JaxBackend:
         return res
 
     def eval_step(self, input_ids: np.ndarray, labels: np.ndarray) -> dict:
-        out = jax.device_get(self._eval(self.model, jnp.asarray(input_ids, jnp.int32), jnp.asarray(labels, jnp.int32)))
+        out = jax.device_get(self._eval(self.model, self._put_batch(np.asarray(input_ids), 0),
+                                        self._put_batch(np.asarray(labels), 0)))
         res = {"main_loss": float(out["main_loss"])}
         if len(self.model.mtp):
             res["mtp_depth_loss"] = float(out["mtp_depth_loss"])
@@ -117,6 +150,8 @@ class JaxBackend:
 
     def load_canonical_state(self, state: dict[str, np.ndarray]) -> None:
         self.model.load_canonical_state(state)
+        if self.mesh is not None:
+            self._place()
 
     def save_pretrained(self, directory: str) -> None:
         self.model.save_pretrained(directory)
@@ -140,6 +175,8 @@ class JaxBackend:
                 raise ValueError(f"optimizer state {name}: shape {new.shape}, expected {np.shape(cur)}")
             var.set_value(jnp.asarray(new, dtype=jnp.asarray(cur).dtype))
         nnx.update(self.optimizer, nnx.from_flat_state(flat))
+        if self.mesh is not None:
+            self._place()
 
 
 def _loss_model(model_gd, params, rest, twin):
@@ -152,18 +189,72 @@ def _loss_model(model_gd, params, rest, twin):
 
 
 @functools.lru_cache(maxsize=None)
+def _steps_twin(bf16_cfg: ModelConfig | None):
+    """The bf16 twin (graphdef, abstract params) of a bf16 run, None for fp32."""
+    if bf16_cfg is None:
+        return None
+    abstract = nnx.eval_shape(lambda: DeepSeekV3(bf16_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    gd, p_abs, _ = nnx.split(abstract, nnx.Param, ...)
+    return (gd, p_abs)
+
+
+@functools.lru_cache(maxsize=None)
 def _steps(bf16_cfg: ModelConfig | None):
     """(train_step, eval_step), shared by every backend of the same precision (one compile cache)."""
-    twin = None
-    if bf16_cfg is not None:
-        abstract = nnx.eval_shape(lambda: DeepSeekV3(bf16_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
-        gd, p_abs, _ = nnx.split(abstract, nnx.Param, ...)
-        twin = (gd, p_abs)
+    twin = _steps_twin(bf16_cfg)
     return _make_train_step(twin), _make_eval_step(twin)
 
 
+def _sharded_train_step(bf16_cfg, model, optimizer, mesh):
+    """The step of ``_train_step_fn`` under ``jax.jit`` on split state, for a model and optimizer
+    already placed on a mesh: the new state leaves are pinned to the shardings they came in with
+    (so GSPMD cannot drift them) and the old ones are donated. Same call signature as the
+    single-device step; the new state is written back into ``model`` and ``optimizer``."""
+    gd_m, st_m = nnx.split(model)
+    gd_o, st_o = nnx.split(optimizer)
+    leaves, treedef = jax.tree.flatten((st_m, st_o))
+    jitted = _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, tuple(x.sharding for x in leaves))
+
+    def train_step(model, optimizer, xs, ys, lr, gamma):
+        new, out = jitted(jax.tree.leaves((nnx.state(model), nnx.state(optimizer))), xs, ys, lr, gamma)
+        sm, so = jax.tree.unflatten(treedef, new)
+        nnx.update(model, sm)
+        nnx.update(optimizer, so)
+        return out
+
+    return train_step
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, shardings):
+    """One jitted sharded step per (precision, mesh, graph, state structure, shardings): equal
+    backends share it."""
+    twin = None
+    if bf16_cfg is not None:  # the bf16 twin uses the same dispatchers as the model
+        from dsv3_jax.expert_parallel import use_expert_parallel
+
+        abstract = nnx.eval_shape(lambda: DeepSeekV3(bf16_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+        use_expert_parallel(abstract, mesh)
+        gd, p_abs, _ = nnx.split(abstract, nnx.Param, ...)
+        twin = (gd, p_abs)
+    body = _train_step_fn(twin)
+
+    def step(leaves, xs, ys, lr, gamma):
+        sm, so = jax.tree.unflatten(treedef, leaves)
+        m, o = nnx.merge(gd_m, sm), nnx.merge(gd_o, so)
+        out = body(m, o, xs, ys, lr, gamma)
+        return jax.tree.leaves((nnx.state(m), nnx.state(o))), out
+
+    return jax.jit(step, out_shardings=(list(shardings), None), donate_argnums=0)
+
+
 def _make_train_step(twin):
-    @nnx.jit
+    return nnx.jit(_train_step_fn(twin))
+
+
+def _train_step_fn(twin):
+    """The optimizer step (not yet jitted): mutates model and optimizer, returns the metrics."""
+
     def train_step(model, optimizer, xs, ys, lr, gamma):
         gd, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -211,4 +302,10 @@ def _make_eval_step(twin):
 
 
 def make_backend(cfg: ModelConfig, tcfg: TrainConfig) -> JaxBackend:
+    """The backend of a run; on the mesh ``tcfg.mesh`` ("data=2,fsdp=2,expert=2") when it names one."""
+    spec = getattr(tcfg, "mesh", None)
+    if spec:
+        from dsv3_jax import sharding
+
+        return JaxBackend(cfg, tcfg, mesh=sharding.make_mesh(spec))
     return JaxBackend(cfg, tcfg)

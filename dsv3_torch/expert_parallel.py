@@ -108,6 +108,10 @@ class ExpertParallelDispatcher:
         x_sorted = x_recv.index_select(0, perm.to(x_recv.device))
         return x_sorted, rc.sum(0).tolist(), EPPlan(d, perm, inv, send, recv)
 
+    def compute(self, experts, x_sorted: torch.Tensor, group_sizes) -> torch.Tensor:
+        """The MoE's experts (this rank's, see ExpertParallelExperts) on the received rows."""
+        return self.inner.compute(experts, x_sorted, group_sizes)
+
     def combine(self, y_sorted: torch.Tensor, plan: EPPlan, routing) -> torch.Tensor:
         y_recv = y_sorted.index_select(0, plan.inv.to(y_sorted.device))
         y_rows = _a2a(y_recv, plan.send, plan.recv, self.group)  # this rank's rows, sorted by global expert id

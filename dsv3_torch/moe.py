@@ -223,6 +223,7 @@ class LocalDispatcher:
 
     The interface an expert-parallel dispatcher implements:
       dispatch(x [N, D], routing) -> (x_sorted [M, D], group_sizes [E], plan)
+      compute(experts, x_sorted, group_sizes) -> y_sorted [M, D]
       combine(y_sorted [M, D], plan, routing) -> y [N, D] (in the dtype of the dispatched x)
     group_sizes are host ints here (torch's split needs them), an int32 array in dsv3_jax.
     scheme: "grouped" (default) or "eager" (bit parity with HF eager experts in bf16).
@@ -237,6 +238,11 @@ class LocalDispatcher:
         d = sort_by_expert(routing.indices, self.n_experts, x.dtype)
         xs = _GatherTokens.apply(x, d.tokens, d.inverse, self.top_k)  # [M, D] expert-sorted
         return xs, d.counts.tolist(), d
+
+    def compute(self, experts: "Experts", x_sorted: torch.Tensor, group_sizes) -> torch.Tensor:
+        """The experts on the dispatched rows (here: all experts, all rows; an expert-parallel
+        dispatcher runs each shard's experts on its own rows)."""
+        return experts(x_sorted, group_sizes)
 
     def combine(self, y_sorted: torch.Tensor, plan: Dispatch, routing: Routing) -> torch.Tensor:
         N, D = routing.indices.shape[0], y_sorted.shape[1]
@@ -285,8 +291,8 @@ class MoE(nn.Module):
         return self.dispatcher.dispatch(x, routing)
 
     def compute(self, x_sorted: torch.Tensor, group_sizes) -> torch.Tensor:
-        """Expert-sorted rows -> y_sorted [M, D] (grouped SwiGLU)."""
-        return self.experts(x_sorted, group_sizes)
+        """Expert-sorted rows -> y_sorted [M, D] (grouped SwiGLU, run where the dispatcher places it)."""
+        return self.dispatcher.compute(self.experts, x_sorted, group_sizes)
 
     def combine(self, y_sorted: torch.Tensor, plan, routing: Routing) -> torch.Tensor:
         """y_sorted [M, D] -> y [N, D]: the weighted sum over each token's K slots (the dispatcher's)."""

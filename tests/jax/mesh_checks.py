@@ -1,0 +1,208 @@
+"""Every multi-device check, in ONE process with 8 simulated CPU devices (run by tests/jax/test_sharding.py).
+
+The test session's JAX already runs with one device, so these checks live in a script that asks for
+8 devices before jax starts -- through the command line under test, ``dsv3 train --cpu-devices 8``,
+which is its first action. Prints one JSON object as the last line of stdout.
+
+    python tests/jax/mesh_checks.py            # from the repository root, PYTHONPATH=.
+
+Checks (shapes tiny; compiled functions shared where possible):
+  cli       `dsv3 train --cpu-devices 8 --mesh data=2,fsdp=2,expert=2` runs 2 steps
+  train     per mesh: 20 steps from the same weights and batches vs the single-device run
+            (loss per step, router biases, parameters after 20 steps)
+  bytes     per-device parameter + optimizer bytes from the arrays' addressable shards vs the
+            plan of dsv3_jax.sharding (abstract model, same rules)
+  ep        expert-parallel MoE layer vs the single-device layer under skewed routing
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+assert "jax" not in sys.modules
+# The settings of the root conftest (tests run with the same numerics as the CLI).
+if "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as the root conftest; read when jax starts
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # GSPMD's "involuntary rematerialization" warnings
+
+import numpy as np  # noqa: E402
+
+from dsv3 import ModelConfig, cli  # noqa: E402
+
+MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,expert=2", "expert=8")
+CLI_MESH = "data=2,fsdp=2,expert=2"
+STEPS, BATCH, ACCUM, SEQ = 20, 16, 2, 16
+# tiny with one dense and one MoE layer (+ the MTP block's MoE): every feature, two routers.
+CFG = ModelConfig.preset("tiny").replace(vocab_size=256, num_hidden_layers=2, bias_update_speed=1e-2)
+# Adam divides by |g| + eps: with eps=1e-8 a gradient element of ~1e-8 (fp32 summation-order noise
+# between layouts) moves its update by O(lr) -- eps=1e-3 keeps this a test of the layouts, as
+# tests/test_train_backends.py does for gradient accumulation.
+TRAIN_KW = dict(batch_size=BATCH, grad_accum=ACCUM, seq_len=SEQ, lr=3e-3, warmup_steps=2, eps=1e-3)
+
+
+def run_cli(tmp: str) -> dict:
+    cfg_dir = os.path.join(tmp, "cfg")
+    CFG.save_pretrained(cfg_dir)
+    text = os.path.join(tmp, "corpus.txt")
+    with open(text, "w") as f:  # 24 KB of varied bytes: train and validation blocks
+        f.write("".join(f"line {i}: {'abcdefghij'[i % 10] * (i % 37)} {i * i}\n" for i in range(1200)))
+    out = os.path.join(tmp, "run")
+    rc = cli.main(["train", "--cpu-devices", "8", "--mesh", CLI_MESH, "--config", cfg_dir, "--data", text,
+                   "--steps", "2", "--batch-size", str(BATCH), "--grad-accum", str(ACCUM), "--seq-len", str(SEQ),
+                   "--lr", "3e-3", "--warmup-steps", "2", "--adam-eps", "1e-3", "--eval-batches", "1",
+                   "--out", out, "--no-progress", "--no-plots"])
+    import jax
+
+    assert jax.config.jax_default_matmul_precision == "highest"
+    from dsv3.training import read_metrics
+
+    recs = read_metrics(os.path.join(out, "metrics.jsonl"))
+    return {"rc": rc, "devices": len(jax.devices()), "train_records": sum(r["kind"] == "train" for r in recs),
+            "eval_records": sum(r["kind"] == "eval" for r in recs),
+            "losses": [r["loss"] for r in recs if r["kind"] == "train"]}
+
+
+def train_checks() -> dict:
+    import jax
+    from flax import nnx
+
+    from dsv3.training import TrainConfig
+    from dsv3_jax import sharding
+    from dsv3_jax.model import DeepSeekV3
+    from dsv3_jax.train import JaxBackend, make_tx
+
+    tcfg = TrainConfig(**TRAIN_KW, progress=False, plots=False)
+    rng = np.random.default_rng(0)
+    mb = BATCH // ACCUM
+    batches = [[(rng.integers(0, 256, (mb, SEQ)), rng.integers(0, 256, (mb, SEQ))) for _ in range(ACCUM)]
+               for _ in range(STEPS)]
+    ref = JaxBackend(CFG, tcfg)
+    init = ref.canonical_state()
+    ref_loss = [ref.train_step(b, 3e-3)["loss"] for b in batches]
+    ref_state = ref.canonical_state()
+    abstract = DeepSeekV3.abstract(CFG)
+    abstract_opt = nnx.eval_shape(lambda m: nnx.Optimizer(m, make_tx(tcfg), wrt=nnx.Param), abstract)
+    single = sharding.planned_bytes(abstract, abstract_opt, {})
+    out = {"ref_loss": ref_loss, "single_device_bytes": single["total"], "meshes": {}}
+    for mesh in MESHES:
+        t0 = time.perf_counter()
+        be = JaxBackend(CFG, tcfg, mesh=sharding.make_mesh(mesh))
+        be.load_canonical_state(init)
+        measured = sharding.measured_bytes((nnx.state(be.model), nnx.state(be.optimizer)))
+        plan = sharding.planned_bytes(abstract, abstract_opt, mesh)
+        losses = [be.train_step(b, 3e-3)["loss"] for b in batches]
+        st = be.canonical_state()
+        rel = {k: float(np.max(np.abs(st[k] - ref_state[k])) / max(float(np.max(np.abs(ref_state[k]))), 1e-30))
+               for k in ref_state if not k.endswith("gate.bias")}
+        worst = max(rel, key=rel.get)
+        shardings = {str(v.get_value().sharding.spec) for _, v in nnx.to_flat_state(nnx.state(be.model, nnx.Param))}
+        out["meshes"][mesh] = {
+            "loss": losses,
+            "loss_rel": [abs(a - b) / abs(b) for a, b in zip(losses, ref_loss)],
+            "bias_equal": all(np.array_equal(st[k], ref_state[k]) for k in st if k.endswith("gate.bias")),
+            "bias_moved": all(np.any(st[k] != init[k]) for k in st if k.endswith("gate.bias")),
+            "param_worst": [worst, rel[worst]],
+            "measured_bytes": sorted(set(measured.values())), "devices_with_state": len(measured),
+            "planned_bytes": plan["total"],
+            "specs": sorted(shardings),
+            "still_sharded": _still_sharded(be),
+            "dispatcher": type(be.model.moe_layers()[0].dispatcher).__name__,
+            "seconds": time.perf_counter() - t0,
+        }
+        del be
+    return out
+
+
+# (impl, mesh): both grouped-matmul paths, three expert layouts; each pair is one compile.
+EP_CASES = (("blocksparse", "expert=8"), ("blocksparse", "data=2,fsdp=2,expert=2"), ("ragged", "fsdp=4,expert=2"))
+
+
+def ep_checks() -> dict:
+    """The MoE layer with ExpertParallelDispatcher vs the single-device layer (same weights), routing
+    skewed so that expert shard 0 receives most (token, slot) pairs: outputs, gradients (input,
+    router, experts, shared experts) and counts."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv3_jax import sharding
+    from dsv3_jax.expert_parallel import ExpertParallelDispatcher
+    from dsv3_jax.moe import MoE
+
+    cfg = CFG.replace(initializer_range=0.2)  # outputs O(1), so absolute bounds mean something
+    E = cfg.n_routed_experts
+    B, T, D = 8, 8, cfg.hidden_size
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+
+    def loss(params, rest, gd, x):
+        out = nnx.merge(gd, params, rest)(x)
+        return jnp.sum(out.out * ct), (out.out, out.counts)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 3), has_aux=True), static_argnums=2)
+    out: dict = {}
+    for impl in sorted({i for i, _ in EP_CASES}):
+        moe = MoE(cfg, impl=impl, rngs=nnx.Rngs(5))
+        # Skew: experts 0..E/2-1 (groups 0 and 1, expert shard 0 of expert=2) get +0.5, expert 0 another +0.5.
+        moe.gate.bias[...] = jnp.asarray([1.0] + [0.5] * (E // 2 - 1) + [0.0] * (E // 2), jnp.float32)
+        gd, params, rest = nnx.split(moe, nnx.Param, ...)
+        (g_ref, gx_ref), (y_ref, c_ref) = grad(params, rest, gd, x)
+        for mesh_text in [m for i, m in EP_CASES if i == impl]:
+            mesh = sharding.make_mesh(mesh_text)
+            ep = nnx.merge(gd, params, rest)
+            ep.dispatcher = ExpertParallelDispatcher(E, cfg.num_experts_per_tok, mesh)
+            gd_ep, p_ep, r_ep = nnx.split(ep, nnx.Param, ...)
+            put = lambda path, v: jax.device_put(v, jax.sharding.NamedSharding(  # noqa: E731
+                mesh, jax.sharding.PartitionSpec("expert", None, "fsdp") if v.ndim == 3 else jax.sharding.PartitionSpec()))
+            p_ep = jax.tree_util.tree_map_with_path(put, p_ep)
+            xs = jax.device_put(x, sharding.batch_sharding(mesh, 3))
+            (g, gx), (y, c) = grad(p_ep, r_ep, gd_ep, xs)
+            gl, gl_ref = jax.tree.leaves(g), jax.tree.leaves(g_ref)
+            rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))  # noqa: E731
+            out[f"{impl} {mesh_text}"] = {
+                "y_rel": rel(y, y_ref), "dx_rel": rel(gx, gx_ref),
+                "dparams_rel": max(rel(a, b) for a, b in zip(gl, gl_ref)), "n_grads": len(gl),
+                "counts_equal": bool(np.array_equal(np.asarray(c), np.asarray(c_ref))),
+                "counts": np.asarray(c).tolist(),
+                "is_ep": type(ep.dispatcher).__name__,
+            }
+    return out
+
+
+def _still_sharded(be) -> bool:
+    """After training, every variable keeps the sharding the rules gave it."""
+    from flax import nnx
+
+    from dsv3_jax import sharding
+
+    sizes = sharding.mesh_shape(be.mesh)
+    want = sharding.model_specs(be.model, sizes)
+    return all(tuple(var.get_value().sharding.spec) == tuple(want[tuple(path)])
+               for path, var in nnx.to_flat_state(nnx.state(be.model)))
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    res: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        res["cli"] = run_cli(tmp)
+    from dsv3 import runtime
+
+    runtime.configure()
+    res["cpu_s"] = {"cli": time.process_time()}
+    res["ep"] = ep_checks()
+    res["cpu_s"]["ep"] = time.process_time() - res["cpu_s"]["cli"]
+    res["train"] = train_checks()
+    res["cpu_s"]["train"] = time.process_time() - res["cpu_s"]["ep"] - res["cpu_s"]["cli"]
+    res["seconds"] = time.perf_counter() - t0
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
