@@ -1,0 +1,100 @@
+"""Speculative decoding with the first MTP depth as the draft: the Flax NNX model calls (dsv3.speculative).
+
+Shape legend: B batch, S tokens fed in one call, n positions fed to the MTP depth, D model width, V vocab.
+
+`SpeculativeSteps` holds the main latent cache, the MTP depth's own attention cache and the main hidden
+state of the last call; `dsv3.speculative.speculative_loop` drives it (draft, verify, accept, commit).
+The main call and the draft call are each one ``nnx.jit`` function with a traced position: they compile
+once per (batch, tokens per call, cache length, greedy or not), i.e. a handful of times per generation.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3.generation import check_generate_args
+from dsv3.speculative import SpeculativeStats, check_speculative, speculative_loop
+from dsv3_jax.layers import dense
+
+
+def _out(logits, greedy: bool):
+    finite = jnp.all(jnp.isfinite(logits).reshape(logits.shape[0], -1), axis=-1)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), finite
+    return logits.astype(jnp.float32), finite
+
+
+@partial(nnx.jit, static_argnames=("greedy",))
+def _main_step(model, tokens, cache, start_pos, greedy):
+    """tokens [B,S] at start_pos (traced) -> (out, finite, hidden [B,S,D], cache)."""
+    h, cache = model.hidden_cached(tokens, cache, start_pos)
+    out, finite = _out(dense(model.head, h), greedy)
+    return out, finite, h, cache
+
+
+@partial(nnx.jit, static_argnames=("greedy",))
+def _draft_step(model, hidden, tokens, mtp_cache, start_pos, greedy):
+    """MTP depth 1 on (hidden [B,n,D], embed(tokens [B,n])) at start_pos (traced) -> (out at the last
+    position, finite, mtp_cache)."""
+    mod = model.mtp[0]
+    n = tokens.shape[1]
+    cos, sin = model.rope(start_pos + jnp.arange(n), model.dtype)
+    h, mtp_cache = mod.forward_cached(hidden, model.embed(tokens), cos, sin, start_pos, mtp_cache)
+    out, finite = _out(dense(model.head, mod.norm(h[:, -1])), greedy)
+    return out, finite, mtp_cache
+
+
+class SpeculativeSteps:
+    """prefill / draft / verify of `dsv3.speculative.SpeculativeSteps` on a Flax NNX DeepSeekV3.
+
+    greedy: return argmax token ids (else fp32 logits). Caches of `cache_len` positions of kind `cache`."""
+
+    def __init__(self, model, batch: int, cache_len: int, greedy: bool, cache: str = "latent"):
+        self.model, self.greedy = model, greedy
+        self.main_cache = model.init_cache(batch, cache_len, kind=cache)
+        self.mtp_cache = model.mtp[0].block.attn.init_cache(batch, cache_len, cache)
+        self.hidden = None  # the main hidden after the final norm of the last main call [B,S,D]
+
+    def _main(self, tokens: list[list[int]], start_pos: int):
+        self.model._check_tokens(np.asarray(tokens), start_pos, cache_len=self.main_cache.max_len)
+        out, finite, self.hidden, self.main_cache = _main_step(
+            self.model, jnp.asarray(tokens, jnp.int32), self.main_cache, jnp.int32(start_pos), self.greedy)
+        return np.asarray(out), np.asarray(finite)
+
+    def prefill(self, tokens: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [B][P] at 0.. -> the main model's output at P - 1 (ids [B] or logits [B,V]), finite [B]."""
+        out, finite = self._main(tokens, 0)
+        return out[:, -1], finite
+
+    def verify(self, tokens: list[list[int]], start_pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [B][S] at start_pos.. -> the main model's outputs (ids [B,S] or logits [B,S,V]), finite [B]."""
+        return self._main(tokens, start_pos)
+
+    def draft(self, tokens: list[list[int]], start_pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """MTP depth 1 on (kept hidden[:, :n], embed(tokens [B][n])) at start_pos.. -> its output at the
+        last position (ids [B] or logits [B,V]), finite [B]."""
+        n = len(tokens[0])
+        out, finite, self.mtp_cache = _draft_step(self.model, self.hidden[:, :n], jnp.asarray(tokens, jnp.int32),
+                                                  self.mtp_cache, jnp.int32(start_pos), self.greedy)
+        return np.asarray(out), np.asarray(finite)
+
+
+def speculative_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                         top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+                         eos: Optional[int] = None, cache: str = "latent",
+                         on_token: Optional[Callable[[int, int], None]] = None, speculative: str = "mtp",
+                         stats: Optional[SpeculativeStats] = None) -> list[list[int]]:
+    """`generate` with the first MTP depth drafting one token per step; greedy, the same tokens as
+    `generate`, sampling, the same distribution. `stats` (a SpeculativeStats) is filled in place."""
+    check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size, top_k, top_p, seed, eos)
+    check_speculative(speculative, len(model.mtp))
+    cache_len = max(map(len, prompts)) + max_new_tokens
+    steps = SpeculativeSteps(model, len(prompts), cache_len, temperature == 0, cache)
+    return speculative_loop(prompts, max_new_tokens, eos, on_token, steps, cache_len, temperature, top_k, top_p,
+                            seed, stats)
