@@ -5,12 +5,12 @@ Shape legend: B batch, S tokens fed in one call, n positions fed to the MTP dept
 `SpeculativeSteps` holds the main latent cache, the MTP depth's own attention cache and the main hidden
 state of the last call; `dsv3.speculative.speculative_loop` drives it (draft, verify, accept, commit).
 The main call and the draft call are each one ``nnx.jit`` function with a traced position: they compile
-once per (batch, tokens per call, cache length, greedy or not), i.e. a handful of times per generation.
+once per (batch, tokens per call, cache length): four programs per generation when the shortest prompt
+has two tokens (main calls of 1 and 2 tokens, drafts on 1 and 2 positions), six otherwise.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -23,31 +23,29 @@ from dsv3.speculative import SpeculativeStats, check_speculative, speculative_lo
 from dsv3_jax.layers import dense
 
 
-def _out(logits, greedy: bool):
+def _out(logits):
+    """logits [B,...,V] -> (argmax ids int32, fp32 logits, finite [B]); the caller fetches the one it needs,
+    so greedy and sampling share one compiled program."""
     finite = jnp.all(jnp.isfinite(logits).reshape(logits.shape[0], -1), axis=-1)
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), finite
-    return logits.astype(jnp.float32), finite
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits.astype(jnp.float32), finite
 
 
-@partial(nnx.jit, static_argnames=("greedy",))
-def _main_step(model, tokens, cache, start_pos, greedy):
-    """tokens [B,S] at start_pos (traced) -> (out, finite, hidden [B,S,D], cache)."""
+@nnx.jit
+def _main_step(model, tokens, cache, start_pos):
+    """tokens [B,S] at start_pos (traced) -> (ids, logits, finite, hidden [B,S,D], cache)."""
     h, cache = model.hidden_cached(tokens, cache, start_pos)
-    out, finite = _out(dense(model.head, h), greedy)
-    return out, finite, h, cache
+    return (*_out(dense(model.head, h)), h, cache)
 
 
-@partial(nnx.jit, static_argnames=("greedy",))
-def _draft_step(model, hidden, tokens, mtp_cache, start_pos, greedy):
-    """MTP depth 1 on (hidden [B,n,D], embed(tokens [B,n])) at start_pos (traced) -> (out at the last
-    position, finite, mtp_cache)."""
+@nnx.jit
+def _draft_step(model, hidden, tokens, mtp_cache, start_pos):
+    """MTP depth 1 on (hidden [B,n,D], embed(tokens [B,n])) at start_pos (traced) -> (ids, logits, finite at
+    the last position, mtp_cache)."""
     mod = model.mtp[0]
     n = tokens.shape[1]
     cos, sin = model.rope(start_pos + jnp.arange(n), model.dtype)
     h, mtp_cache = mod.forward_cached(hidden, model.embed(tokens), cos, sin, start_pos, mtp_cache)
-    out, finite = _out(dense(model.head, mod.norm(h[:, -1])), greedy)
-    return out, finite, mtp_cache
+    return (*_out(dense(model.head, mod.norm(h[:, -1]))), mtp_cache)
 
 
 class SpeculativeSteps:
@@ -63,9 +61,9 @@ class SpeculativeSteps:
 
     def _main(self, tokens: list[list[int]], start_pos: int):
         self.model._check_tokens(np.asarray(tokens), start_pos, cache_len=self.main_cache.max_len)
-        out, finite, self.hidden, self.main_cache = _main_step(
-            self.model, jnp.asarray(tokens, jnp.int32), self.main_cache, jnp.int32(start_pos), self.greedy)
-        return np.asarray(out), np.asarray(finite)
+        ids, logits, finite, self.hidden, self.main_cache = _main_step(
+            self.model, jnp.asarray(tokens, jnp.int32), self.main_cache, jnp.int32(start_pos))
+        return np.asarray(ids if self.greedy else logits), np.asarray(finite)
 
     def prefill(self, tokens: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """tokens [B][P] at 0.. -> the main model's output at P - 1 (ids [B] or logits [B,V]), finite [B]."""
@@ -80,9 +78,10 @@ class SpeculativeSteps:
         """MTP depth 1 on (kept hidden[:, :n], embed(tokens [B][n])) at start_pos.. -> its output at the
         last position (ids [B] or logits [B,V]), finite [B]."""
         n = len(tokens[0])
-        out, finite, self.mtp_cache = _draft_step(self.model, self.hidden[:, :n], jnp.asarray(tokens, jnp.int32),
-                                                  self.mtp_cache, jnp.int32(start_pos), self.greedy)
-        return np.asarray(out), np.asarray(finite)
+        ids, logits, finite, self.mtp_cache = _draft_step(self.model, self.hidden[:, :n],
+                                                          jnp.asarray(tokens, jnp.int32), self.mtp_cache,
+                                                          jnp.int32(start_pos))
+        return np.asarray(ids if self.greedy else logits), np.asarray(finite)
 
 
 def speculative_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
