@@ -74,6 +74,9 @@ class SpeculativeSteps(Protocol):
         the last kept main hidden (at start_pos..) and the embeddings of `tokens` (at start_pos + 1..);
         its prediction for start_pos + n + 1.
     verify(tokens [B][S], start_pos) -> (out [B,S] | [B,S,V], finite [B]); keeps the hidden [B,S,D].
+    draft_verify(tokens, start_pos, pending [B], fixed [B], pos) -> (drafts [B], out [B,2], finite [B]), greedy
+        only: draft(tokens, start_pos), its argmax replaced by fixed[b] where fixed[b] >= 0 (a forced prompt
+        token), then verify([[pending[b], draft[b]]], pos); finite covers both calls.
     """
 
     def prefill(self, tokens: list[list[int]]) -> tuple[np.ndarray, np.ndarray]: ...
@@ -81,6 +84,9 @@ class SpeculativeSteps(Protocol):
     def draft(self, tokens: list[list[int]], start_pos: int) -> tuple[np.ndarray, np.ndarray]: ...
 
     def verify(self, tokens: list[list[int]], start_pos: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def draft_verify(self, tokens: list[list[int]], start_pos: int, pending: list[int], fixed: list[int],
+                     pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 def check_speculative(kind: str, num_mtp_depths: int) -> None:
@@ -181,13 +187,17 @@ def speculative_loop(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos:
             y = at(pos + 1, pick(out[:, 0]))
             mtp_tokens, mtp_start, x, pos = [[t] for t in y], pos, y, pos + 1
             continue
-        q_out, finite = steps.draft(mtp_tokens, mtp_start)
-        check_logits_finite(finite.tolist(), pos + 1)
         forced = [pos + 1 < lens[b] for b in range(B)]
-        q = None if greedy else filtered_probs(q_out, temperature, top_k, top_p)
-        drafts = pick(q_out) if greedy else [sample(q[b], rng) for b in range(B)]
-        d = [prompts[b][pos + 1] if forced[b] else drafts[b] for b in range(B)]
-        out, finite = steps.verify([[x[b], d[b]] for b in range(B)], pos)
+        if greedy:  # the draft never leaves the device: one call drafts and verifies
+            fixed = [prompts[b][pos + 1] if forced[b] else -1 for b in range(B)]
+            d_arr, out, finite = steps.draft_verify(mtp_tokens, mtp_start, x, fixed, pos)
+            d = [int(t) for t in d_arr]
+        else:
+            q_out, finite = steps.draft(mtp_tokens, mtp_start)
+            check_logits_finite(finite.tolist(), pos + 1)
+            q = filtered_probs(q_out, temperature, top_k, top_p)
+            d = [prompts[b][pos + 1] if forced[b] else sample(q[b], rng) for b in range(B)]
+            out, finite = steps.verify([[x[b], d[b]] for b in range(B)], pos)
         stats.verify_calls += 1
         check_logits_finite(finite.tolist(), pos + 1)
         accepted, y = [True] * B, list(d)  # y: the token at pos + 1 if the batch advances by one

@@ -4,13 +4,14 @@ Shape legend: B batch, S tokens fed in one call, n positions fed to the MTP dept
 
 `SpeculativeSteps` holds the main latent cache, the MTP depth's own attention cache and the main hidden
 state of the last call; `dsv3.speculative.speculative_loop` drives it (draft, verify, accept, commit).
-The main call and the draft call are each one ``nnx.jit`` function with a traced position: they compile
-once per (batch, tokens per call, cache length): four programs per generation when the shortest prompt
-has two tokens (main calls of 1 and 2 tokens, drafts on 1 and 2 positions), six otherwise.
+Greedy decoding drafts and verifies in one compiled program (the draft stays on the device); sampling,
+whose coin flips are drawn on the host, calls the draft and the verify programs in turn. Each ``nnx.jit``
+function takes traced positions and compiles once per (batch, tokens per call, cache length).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -48,6 +49,17 @@ def _draft_step(model, hidden, tokens, mtp_cache, start_pos):
     return (*_out(dense(model.head, mod.norm(h[:, -1]))), mtp_cache)
 
 
+@nnx.jit
+def _draft_verify_step(model, hidden, tokens, mtp_cache, start_pos, pending, fixed, cache, pos):
+    """Greedy draft and verify in one program: `_draft_step`'s argmax (or fixed [B] where >= 0), then
+    `_main_step` on [pending, draft] [B,2] at pos -> (drafts [B], ids [B,2], finite [B], hidden, cache,
+    mtp_cache)."""
+    q, _, q_finite, mtp_cache = _draft_step(model, hidden, tokens, mtp_cache, start_pos)
+    d = jnp.where(fixed >= 0, fixed, q)
+    ids, _, finite, hidden, cache = _main_step(model, jnp.stack([pending, d], axis=1), cache, pos)
+    return d, ids, finite & q_finite, hidden, cache, mtp_cache
+
+
 class SpeculativeSteps:
     """prefill / draft / verify of `dsv3.speculative.SpeculativeSteps` on a Flax NNX DeepSeekV3.
 
@@ -82,6 +94,18 @@ class SpeculativeSteps:
                                                           jnp.asarray(tokens, jnp.int32), self.mtp_cache,
                                                           jnp.int32(start_pos))
         return np.asarray(ids if self.greedy else logits), np.asarray(finite)
+
+    def draft_verify(self, tokens: list[list[int]], start_pos: int, pending: list[int], fixed: list[int],
+                     pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Greedy: draft at start_pos.. (its argmax, or fixed[b] where fixed[b] >= 0), then verify [pending, draft]
+        at pos, one compiled program -> (drafts [B], verified ids [B,2], finite [B] of both calls)."""
+        n = len(tokens[0])
+        self.model._check_tokens(np.asarray(tokens), start_pos, cache_len=self.main_cache.max_len)
+        i32 = partial(jnp.asarray, dtype=jnp.int32)
+        d, ids, finite, self.hidden, self.main_cache, self.mtp_cache = _draft_verify_step(
+            self.model, self.hidden[:, :n], i32(tokens), self.mtp_cache, jnp.int32(start_pos), i32(pending),
+            i32(fixed), self.main_cache, jnp.int32(pos))
+        return np.asarray(d), np.asarray(ids), np.asarray(finite)
 
 
 def speculative_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,

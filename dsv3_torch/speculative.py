@@ -61,6 +61,16 @@ class SpeculativeSteps:
         return self._out(m.head(mod.norm(h[:, -1])))
 
 
+    def draft_verify(self, tokens: list[list[int]], start_pos: int, pending: list[int], fixed: list[int],
+                     pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Greedy: draft at start_pos.. (its argmax, or fixed[b] where fixed[b] >= 0), then verify [pending, draft]
+        at pos -> (drafts [B], verified ids [B,2], finite [B] of both calls)."""
+        q, q_finite = self.draft(tokens, start_pos)
+        d = np.where(np.asarray(fixed) >= 0, np.asarray(fixed), q)
+        out, finite = self.verify([[x, int(t)] for x, t in zip(pending, d)], pos)
+        return d, out, finite & q_finite
+
+
 def speculative_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                          top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
                          eos: Optional[int] = None, cache: str = "latent",

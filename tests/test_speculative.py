@@ -55,7 +55,7 @@ def test_stats_and_argument_checks():
 
 def test_torch_and_jax_give_the_same_tokens_and_acceptance_counts():
     """One checkpoint in both frameworks: greedy speculative decoding gives the same tokens (plain greedy's)
-    and the same drafted / accepted / verify counts; seeded sampling the same samples."""
+    and the same drafted / accepted / verify counts."""
     import torch
     from flax import nnx
 
@@ -77,5 +77,3 @@ def test_torch_and_jax_give_the_same_tokens_and_acceptance_counts():
     out = torch_spec(tm, prompts, 12, stats=ts)
     assert jax_spec(jm, prompts, 12, stats=js) == out == dsv3_torch.generate(tm, prompts, 12)
     assert ts == js and 0 < ts.accepted < ts.drafted
-    kw = dict(temperature=1.0, top_k=20, top_p=0.9, seed=3)
-    assert torch_spec(tm, prompts, 12, **kw) == jax_spec(jm, prompts, 12, **kw)
