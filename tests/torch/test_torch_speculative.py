@@ -124,3 +124,22 @@ def test_sampling_matches_the_main_models_distribution():
     exp = np.append(exact[keep], exact[~keep].sum()) * N
     obs, exp = obs[exp > 0], exp[exp > 0]
     assert sps.chisquare(obs, exp).pvalue > 1e-4
+
+
+def test_bad_arguments_and_non_finite_logits_raise(model):
+    from dsv3.generation import NonFiniteLogits
+
+    with pytest.raises(ValueError, match="speculative: must be one of"):
+        speculative_generate(model, PROMPTS, 3, speculative="medusa")
+    with pytest.raises(ValueError, match="top_k"):
+        speculative_generate(model, PROMPTS, 3, temperature=1.0, top_k=0)
+    no_mtp = dsv3_torch.DeepSeekV3(dataclasses.replace(model.cfg, num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="needs a model with an MTP module"):
+        speculative_generate(no_mtp, PROMPTS, 3)
+    assert speculative_generate(model, PROMPTS, 0) == [[], [], []]
+    broken = drafting_model()
+    with torch.no_grad():
+        broken.mtp[0].norm.weight.fill_(float("nan"))  # the draft's logits only: the main model is fine
+    for temperature in (0.0, 1.0):
+        with pytest.raises(NonFiniteLogits):
+            speculative_generate(broken, PROMPTS, 3, temperature=temperature)
