@@ -40,6 +40,18 @@ class MTPModule(nnx.Module):
                  mask: jax.Array | None = None, valid: jax.Array | None = None):
         """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (embed of t_{i+k}), cos/sin [T,R/2] (or [B,T,R/2])
         -> (h^k [B,T,D] before norm, MoEOutput). mask, valid: padding, as in Block."""
-        x = dense(self.eh_proj, jnp.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
-        h, stats, _ = self.block(x, cos, sin, mask=mask, valid=valid)
+        h, stats, _ = self.block(self._input(h_prev, emb), cos, sin, mask=mask, valid=valid)
         return h, stats
+
+    def _input(self, h_prev, emb):
+        return dense(self.eh_proj, jnp.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
+
+    def forward_cached(self, h_prev: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array, start_pos,
+                       cache: dict):
+        """`__call__` on S new positions start_pos.. with the block's attention cache (one layer of
+        ``block.attn.init_cache``; the updated copy is returned): h_prev, emb [B,S,D] ->
+        (h^k before norm [B,S,D], cache). start_pos may be traced.
+
+        The draft step of speculative decoding; the same inputs and order as in training."""
+        h, _, cache = self.block(self._input(h_prev, emb), cos, sin, start_pos, cache)
+        return h, cache

@@ -37,12 +37,23 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, moe=True, dtype=dtype, device=device)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
 
+    def _input(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: Optional[torch.Tensor] = None,
                 valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEOutput]:
         """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (embed of t_{i+k}) -> (h^k before norm, MoEOutput).
 
         mask, valid: padding, as in Block (None: causal, every token counts)."""
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        h, stats, _ = self.block(x, cos, sin, mask=mask, valid=valid)
+        h, stats, _ = self.block(self._input(h_prev, emb), cos, sin, mask=mask, valid=valid)
         return h, stats
+
+    def forward_cached(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       start_pos: int, cache: dict) -> tuple[torch.Tensor, dict]:
+        """`forward` on S new positions start_pos.. with the block's attention cache (one layer of
+        ``block.attn.init_cache``, filled in place): h_prev, emb [B,S,D] -> (h^k before norm [B,S,D], cache).
+
+        The draft step of speculative decoding; the same inputs and order as in training."""
+        h, _, cache = self.block(self._input(h_prev, emb), cos, sin, start_pos, cache)
+        return h, cache

@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 
-MODULES = ["norm", "rope", "layers", "mla", "moe", "block", "mtp", "model", "generate", "train"]
+MODULES = ["norm", "rope", "layers", "mla", "moe", "block", "mtp", "model", "generate", "train", "speculative"]
 
 # Public module-level names one framework has and the other has not: (module, framework) -> {name: reason}.
 ONLY_IN = {

@@ -1,0 +1,135 @@
+"""dsv3_jax speculative decoding with the MTP depth as the draft (dsv3_jax.speculative, dsv3.speculative)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats as sps
+
+from dsv3.config import ModelConfig
+from dsv3.speculative import SpeculativeStats, filtered_probs
+from dsv3_jax import DeepSeekV3, generate
+from dsv3_jax.speculative import SpeculativeSteps, speculative_generate
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+
+
+def drafting_model(cfg=None) -> DeepSeekV3:
+    """A random tiny model whose MTP depth agrees with the main model part of the time: eh_proj gets the
+    identity on its embedding half (with random-init blocks, the main model's next token is mostly a
+    function of the current token, so a draft from embed(t+1) often matches)."""
+    cfg = cfg or ModelConfig.preset("tiny")
+    m = DeepSeekV3(cfg, nnx.Rngs(0))
+    D = cfg.hidden_size
+    k = m.mtp[0].eh_proj.kernel
+    k[...] = k[...].at[:D].add(jnp.eye(D, dtype=k[...].dtype))  # kernel [2D, D]: rows 0..D-1 act on the embedding
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return drafting_model()
+
+
+def _timed(model, prompts, n, **kw):
+    """speculative_generate, also returning per row the verify call each token was committed in."""
+    st = SpeculativeStats()
+    when = [[] for _ in prompts]
+    out = speculative_generate(model, prompts, n, stats=st, on_token=lambda b, t: when[b].append(st.verify_calls),
+                               **kw)
+    return out, when, st
+
+
+@pytest.fixture(scope="module")
+def ref(model):
+    return generate(model, PROMPTS, 12)
+
+
+@pytest.fixture(scope="module")
+def timed(model):
+    return _timed(model, PROMPTS, 12)
+
+
+# Every call below keeps batch 3 and cache length 20 (PROMPTS, 12 new tokens) where it can: each other shape
+# compiles the draft and verify programs again.
+
+
+def test_greedy_equals_plain_greedy(ref, timed):
+    out, when, st = timed
+    assert out == ref
+    assert 0 < st.accepted < st.drafted  # both paths taken
+    assert st.verify_calls < max(map(len, PROMPTS)) + 12 - min(map(len, PROMPTS)) - 1  # decode_loop's calls
+    assert st.tokens == sum(map(len, ref))
+
+
+def test_draft_equals_the_training_mtp_forward(model):
+    """The cached draft at positions 1, 3, 4 (after a prefill of 2, a verify of 2, then of 2 of which only
+    the first is kept) is the MTP logits of the full forward as compute_loss computes them: hidden after the
+    final norm, embed(t_{i+1}) first."""
+    x = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (3, 7))
+
+    @nnx.jit
+    def full(m, x):
+        h, _ = m.hidden(x)
+        cos, sin = m.rope(jnp.arange(x.shape[1]), m.dtype)
+        hk, _ = m.mtp[0](h, m.embed(jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], 1)), cos, sin)
+        return m.head(m.mtp[0].norm(hk))
+
+    want = np.asarray(full(model, jnp.asarray(x, jnp.int32)))
+    steps = SpeculativeSteps(model, 3, 20, greedy=False)
+    t = x.tolist()
+    steps.prefill([r[:2] for r in t])
+    got = {1: steps.draft([r[1:3] for r in t], 0)[0]}
+    steps.verify([r[2:4] for r in t], 2)
+    got[3] = steps.draft([r[3:5] for r in t], 2)[0]
+    steps.verify([r[4:6] for r in t], 4)  # as after a rejection: only position 4 is kept
+    got[4] = steps.draft([r[5:6] for r in t], 4)[0]
+    for i, g in got.items():
+        np.testing.assert_allclose(g, want[:, i], rtol=0, atol=1e-5)
+
+
+def test_eos_and_max_new_tokens_cut_mid_acceptance(model, ref, timed):
+    """Cuts on an accepted draft whose bonus token (committed in the same verify call) is dropped: the result
+    is plain greedy's, cut. Every EOS of row 0, and one budget (a budget compiles its own cache length)."""
+    _, when, _ = timed
+    budgets = [n for n in range(1, 12) if any(w[n - 1] == w[n] for w in when)]
+    assert budgets
+    n = budgets[0]
+    assert speculative_generate(model, PROMPTS, n) == [r[:n] for r in ref]
+    row, mid = ref[0], 0
+    for i, eos in enumerate(row):
+        if eos in row[:i]:
+            continue
+        want = [r[:r.index(eos) + 1] if eos in r else r for r in ref]
+        assert speculative_generate(model, PROMPTS, 12, eos=eos) == want
+        mid += i + 1 < len(row) and when[0][i] == when[0][i + 1]
+    assert mid > 0
+
+
+def test_sampling_matches_the_main_models_distribution():
+    """Vocabulary 8, 6000 rows of one prompt, two new tokens: the first from the prefill, the second from the
+    draft/verify rule. The empirical joint of the pair against the main model's exact p(t1) p(t2 | t1)
+    (temperature 0.8, top-k 6: cells outside the filter must stay empty). Chi-square at a 1e-4 false-failure
+    rate (fixed seed, so the result is deterministic)."""
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=8)
+    m = DeepSeekV3(cfg, nnx.Rngs(0))  # a random draft: q far from p
+    m.head.kernel[...] = m.head.kernel[...] * 5  # distributions far from uniform
+    prompt, kw = [3, 1], dict(temperature=0.8, top_k=6, top_p=None)
+    p1 = filtered_probs(np.asarray(m(jnp.asarray([prompt])))[0, -1], **kw)
+    p2 = filtered_probs(np.asarray(m(jnp.asarray([prompt + [t] for t in range(8)])))[:, -1], **kw)
+    exact = (p1[:, None] * p2).ravel()
+    N = 6000
+    st = SpeculativeStats()
+    out = speculative_generate(m, [prompt] * N, 2, seed=1, stats=st, **kw)
+    assert 0.2 < st.acceptance_rate < 0.95  # both accept and resample paths are exercised
+    counts = np.bincount([a * 8 + b for a, b in out], minlength=64)
+    assert counts[exact == 0].sum() == 0
+    keep = exact * N >= 5
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(exact[keep], exact[~keep].sum()) * N
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    assert sps.chisquare(obs, exp).pvalue > 1e-4
