@@ -1,4 +1,4 @@
-"""Expert parallelism behind the MoE's dispatch seam: ``ExpertParallelDispatcher`` (Paper §3.2; REFERENCE §11).
+"""Expert parallelism behind the MoE's dispatch seam: ``ExpertParallelDispatcher`` (Paper §3.2; docs/reference.md §11).
 
 Replaces ``dsv3_jax.moe.LocalDispatcher`` on a mesh whose ``expert`` axis has S > 1 shards; the
 router, the experts' maths (the grouped SwiGLU of ``dsv3_jax.moe``) and the model code are unchanged.

@@ -50,7 +50,7 @@ def linear(d_in: int, d_out: int, cfg: ModelConfig, dtype, rngs: nnx.Rngs) -> nn
 
 def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     """layer(x) for x [..., d_in] as ONE 2-D matmul on [prod(...), d_in]: XLA:CPU runs the backward of a
-    matmul on a 3-D [B, T, D] activation much slower than on the same rows flattened."""
+    matmul on a 3-D [B, T, D] activation slower than on the same rows flattened (docs/bench/README.md)."""
     return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 

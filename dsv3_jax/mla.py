@@ -1,10 +1,10 @@
-"""Multi-head latent attention, MLA (Paper §2.1.1; REFERENCE §2), Flax NNX port of dsv3_torch/mla.py.
+"""Multi-head latent attention, MLA (Paper §2.1.1; docs/reference.md §2), Flax NNX port of dsv3_torch/mla.py.
 
 Three paths share one set of weights:
 - ``__call__(x, cos, sin)``: the naive training / prefill path (expanded K and V, causal).
 - ``__call__(..., cache=naive)``: decoding on a cache of expanded K [B,L,H,N+R] and V [B,L,H,V].
 - ``__call__(..., cache=latent)``: decoding on MLA's compressed cache, normalised c_kv [B,L,C]
-  and rotated k_pe [B,L,R], with the up-projections absorbed into q and o (REFERENCE §2.1).
+  and rotated k_pe [B,L,R], with the up-projections absorbed into q and o (docs/reference.md §2.1).
 
 Numerics follow Hugging Face eager attention: scores = q.k in the model dtype, then times
 cfg.softmax_scale (YaRN mscale^2 included) in the model dtype, masked, softmax in fp32, cast,
@@ -165,7 +165,7 @@ class MLA(nnx.Module):
         raise ValueError(f"cache kind must be 'latent' or 'naive', got {kind!r}")
 
     def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Weight-absorbed attention on the latent cache (REFERENCE §2.1) -> o [B,S,H*V].
+        """Weight-absorbed attention on the latent cache (docs/reference.md §2.1) -> o [B,S,H*V].
 
         q_nope [B,S,H,N], q_pe [B,S,H,R], c_kv [B,T,C], k_pe [B,T,R], mask [S,T] or [B,1,S,T] (True = visible).
         """

@@ -1,4 +1,4 @@
-"""DeepSeek-V3 decoder and its training loss (Paper §2, §2.2, §2.1.2; REFERENCE §5, §6, §8), Flax NNX.
+"""DeepSeek-V3 decoder and its training loss (Paper §2, §2.2, §2.1.2; docs/reference.md §5, §6, §8), Flax NNX.
 
 Mirror of dsv3_torch/model.py: the same module tree and attribute names (docs/API.md)
 
@@ -9,7 +9,7 @@ stacking). Linear kernels are Flax [in, out]; ``canonical_state`` / ``load_canon
 convert to and from the torch-layout canonical flat dict with transposes only.
 
 fp32 parity on GPU/TPU needs ``jax.config.update("jax_default_matmul_precision", "highest")``
-(REFERENCE §9.2.7); tests/jax and parity/ set it, the model leaves the global setting to the user.
+(docs/reference.md §9.2.7); tests/jax and parity/ set it, the model leaves the global setting to the user.
 
 Shape legend: B batch, T time, D model width, V vocab, E routed experts, L router layers.
 """
@@ -85,7 +85,7 @@ class DeepSeekV3(nnx.Module):
     """DeepSeek-V3 (MLA + DeepSeekMoE + MTP). ``model(tokens [B,T] int) -> logits [B,T,V]`` (model dtype).
 
     moe_impl: "auto" | "blocksparse" | "ragged" (grouped expert matmul, see moe.py);
-    combine: "grouped" | "eager" (routed-output accumulation, REFERENCE §4.5).
+    combine: "grouped" | "eager" (routed-output accumulation, docs/reference.md §4.5).
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None, dtype=jnp.float32, *,
@@ -106,10 +106,10 @@ class DeepSeekV3(nnx.Module):
 
     @classmethod
     def abstract(cls, cfg: ModelConfig, dtype=jnp.float32, **kwargs) -> "DeepSeekV3":
-        """The model with ShapeDtypeStruct leaves, allocating nothing (nnx.eval_shape, REFERENCE §10).
+        """The model with ShapeDtypeStruct leaves, allocating nothing (nnx.eval_shape, docs/reference.md §10).
 
         Each block is traced on its own: one trace of the whole model grows quadratically with
-        depth in flax 0.12 (every Rngs update searches the jaxpr), 20+ s for v3-671b.
+        depth in flax 0.12 (every Rngs update searches the jaxpr; figures in docs/bench/README.md).
         """
         model = nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0), dtype, _blocks=False, **kwargs))
         kw = dict(dtype=dtype, **kwargs)
@@ -203,7 +203,7 @@ class DeepSeekV3(nnx.Module):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, input_ids, labels, attention_mask=None) -> LossOutput:
-        """Main CE + (lambda/D) sum_k MTP CE_k + alpha sum_routers L_Bal (REFERENCE §6, §8.2).
+        """Main CE + (lambda/D) sum_k MTP CE_k + alpha sum_routers L_Bal (docs/reference.md §6, §8.2).
 
         labels[b, i] is the target of position i (-100 ignored). Depth k embeds roll(input_ids, -k)
         (tail 0) and predicts roll(labels, -k) with the last k masked. Nothing changes the bias.
@@ -220,7 +220,7 @@ class DeepSeekV3(nnx.Module):
         if valid is not None:
             labels = jnp.where(valid, labels, IGNORE_INDEX)
         h, stats, (cos, sin), _ = self._trunk(input_ids, positions=positions, mask=mask, valid=valid)
-        h = self.norm(h)  # h^0: the main hidden after the final norm (REFERENCE §6)
+        h = self.norm(h)  # h^0: the main hidden after the final norm (docs/reference.md §6)
         main = cross_entropy(dense(self.head, h), labels)
         mtp_losses = []
         for k, module in enumerate(self.mtp, start=1):
@@ -261,7 +261,7 @@ class DeepSeekV3(nnx.Module):
             moe.dispatcher.scheme = scheme
 
     def update_router_bias(self, counts, gamma=None) -> None:
-        """b += gamma * sign(mean(c) - c) for every router (REFERENCE §8.1). counts [n_router_layers, E].
+        """b += gamma * sign(mean(c) - c) for every router (docs/reference.md §8.1). counts [n_router_layers, E].
 
         In place; works inside nnx.jit. gamma defaults to cfg.bias_update_speed."""
         gamma = self.cfg.bias_update_speed if gamma is None else gamma
@@ -351,7 +351,7 @@ class DeepSeekV3(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, dtype=jnp.float32, **kwargs) -> "DeepSeekV3":
-        """Load a HF-layout checkpoint: build abstractly (nnx.eval_shape), then fill (REFERENCE §10)."""
+        """Load a HF-layout checkpoint: build abstractly (nnx.eval_shape), then fill (docs/reference.md §10)."""
         cfg, state = checkpoint.load_canonical(os.fspath(directory))
         model = cls.abstract(cfg, dtype, **kwargs)
         model.load_canonical_state(state)

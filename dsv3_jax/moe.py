@@ -1,4 +1,4 @@
-"""DeepSeekMoE with auxiliary-loss-free balancing (Paper §2.1.2; REFERENCE §4, §8), Flax NNX port.
+"""DeepSeekMoE with auxiliary-loss-free balancing (Paper §2.1.2; docs/reference.md §4, §8), Flax NNX port.
 
 Four named steps, MoE.route -> dispatch -> compute -> combine; dispatch and combine sit behind one
 dispatcher object (``LocalDispatcher``, single device), so an expert-parallel dispatcher can
@@ -14,11 +14,11 @@ replace it without touching the router or the experts' maths:
                 matmul over at most ceil(N*K/bm) + E blocks, each block with its expert's weights
                 gathered (fast on CPU: cost ~ routed FLOPs);
             "ragged": ``jax.lax.ragged_dot`` (grouped GEMM on GPU/TPU; on CPU it lowers to a
-                masked all-experts matmul, ~20x the routed FLOPs, REFERENCE §11).
+                masked all-experts matmul, E/K times the routed FLOPs, docs/reference.md §11).
             "auto" picks blocksparse on CPU and ragged elsewhere.
   combine   LocalDispatcher.combine, scheme "grouped" (default): out * w in fp32, summed over the K slots in slot order, one cast;
             "eager": (out * w) cast to the model dtype per slot and summed in the model dtype in
-            ascending expert id (HF experts_implementation="eager", REFERENCE §4.5). Equal in fp32.
+            ascending expert id (HF experts_implementation="eager", docs/reference.md §4.5). Equal in fp32.
 
 The router bias is a ``RouterBias`` variable (not an ``nnx.Param``): gradients, optimizers and
 weight decay never touch it; only ``DeepSeekV3.update_router_bias`` changes it.
@@ -68,7 +68,7 @@ class MLP(nnx.Module):
 
 
 class Router(nnx.Module):
-    """Group-limited top-K sigmoid router, all in fp32 (REFERENCE §4.1, §4.2). weight [E, D] (torch layout)."""
+    """Group-limited top-K sigmoid router, all in fp32 (docs/reference.md §4.1, §4.2). weight [E, D] (torch layout)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -137,7 +137,7 @@ def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int, rows=None):
 
     The padded-row -> source-row map is built by scatters, so XLA:CPU materialises it once:
     composed index arithmetic would be fused into the [nb*bm, D] gather and recomputed for every
-    element (measured: the MoE layer forward 1.2-1.4x slower)."""
+    element (figures: docs/bench/README.md, "Measured choices in the code")."""
     M = xs.shape[0] if rows is None else rows.shape[0]
     D = xs.shape[1]
     bexp, pos = _block_layout(sizes, M, bm)
@@ -250,7 +250,7 @@ class LocalDispatcher(nnx.Module):
 
 
 def sequence_balance_loss(s: jax.Array, K: int, valid: jax.Array | None = None) -> jax.Array:
-    """Sequence-wise balance loss sum_i f_i P_i averaged over sequences (Paper eqs. 17-20; REFERENCE §8.2).
+    """Sequence-wise balance loss sum_i f_i P_i averaged over sequences (Paper eqs. 17-20; docs/reference.md §8.2).
 
     s [B, T, E] unbiased fp32 scores. f_i counts the top-K of s (no bias, no group limit) and has no
     gradient; P_i, the mean normalised score, is the only gradient path. Multiply by alpha outside.

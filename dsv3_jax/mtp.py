@@ -1,4 +1,4 @@
-"""Multi-token prediction module (Paper §2.2; REFERENCE §6), Flax NNX port of dsv3_torch/mtp.py.
+"""Multi-token prediction module (Paper §2.2; docs/reference.md §6), Flax NNX port of dsv3_torch/mtp.py.
 
 Depth k predicts t_{i+k+1} from the previous depth's hidden h^{k-1}_i (depth 1: the main
 model's hidden AFTER model.norm) and the embedding of t_{i+k}:

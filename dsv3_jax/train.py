@@ -1,6 +1,6 @@
 """JAX / optax training backend for `dsv3 train --framework jax` (driver: dsv3.training).
 
-One optimizer step is ONE `nnx.jit`-compiled call (REFERENCE §8, §10):
+One optimizer step is ONE `nnx.jit`-compiled call (docs/reference.md §8, §10):
 
     grads, counts = sum over micro-batches (jax.lax.scan) of grad(compute_loss), counts
     grads /= k                                      # the mean over the step's sequences

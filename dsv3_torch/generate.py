@@ -1,4 +1,4 @@
-"""Autoregressive generation on the MLA cache (REFERENCE §2.1 decoding; docs/API.md).
+"""Autoregressive generation on the MLA cache (docs/reference.md §2.1 decoding; docs/API.md).
 
 Shape legend: B batch (prompts), S tokens fed in one call, V vocab.
 

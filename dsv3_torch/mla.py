@@ -1,4 +1,4 @@
-"""Multi-head latent attention, MLA (DeepSeek-V3 Paper §2.1.1; REFERENCE §2, §2.1).
+"""Multi-head latent attention, MLA (DeepSeek-V3 Paper §2.1.1; docs/reference.md §2, §2.1).
 
 Shape legend: B batch, S query length, T key length (cache), D model width,
 H heads, C kv latent (kv_lora_rank), R rope head dim, N nope head dim
@@ -7,11 +7,11 @@ H heads, C kv latent (kv_lora_rank), R rope head dim, N nope head dim
 Three ways to attend, all the same function of the weights:
 
 * training / full forward (``cache=None``): keys and values expanded per
-  head, K = [k_nope ; k_pe] [B,H,T,N+R], V [B,H,T,V] (REFERENCE §2 "Forward");
+  head, K = [k_nope ; k_pe] [B,H,T,N+R], V [B,H,T,V] (docs/reference.md §2 "Forward");
 * decode on a ``naive`` cache: the same expanded K/V, kept per token;
 * decode on a ``latent`` cache: only the normalised c_kv [B,T,C] and the
   rotated k_pe [B,T,R] are kept and the up-projection wkv_b is absorbed into
-  the query and the output (REFERENCE §2.1):
+  the query and the output (docs/reference.md §2.1):
       q_lat = q_nope W_UK;   score = (q_lat.c_kv + q_pe.k_pe) * scale
       o     = W_UV (sum_t p_t c_kv_t)
 
@@ -19,7 +19,7 @@ Tensor layout: q/k/v are [B,H,S,*] here (the layout torch's SDPA takes), [B,S,H,
 dsv3_jax. Masks are bool, True = visible (the Hugging Face attention_mask convention): [S,T]
 (causal, shared by the batch) or [B,1,S,T] (per row, ``visible_mask``: causal and padding).
 
-Pinned numerics (REFERENCE §9.2.3): scores = q.k^T in the model dtype, THEN
+Pinned numerics (docs/reference.md §9.2.3): scores = q.k^T in the model dtype, THEN
 multiplied by the scale (not folded into q); masked with -inf from absolute
 positions; softmax in fp32 and cast back before p.v. The softmax scale is
 ``cfg.softmax_scale`` = (N+R)^-0.5 * mscale^2 under YaRN.
@@ -142,9 +142,8 @@ class MLA(nn.Module):
         torch's CPU flash kernel needs equal q/k and v head dims (192 vs 128 in
         V3), else SDPA falls back to its unfused math path: the smaller side is
         zero-padded (zero value columns give zero output columns, cut off;
-        zero q/k columns add exact zeros to q.k). Measured on the peer-small
-        shape (B 8, H 8, S 256, head dims 48/32, CPU fp32, fwd+bwd, 1 thread):
-        padded flash 0.61x, unpadded (math) 0.76x the explicit path's time.
+        zero q/k columns add exact zeros to q.k). Padded flash beats both the
+        explicit path and the unpadded math path (figures: docs/bench/README.md, "Measured choices in the code").
         """
         dq, dv = q.shape[-1], v.shape[-1]
         if dv < dq:
@@ -160,7 +159,7 @@ class MLA(nn.Module):
         return o.transpose(1, 2).reshape(B, S, H * V)
 
     def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Weight-absorbed attention on latents (REFERENCE §2.1) -> o [B,S,H*V].
+        """Weight-absorbed attention on latents (docs/reference.md §2.1) -> o [B,S,H*V].
 
         q_nope [B,H,S,N], q_pe [B,H,S,R], c_kv [B,T,C], k_pe [B,T,R], mask [S,T] or [B,1,S,T] (True = visible).
         """

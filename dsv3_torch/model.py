@@ -1,4 +1,4 @@
-"""The DeepSeek-V3 model (Paper §2; REFERENCE §5 model, §6 MTP loss, §8 training rules).
+"""The DeepSeek-V3 model (Paper §2; docs/reference.md §5 model, §6 MTP loss, §8 training rules).
 
 Shape legend: B batch, T time, S new tokens in a cached call, D model width,
 H heads, C kv latent, R rope dim, E routed experts, K experts per token,
@@ -12,7 +12,7 @@ F ffn width, V vocab.
 ``dsv3.names.canonical_shapes``; the interchange with other frameworks
 and with disk is the flat ``{name: np.ndarray}`` of ``canonical_state()``.
 
-Training rules kept outside ``forward`` (REFERENCE §8.1): the forward reports
+Training rules kept outside ``forward`` (docs/reference.md §8.1): the forward reports
 per-router expert counts; ``update_router_bias`` is the only code that ever
 changes a router bias, called once per optimizer step by the training loop.
 """
@@ -218,7 +218,7 @@ class DeepSeekV3(nn.Module):
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
                      attention_mask: Optional[torch.Tensor] = None) -> LossOutput:
-        """L = main CE + (lambda/D) sum_k L^k + alpha sum_routers L_Bal (REFERENCE §6, §8.2).
+        """L = main CE + (lambda/D) sum_k L^k + alpha sum_routers L_Bal (docs/reference.md §6, §8.2).
 
         labels[b, i] is the target of position i (-100 ignored); depth k scores
         position i against labels[b, i + k], the last k positions masked.
@@ -234,7 +234,7 @@ class DeepSeekV3(nn.Module):
         if valid is not None:
             labels = labels.masked_fill(~valid, IGNORE_INDEX)
         h, moe = self._trunk(input_ids, cos, sin, mask=mask, valid=valid)
-        h = self.norm(h)  # h^0: the main hidden after the final norm (REFERENCE §6)
+        h = self.norm(h)  # h^0: the main hidden after the final norm (docs/reference.md §6)
         main = cross_entropy(self.head(h), labels)
         mtp_losses = []
         for k, mod in enumerate(self.mtp, start=1):
@@ -260,7 +260,7 @@ class DeepSeekV3(nn.Module):
 
     @torch.no_grad()
     def update_router_bias(self, counts: torch.Tensor, gamma: Optional[float] = None) -> None:
-        """b += gamma * sign(mean(c) - c) for every router (REFERENCE §8.1); counts [n_router_layers, E]."""
+        """b += gamma * sign(mean(c) - c) for every router (docs/reference.md §8.1); counts [n_router_layers, E]."""
         routers = self.routers()
         counts = torch.as_tensor(counts)
         if tuple(counts.shape) != (len(routers), self.cfg.n_routed_experts):

@@ -1,4 +1,4 @@
-"""DeepSeekMoE with auxiliary-loss-free balancing (Paper §2.1.2, §2.2; REFERENCE §4, §8.2).
+"""DeepSeekMoE with auxiliary-loss-free balancing (Paper §2.1.2, §2.2; docs/reference.md §4, §8.2).
 
 Shape legend: B batch, T time, N = B*T tokens, D model width, E routed experts,
 K experts per token, G expert groups, F expert width, M = N*K (token, slot) rows.
@@ -17,7 +17,7 @@ touching the router or the experts' maths:
 3. compute  (Experts): per-expert SwiGLU on its contiguous rows -> y_sorted;
 4. combine  (LocalDispatcher.combine): the weighted sum over the K slots.
 
-Pinned numerics (REFERENCE §4.2, §4.5, §9.2):
+Pinned numerics (docs/reference.md §4.2, §4.5, §9.2):
 * router in fp32 throughout (weight and bias are fp32 even in a bf16 model);
 * the K selected indices are SORTED, so every fp32 sum over slots (the weight
   normalisation, the combine) runs in a fixed order;
@@ -61,7 +61,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         self.cfg = cfg
-        # fp32 whatever the model dtype (REFERENCE §4.2).
+        # fp32 whatever the model dtype (docs/reference.md §4.2).
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32, device=device))
         # Correction bias b: selection only, no gradient, outside the optimizer
         # (a persistent buffer); changed only by DeepSeekV3.update_router_bias.
@@ -85,7 +85,7 @@ class Router(nn.Module):
         group_score = biased.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)  # [N, G]
         top_groups = group_score.topk(self.cfg.topk_group, dim=-1).indices
         keep = torch.zeros(N, G, dtype=torch.bool, device=scores.device).scatter_(1, top_groups, True)
-        # -inf, not 0: a bias trained from zero can go negative (REFERENCE §4.1).
+        # -inf, not 0: a bias trained from zero can go negative (docs/reference.md §4.1).
         biased = biased.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
         idx = biased.topk(self.cfg.num_experts_per_tok, dim=-1).indices
         return idx.sort(dim=-1).values  # fixed slot order for deterministic fp32 sums
@@ -182,14 +182,10 @@ class Experts(nn.Module):
     """E SwiGLU experts stacked: w1, w3 [E, F, D], w2 [E, D, F].
 
     forward runs each expert only on its own contiguous rows: a loop of
-    per-expert matmuls over split() slices. Candidates measured on this
-    project's CPU (torch 2.13, fp32, 1 thread, 8192 rows, 16 experts,
-    256 -> 128 -> 256, time relative to ONE dense matmul chain over all rows):
-      split/unbind loop (kept)     fwd 0.82x   fwd+bwd 1.03x
-      slice/index loop             fwd 1.03x   fwd+bwd 1.45x  (E full-size zero grads)
-      block-padded bmm (64 rows)   fwd 1.73x   fwd+bwd 1.69x  (gathers weights per block)
-      torch._grouped_mm            fwd only: its CPU backward raises for fp32 in 2.13
-    All agree exactly with the loop in fp32 and bf16.
+    per-expert matmuls over split() slices. It was measured against a
+    slice/index loop, a block-padded bmm and ``torch._grouped_mm`` (whose CPU
+    fp32 backward raises in torch 2.13); all agree exactly with the loop in
+    fp32 and bf16 (figures: docs/bench/README.md, "Measured choices in the code").
     """
 
     def __init__(self, cfg: ModelConfig, dtype=torch.float32, device=None):

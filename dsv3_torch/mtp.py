@@ -1,4 +1,4 @@
-"""Multi-token prediction module (Paper §2.2 and §2.3; REFERENCE §6).
+"""Multi-token prediction module (Paper §2.2 and §2.3; docs/reference.md §6).
 
 Shape legend: B batch, T time, D model width.
 
