@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,7 +174,9 @@ class DeepSeekV3(nnx.Module):
     def logits(self, tokens, attention_mask=None):
         """Traceable forward without input checks: tokens [B,T] -> logits [B,T,V]."""
         h, _ = self.hidden(tokens, attention_mask)
-        return dense(self.head, h)
+        logits = dense(self.head, h)
+        chex.assert_shape(logits, (*jnp.shape(tokens), self.cfg.vocab_size))
+        return logits
 
     def _check_mask(self, attention_mask, tokens) -> None:
         if attention_mask is not None and tuple(jnp.shape(attention_mask)) != tuple(jnp.shape(tokens)):
@@ -192,8 +195,10 @@ class DeepSeekV3(nnx.Module):
         """tokens [B, T] -> (hidden AFTER the final norm [B, T, D], MoEOutput per main MoE layer); bias untouched.
 
         With an attention_mask the MoEOutputs' counts cover the real tokens only."""
+        chex.assert_rank(tokens, 2)
         positions, mask, valid = self._inputs(tokens, attention_mask)
         h, stats, _, _ = self._trunk(tokens, positions=positions, mask=mask, valid=valid)
+        chex.assert_shape(h, (*jnp.shape(tokens), self.cfg.hidden_size))
         return self.norm(h), stats
 
     def _stack_counts(self, stats):
@@ -215,6 +220,8 @@ class DeepSeekV3(nnx.Module):
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids).astype(jnp.int32)
         labels = jnp.asarray(labels).astype(jnp.int32)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         positions, mask, valid = self._inputs(input_ids, attention_mask)
         if valid is not None:
@@ -240,8 +247,12 @@ class DeepSeekV3(nnx.Module):
         bal = sum((sequence_balance_loss(o.scores, K, valid) for o in stats), jnp.float32(0.0)) * jnp.float32(
             cfg.balance_loss_alpha)
         loss = main + mtp_loss + bal
+        counts = self._stack_counts(stats)
+        chex.assert_rank([loss, main, mtp_loss, bal], 0)
+        chex.assert_shape(mtp_losses, (n_mtp,))
+        chex.assert_shape(counts, (cfg.n_router_layers, cfg.n_routed_experts))
         return LossOutput(loss=loss, main_loss=main, mtp_losses=mtp_losses, mtp_loss=mtp_loss,
-                          balance_loss=bal, counts=self._stack_counts(stats))
+                          balance_loss=bal, counts=counts)
 
     # ----------------------------------------------------------- router bias
     def routers(self) -> list[Router]:
@@ -310,7 +321,9 @@ class DeepSeekV3(nnx.Module):
 
         attention_mask: as in hidden_cached."""
         h, cache = self.hidden_cached(tokens, cache, start_pos, attention_mask)
-        return dense(self.head, h), cache
+        logits = dense(self.head, h)
+        chex.assert_shape(logits, (*jnp.shape(tokens), self.cfg.vocab_size))
+        return logits, cache
 
     # ------------------------------------------------------ canonical state
     def _named_vars(self) -> list[tuple[str, nnx.Variable, str]]:
