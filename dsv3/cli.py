@@ -104,6 +104,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", choices=("latent", "naive"), default="latent")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--speculative", choices=("mtp",), default=None,
+                   help="speculative decoding: the MTP module drafts, the model verifies (same output as without)")
+    p.add_argument("--stats", action="store_true", help="print tokens/s (and draft acceptance with --speculative)")
 
 
 def _add_convert(sub) -> None:
@@ -212,10 +215,11 @@ class _Streamer:
 def generate_text(checkpoint: str, prompt: str, framework: str = "torch", max_new_tokens: int = 200,
                   temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                   seed: int = 0, cache: str = "latent", dtype: str = "float32", stream=None,
-                  echo_prompt: bool = False) -> list[int]:
+                  echo_prompt: bool = False, speculative: Optional[str] = None, stats=None) -> list[int]:
     """Load a checkpoint in either framework and generate from a byte-level prompt.
 
     New text is streamed to ``stream`` (default stdout; False: silent) token by token.
+    speculative="mtp" drafts with the MTP module (`stats`, a SpeculativeStats, is filled).
     """
     from dsv3.data import ByteTokenizer
     from dsv3.rundir import resolve_weights_dir
@@ -229,7 +233,7 @@ def generate_text(checkpoint: str, prompt: str, framework: str = "torch", max_ne
         raise ValueError("--prompt must not be empty")
     streamer = _Streamer(stream) if stream is not False else None
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-              cache=cache, on_token=streamer)
+              cache=cache, on_token=streamer, speculative=speculative, stats=stats)
     if framework == "torch":
         import torch
 
@@ -256,17 +260,31 @@ def generate_text(checkpoint: str, prompt: str, framework: str = "torch", max_ne
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dsv3.generation import NonFiniteLogits
+    import time
 
+    from dsv3.generation import NonFiniteLogits
+    from dsv3.speculative import SpeculativeStats
+
+    stats = SpeculativeStats() if args.speculative else None
+    t0 = time.perf_counter()
     try:
-        generate_text(args.checkpoint, args.prompt, args.framework, args.max_new_tokens, args.temperature,
-                      args.top_k, args.top_p, args.seed, args.cache, args.dtype, echo_prompt=True)
+        out = generate_text(args.checkpoint, args.prompt, args.framework, args.max_new_tokens, args.temperature,
+                            args.top_k, args.top_p, args.seed, args.cache, args.dtype, echo_prompt=True,
+                            speculative=args.speculative, stats=stats)
     except NonFiniteLogits as err:
         sys.stdout.write("\n")
         sys.stdout.flush()
         print(f"dsv3 generate: error: {err}", file=sys.stderr)
         return 1
     sys.stdout.write("\n")
+    if args.stats:
+        wall = time.perf_counter() - t0
+        line = f"{len(out)} tokens in {wall:.2f} s (load and compile included): {len(out) / wall:.1f} tokens/s"
+        if stats is not None:
+            line += (f"; drafted {stats.drafted}, accepted {stats.accepted} (acceptance rate "
+                     f"{stats.acceptance_rate:.1%}), mean accepted length {stats.mean_accepted_length:.2f} "
+                     f"per verify step")
+        print(line, file=sys.stderr)
     return 0
 
 

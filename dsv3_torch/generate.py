@@ -41,8 +41,18 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
              eos: Optional[int] = None, cache: str = "latent",
-             on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
-    """New tokens per prompt (cut after `eos`, which is kept). on_token(row, token) streams them."""
+             on_token: Optional[Callable[[int, int], None]] = None, speculative: Optional[str] = None,
+             stats=None) -> list[list[int]]:
+    """New tokens per prompt (cut after `eos`, which is kept). on_token(row, token) streams them.
+
+    speculative="mtp": the first MTP depth drafts the next-next token and the model verifies it
+    (dsv3_torch.speculative; greedy gives the same tokens, sampling the same distribution); `stats`, a
+    dsv3.speculative.SpeculativeStats, is then filled in place."""
+    if speculative is not None:
+        from dsv3_torch.speculative import speculative_generate
+
+        return speculative_generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, cache,
+                                    on_token, speculative, stats)
     check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size, top_k, top_p, seed, eos)
     device = model.head.weight.device
     kv = model.init_cache(len(prompts), max(map(len, prompts)) + max_new_tokens, kind=cache)
