@@ -143,81 +143,109 @@ def speculative_loop(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos:
     """New tokens per prompt (cut after `eos`, which is kept), on_token(row, token) streaming them; the
     arguments are those of `generate`, already checked. cache_len: the main cache's length (a step that
     has no room for the draft's position verifies the pending token alone)."""
-    stats = SpeculativeStats() if stats is None else stats
-    B, lens = len(prompts), [len(p) for p in prompts]
-    new: list[list[int]] = [[] for _ in range(B)]
+    run = _SpeculativeRun(prompts, max_new_tokens, eos, on_token, steps, temperature, top_k, top_p, seed,
+                          SpeculativeStats() if stats is None else stats)
     if max_new_tokens == 0:
-        return new
-    greedy = temperature == 0
-    rng = np.random.default_rng(seed)
-    done = [False] * B
-
-    def pick(out: np.ndarray) -> list[int]:  # out [B] ids or [B,V] logits -> one token per row
-        if greedy:
-            return [int(t) for t in out]
-        return [sample(filtered_probs(row, temperature, top_k, top_p), rng) for row in out]
-
-    def emit(b: int, tok: int) -> None:  # commit a generated token of row b
-        if done[b]:
-            return
-        new[b].append(tok)
-        stats.tokens += 1
-        if on_token is not None:
-            on_token(b, tok)
-        done[b] = (eos is not None and tok == eos) or len(new[b]) >= max_new_tokens
-
-    def at(pos: int, chosen: list[int]) -> list[int]:  # the token at pos: the prompt's, or the chosen one
-        x = [prompts[b][pos] if pos < lens[b] else chosen[b] for b in range(B)]
-        for b in range(B):
-            if pos >= lens[b]:
-                emit(b, x[b])
-        return x
-
-    P = min(lens)
+        return run.new
+    P = min(run.lens)
     out, finite = steps.prefill([list(p[:P]) for p in prompts])
     check_logits_finite(finite.tolist(), P - 1)
     pos = P  # position of the pending token x
-    x = at(pos, pick(out))
+    x = run.at(pos, run.pick(out))
     mtp_tokens, mtp_start = [list(p[1:P]) + [x[b]] for b, p in enumerate(prompts)], 0
-    while not all(done):
+    while not all(run.done):
         if pos + 2 > cache_len:  # no room for a draft: verify the pending token alone
             out, finite = steps.verify([[t] for t in x], pos)
-            stats.verify_calls += 1
+            run.stats.verify_calls += 1
             check_logits_finite(finite.tolist(), pos)
-            y = at(pos + 1, pick(out[:, 0]))
+            y = run.at(pos + 1, run.pick(out[:, 0]))
             mtp_tokens, mtp_start, x, pos = [[t] for t in y], pos, y, pos + 1
             continue
-        forced = [pos + 1 < lens[b] for b in range(B)]
-        if greedy:  # the draft never leaves the device: one call drafts and verifies
+        d, q, out = run.draft_and_verify(mtp_tokens, mtp_start, x, pos)
+        accepted, y = run.judge(d, q, out, pos)
+        if all(accepted[b] for b in range(run.B) if not run.done[b]):
+            run.at(pos + 1, d)
+            z = run.at(pos + 2, run.pick(out[:, 1]))  # the bonus token (or the prompt's)
+            mtp_tokens, mtp_start, x, pos = [[d[b], z[b]] for b in range(run.B)], pos, z, pos + 2
+        else:
+            y = run.at(pos + 1, y)
+            mtp_tokens, mtp_start, x, pos = [[t] for t in y], pos, y, pos + 1
+    return run.new
+
+
+class _SpeculativeRun:
+    """The state of one `speculative_loop`: rows' new tokens, which rows are done, the sampler."""
+
+    def __init__(self, prompts, max_new_tokens, eos, on_token, steps, temperature, top_k, top_p, seed, stats):
+        self.prompts, self.max_new_tokens, self.eos, self.on_token = prompts, max_new_tokens, eos, on_token
+        self.steps, self.stats = steps, stats
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.greedy = temperature == 0
+        self.rng = np.random.default_rng(seed)
+        self.B, self.lens = len(prompts), [len(p) for p in prompts]
+        self.new: list[list[int]] = [[] for _ in range(self.B)]
+        self.done = [False] * self.B
+
+    def probs(self, logits):
+        return filtered_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def pick(self, out: np.ndarray) -> list[int]:
+        """out [B] ids (greedy) or [B,V] logits -> one token per row."""
+        if self.greedy:
+            return [int(t) for t in out]
+        return [sample(self.probs(row), self.rng) for row in out]
+
+    def emit(self, b: int, tok: int) -> None:
+        """Commit a generated token of row b."""
+        if self.done[b]:
+            return
+        self.new[b].append(tok)
+        self.stats.tokens += 1
+        if self.on_token is not None:
+            self.on_token(b, tok)
+        self.done[b] = (self.eos is not None and tok == self.eos) or len(self.new[b]) >= self.max_new_tokens
+
+    def at(self, pos: int, chosen: list[int]) -> list[int]:
+        """The token at pos of every row: the prompt's, or the chosen one (then emitted)."""
+        x = [self.prompts[b][pos] if pos < self.lens[b] else chosen[b] for b in range(self.B)]
+        for b in range(self.B):
+            if pos >= self.lens[b]:
+                self.emit(b, x[b])
+        return x
+
+    def draft_and_verify(self, mtp_tokens, mtp_start, x, pos):
+        """Draft the token at pos + 1 (a row still in its prompt takes the prompt's) and verify [x, draft]
+        -> (drafts d [B], draft probabilities q [B,V] or None (greedy), verifier output)."""
+        B, prompts = self.B, self.prompts
+        forced = [pos + 1 < self.lens[b] for b in range(B)]
+        q = None
+        if self.greedy:  # the draft never leaves the device: one call drafts and verifies
             fixed = [prompts[b][pos + 1] if forced[b] else -1 for b in range(B)]
-            d_arr, out, finite = steps.draft_verify(mtp_tokens, mtp_start, x, fixed, pos)
+            d_arr, out, finite = self.steps.draft_verify(mtp_tokens, mtp_start, x, fixed, pos)
             d = [int(t) for t in d_arr]
         else:
-            q_out, finite = steps.draft(mtp_tokens, mtp_start)
+            q_out, finite = self.steps.draft(mtp_tokens, mtp_start)
             check_logits_finite(finite.tolist(), pos + 1)
-            q = filtered_probs(q_out, temperature, top_k, top_p)
-            d = [prompts[b][pos + 1] if forced[b] else sample(q[b], rng) for b in range(B)]
-            out, finite = steps.verify([[x[b], d[b]] for b in range(B)], pos)
-        stats.verify_calls += 1
+            q = self.probs(q_out)
+            d = [prompts[b][pos + 1] if forced[b] else sample(q[b], self.rng) for b in range(B)]
+            out, finite = self.steps.verify([[x[b], d[b]] for b in range(B)], pos)
+        self.stats.verify_calls += 1
         check_logits_finite(finite.tolist(), pos + 1)
-        accepted, y = [True] * B, list(d)  # y: the token at pos + 1 if the batch advances by one
-        for b in range(B):
-            if forced[b]:
+        return d, q, out
+
+    def judge(self, d, q, out, pos):
+        """Accept or reject each row's draft -> (accepted [B], y: the token at pos + 1 if the batch
+        advances by one). Rows still in their prompt always accept."""
+        accepted, y = [True] * self.B, list(d)
+        for b in range(self.B):
+            if pos + 1 < self.lens[b]:
                 continue
-            if greedy:
+            if self.greedy:
                 accepted[b] = int(out[b, 0]) == d[b]
                 y[b] = int(out[b, 0])
             else:
-                p = filtered_probs(out[b, 0], temperature, top_k, top_p)
-                accepted[b], y[b] = accept_or_resample(p, q[b], d[b], rng)
-            if not done[b]:
-                stats.drafted += 1
-                stats.accepted += int(accepted[b])
-        if all(accepted[b] for b in range(B) if not done[b]):
-            at(pos + 1, d)
-            z = at(pos + 2, pick(out[:, 1]))  # the bonus token (or the prompt's)
-            mtp_tokens, mtp_start, x, pos = [[d[b], z[b]] for b in range(B)], pos, z, pos + 2
-        else:
-            y = at(pos + 1, y)
-            mtp_tokens, mtp_start, x, pos = [[t] for t in y], pos, y, pos + 1
-    return new
+                accepted[b], y[b] = accept_or_resample(self.probs(out[b, 0]), q[b], d[b], self.rng)
+            if not self.done[b]:
+                self.stats.drafted += 1
+                self.stats.accepted += int(accepted[b])
+        return accepted, y
