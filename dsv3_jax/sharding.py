@@ -45,9 +45,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from dsv3.mesh import AXES, format_mesh, mesh_size, parse_mesh  # noqa: F401 (re-exported)
 from dsv3.config import ModelConfig
 
-AXES = ("data", "fsdp", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch dimension is split over all three
 
 # Canonical name (regex, full match) -> spec in torch layout. First match wins.
@@ -66,37 +66,6 @@ RULES: tuple[tuple[str, tuple], ...] = (
 
 
 # ------------------------------------------------------------------- mesh
-def parse_mesh(text: str | Mapping[str, int] | None) -> dict[str, int]:
-    """"data=2,fsdp=2,expert=2" (or a dict) -> {axis: size} for all of AXES (missing axes: 1)."""
-    if text is None or text == "":
-        return {a: 1 for a in AXES}
-    if isinstance(text, Mapping):
-        items = dict(text)
-    else:
-        items = {}
-        for part in str(text).split(","):
-            if "=" not in part:
-                raise ValueError(f"--mesh: expected axis=size pairs like 'data=2,fsdp=4', got {text!r}")
-            k, v = (s.strip() for s in part.split("=", 1))
-            if k in items:
-                raise ValueError(f"--mesh: axis {k!r} given twice in {text!r}")
-            try:
-                items[k] = int(v)
-            except ValueError:
-                raise ValueError(f"--mesh: size of {k!r} must be an integer, got {v!r}") from None
-    bad = sorted(set(items) - set(AXES))
-    if bad:
-        raise ValueError(f"--mesh: unknown axes {bad}; the axes are {list(AXES)}")
-    for k, v in items.items():
-        if v < 1:
-            raise ValueError(f"--mesh: size of {k!r} must be >= 1, got {v}")
-    return {a: int(items.get(a, 1)) for a in AXES}
-
-
-def mesh_size(shape: Mapping[str, int]) -> int:
-    return math.prod(shape.get(a, 1) for a in AXES)
-
-
 def make_mesh(shape: str | Mapping[str, int], devices=None) -> jax.sharding.Mesh:
     """A mesh with axes ("data", "fsdp", "expert"), all AxisType.Auto (see the module docstring).
 
@@ -110,10 +79,6 @@ def make_mesh(shape: str | Mapping[str, int], devices=None) -> jax.sharding.Mesh
                          f"before jax starts)")
     return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
                          devices=devices[:n])
-
-
-def format_mesh(shape: Mapping[str, int]) -> str:
-    return ",".join(f"{a}={shape.get(a, 1)}" for a in AXES)
 
 
 def mesh_shape(mesh: jax.sharding.Mesh) -> dict[str, int]:

@@ -33,55 +33,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-AXES = ("data", "fsdp", "expert")
+from dsv3.mesh import AXES, format_mesh, parse_mesh  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------ the mesh
-def parse_mesh(spec: Optional[str], world_size: Optional[int] = None) -> dict[str, int]:
-    """"fsdp=2,expert=2" -> {"data": 1, "fsdp": 2, "expert": 2}; axes left out are 1.
-
-    With ``world_size``, the product must equal it; an empty spec means
-    ``fsdp=world_size``.
-    """
-    sizes = dict.fromkeys(AXES, 1)
-    seen = set()
-    for part in (spec or "").replace(" ", "").split(","):
-        if not part:
-            continue
-        name, eq, value = part.partition("=")
-        if not eq or name not in AXES:
-            raise ValueError(f"mesh spec {spec!r}: each entry must be AXIS=SIZE with AXIS in {AXES}, got {part!r}")
-        if name in seen:
-            raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"mesh spec {spec!r}: {name} must be a positive integer, got {value!r}")
-        sizes[name] = n
-        seen.add(name)
-    if world_size is not None:
-        if not seen:
-            sizes["fsdp"] = world_size
-        total = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-        if total != world_size:
-            raise ValueError(f"mesh {format_mesh(sizes)} has {total} ranks, the job has {world_size}")
-    return sizes
-
-
-def format_mesh(sizes: dict[str, int]) -> str:
-    return ",".join(f"{a}={sizes[a]}" for a in AXES)
-
-
 def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def backend_for(device: str) -> str:
     """The collective backend of a device type: nccl on CUDA, gloo on CPU."""
     return "nccl" if device == "cuda" else "gloo"
-
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     """Join (or create) the default process group from torchrun's environment; returns (rank, world).
@@ -99,7 +60,6 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend_for(dev), timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
-
 
 @dataclass
 class Mesh:
@@ -141,7 +101,6 @@ class Mesh:
         """The ranks that together hold one copy of every parameter (flattened fsdp x expert)."""
         return self.shard.get_group()
 
-
 def make_mesh(spec: Optional[str] | dict) -> Mesh:
     """The job's Mesh from a spec string (the default process group must exist)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -155,7 +114,6 @@ def make_mesh(spec: Optional[str] | dict) -> Mesh:
     shard = mesh["fsdp", "expert"]._flatten("shard")
     return Mesh(mesh, sizes, shard)
 
-
 # --------------------------------------------------------------------- FSDP2
 def _mp_policy(dtype: Optional[torch.dtype]):
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -164,12 +122,10 @@ def _mp_policy(dtype: Optional[torch.dtype]):
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
-
 def _moe_layers(model) -> list:
     from dsv3_torch.moe import MoE
 
     return [m for m in model.modules() if isinstance(m, MoE)]
-
 
 def parallelize(model: nn.Module, mesh: Mesh, param_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Apply expert parallelism (when mesh.ep > 1) and FSDP2 to a DeepSeekV3, in place.
@@ -199,7 +155,6 @@ def parallelize(model: nn.Module, mesh: Mesh, param_dtype: Optional[torch.dtype]
     # The training loss is a method, not forward: give it the root's unshard/reshard hooks.
     register_fsdp_forward_method(model, "compute_loss")
     return model
-
 
 def apply_expert_parallel(model: nn.Module, mesh: Mesh, mp=None) -> None:
     """Split every MoE's routed experts over ``expert`` and install the expert-parallel dispatcher."""
@@ -231,13 +186,11 @@ def apply_expert_parallel(model: nn.Module, mesh: Mesh, mp=None) -> None:
             # collective, and forcing it there scaled the gradients twice: measured, torch 2.13.)
             ex.set_force_sum_reduction_for_comms(True)
 
-
 # ---------------------------------------------------------------- gradients
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t._local_tensor if isinstance(t, DTensor) else t
-
 
 @torch.no_grad()
 def clip_grad_norm(params, max_norm: float, mesh: Mesh) -> float:
