@@ -6,13 +6,17 @@ One prefill of every prompt LEFT-padded to the longest (its attention_mask kept 
 padded entries hidden, per-row positions), then one token per step (``dsv3.generation.decode_loop``).
 The default cache is the compressed latent with weight-absorbed
 attention; ``cache="naive"`` keeps expanded K/V. The decode step (forward + sampling) is one
-``nnx.jit`` function with a traced position: it compiles once per (batch, cache length, sampling
-settings), not once per token.
+``nnx.jit`` function with a traced position and traced sampling settings: it compiles once per
+(batch, fed length, cache length), not once per token or per setting.
+
+Shapes are bucketed so that one compiled program serves many calls: the prefill is left-padded
+further (masked entries, as for a shorter prompt in the batch) to ``prefill_length`` and the cache
+is ``cache_length`` long (entries past the fed ones are never attended to). A row's tokens do not
+depend on the buckets: its real tokens keep their positions and the padded entries are hidden.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -20,39 +24,69 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3.generation import check_generate_args, check_logits_finite, check_sampling_args, decode_loop
+from dsv3.generation import PAD_ID, check_generate_args, check_logits_finite, check_sampling_args, decode_loop
+
+
+def _pow2(n: int, lo: int) -> int:
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+
+
+def prefill_length(n: int) -> int:
+    """The bucketed prefill length of a longest prompt of n tokens: a power of two >= 8 up to 256, then a
+    multiple of 256 (at most 2x the work for short prompts, under 1/256 more beyond)."""
+    return _pow2(n, 8) if n <= 256 else -(-n // 256) * 256
+
+
+def cache_length(n: int) -> int:
+    """The bucketed cache length for n entries: a power of two >= 32 up to 1024, then a multiple of 1024."""
+    return _pow2(n, 32) if n <= 1024 else -(-n // 1024) * 1024
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_k: Optional[int],
                 top_p: Optional[float]) -> jax.Array:
     """logits [B, V] -> token ids [B] int32: greedy when temperature == 0, else top-k / top-p sampling."""
     check_sampling_args(temperature, top_k, top_p)
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None and top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # drop a token once the mass BEFORE it already reaches top_p (the first always stays)
-        drop = (jnp.cumsum(probs, axis=-1) - probs) >= top_p
-        sorted_logits = jnp.where(drop, -jnp.inf, sorted_logits)
-        logits = jnp.zeros_like(logits).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return _sample(logits, key, *_settings(temperature, top_k, top_p))
 
 
-@partial(nnx.jit, static_argnames=("temperature", "top_k", "top_p"))
+def _settings(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> tuple[jax.Array, ...]:
+    """The sampling settings as arrays (0 for "no top-k cut", 1 for "no top-p cut"): traced, not static,
+    so one compiled decode step serves every setting."""
+    return (jnp.float32(temperature), jnp.int32(0 if top_k is None else top_k),
+            jnp.float32(1.0 if top_p is None else top_p))
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+            top_p: jax.Array) -> jax.Array:
+    """sample_next on traced settings: the same tokens (each filter applied where it is asked for)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+    V = logits.shape[-1]
+    order = jnp.argsort(-logits, axis=-1)  # descending, as top_k's k-th value and the nucleus need
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    kth = jnp.take(sorted_logits, jnp.clip(top_k, 1, V) - 1, axis=-1)[:, None]
+    logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
+    sorted_logits = jnp.where((top_k > 0) & (sorted_logits < kth), -jnp.inf, sorted_logits)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # drop a token once the mass BEFORE it already reaches top_p (the first always stays)
+    drop = (top_p < 1.0) & ((jnp.cumsum(probs, axis=-1) - probs) >= top_p)
+    logits = jnp.where(top_p < 1.0,
+                       jnp.zeros_like(logits).at[jnp.arange(logits.shape[0])[:, None], order].set(
+                           jnp.where(drop, -jnp.inf, sorted_logits)),
+                       logits)
+    sampled = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature == 0, greedy, sampled)
+
+
+@nnx.jit
 def _decode(model, tokens, cache, start_pos, key, temperature, top_k, top_p, attention_mask=None):
-    """Feed tokens [B, S] at start_pos (traced); sample from the last position.
+    """Feed tokens [B, S] at start_pos (traced); sample from the last position (settings traced: _settings).
 
     -> (next [B], finite [B]: whether each row's logits were all finite, cache)."""
     logits, cache = model.forward_cached(tokens, cache, start_pos, attention_mask)
     last = logits[:, -1]
     finite = jnp.all(jnp.isfinite(last), axis=-1)
-    return sample_next(last, key, temperature, top_k, top_p), finite, cache
+    return _sample(last, key, temperature, top_k, top_p), finite, cache
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -71,17 +105,28 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         return speculative_generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, cache,
                                     on_token, speculative, stats)
     check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size, top_k, top_p, seed, eos)
-    kv = model.init_cache(len(prompts), max(map(len, prompts)) + max_new_tokens, kind=cache)
-    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+    L = max(map(len, prompts))
+    limit = model.cfg.max_position_embeddings
+    Lb = prefill_length(L) if prefill_length(L) + max_new_tokens <= limit else L
+    # too long even unpadded: the exact length, which init_cache refuses with its message
+    C = min(cache_length(Lb + max_new_tokens), limit) if Lb + max_new_tokens <= limit else L + max_new_tokens
+    kv = model.init_cache(len(prompts), C, kind=cache)
+    sampling = _settings(temperature, top_k, top_p)
     key = jax.random.key(seed)
+    shift = Lb - L  # extra left padding of the prefill: every cache entry moves right by it
 
     def step(tokens: list[list[int]], pos: int, mask: Optional[list[list[int]]]) -> list[int]:
         nonlocal kv, key
         key, sub = jax.random.split(key)
+        last = pos + len(tokens[0]) - 1  # the position sampled from, as the caller counts it
+        if pos == 0 and shift:
+            mask = [[0] * shift + list(m) for m in (mask or [[1] * L for _ in tokens])]
+            tokens = [[PAD_ID] * shift + list(t) for t in tokens]
         attention_mask = None if mask is None else jnp.asarray(mask, jnp.int32)
-        sampled, finite, kv = _decode(model, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(pos), sub,
-                                      attention_mask=attention_mask, **sampling)
-        check_logits_finite(np.asarray(finite).tolist(), pos + len(tokens[0]) - 1)
+        at = pos if pos == 0 else pos + shift
+        sampled, finite, kv = _decode(model, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(at), sub, *sampling,
+                                      attention_mask=attention_mask)
+        check_logits_finite(np.asarray(finite).tolist(), last)
         return np.asarray(sampled).tolist()
 
     return decode_loop(prompts, max_new_tokens, eos, on_token, step)

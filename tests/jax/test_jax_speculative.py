@@ -13,6 +13,7 @@ from scipy import stats as sps
 from dsv3.config import ModelConfig
 from dsv3.speculative import SpeculativeStats, filtered_probs
 from dsv3_jax import DeepSeekV3, generate
+from dsv3_jax.generate import cache_length
 from dsv3_jax.speculative import SpeculativeSteps, speculative_generate
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
@@ -54,8 +55,8 @@ def timed(model):
     return _timed(model, PROMPTS, 12)
 
 
-# Every call below keeps batch 3 and cache length 20 (PROMPTS, 12 new tokens) where it can: each other shape
-# compiles the draft and verify programs again.
+# Every call below keeps batch 3 and the bucketed cache length of 20 (PROMPTS, 12 new tokens; any budget up to
+# 12 shares it) where it can: each other shape compiles the draft and verify programs again.
 
 
 def test_greedy_equals_plain_greedy(ref, timed):
@@ -80,7 +81,7 @@ def test_draft_equals_the_training_mtp_forward(model):
         return m.head(m.mtp[0].norm(hk))
 
     want = np.asarray(full(model, jnp.asarray(x, jnp.int32)))
-    steps = SpeculativeSteps(model, 3, 20, greedy=False)
+    steps = SpeculativeSteps(model, 3, cache_length(20), greedy=False)  # speculative_generate's cache
     t = x.tolist()
     steps.prefill([r[:2] for r in t])
     got = {1: steps.draft([r[1:3] for r in t], 0)[0]}
@@ -94,7 +95,7 @@ def test_draft_equals_the_training_mtp_forward(model):
 
 def test_eos_and_max_new_tokens_cut_mid_acceptance(model, ref, timed):
     """Cuts on an accepted draft whose bonus token (committed in the same verify call) is dropped: the result
-    is plain greedy's, cut. Every EOS of row 0, and one budget (a budget compiles its own cache length)."""
+    is plain greedy's, cut. Every EOS of row 0, and one budget (its cache length shares the bucket of 12)."""
     _, when, _ = timed
     budgets = [n for n in range(1, 12) if any(w[n - 1] == w[n] for w in when)]
     assert budgets
