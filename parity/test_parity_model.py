@@ -108,12 +108,16 @@ def test_logits_loss_counts_with_attention_mask(dtype, born):
     assert_close("loss, padded: mtp_losses", dtype, out_j.mtp_losses, out_t.mtp_losses, TOL[dtype])
 
 
+_cached_step_masked = nnx.jit(lambda m, t, c, p, am: m.forward_cached(t, c, p, am))
+_cached_step = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))
+
+
 def test_cached_logits_agree_with_attention_mask():
     tm, jm = make_pair(TINY, "float32", "torch", seed=17)
     ids, _, mask = padded_batch(TINY, seed=5)
     mask[1] = 1  # decoding: left padding only
     tc, jc = tm.init_cache(2, 14, "latent"), jm.init_cache(2, 14, "latent")
-    step = nnx.jit(lambda m, t, c, p, am: m.forward_cached(t, c, p, am))
+    step = _cached_step_masked
     for a, b in [(0, 6), (6, 7), (7, 12)]:
         am = mask[:, a:b]
         with torch.no_grad():
@@ -131,10 +135,14 @@ def torch_grads(tm, ids, labels) -> tuple[dict, object]:
     return {n: p.grad.detach().float().numpy().copy() for n, p in tm.named_parameters()}, out
 
 
+# One jitted gradient for the module (and test_parity_random_configs): models of one config and dtype
+# share its compiled program instead of compiling a fresh closure per call.
+_grad = nnx.jit(nnx.grad(lambda m, a, b: m.compute_loss(a, b).loss))
+
+
 def jax_grads(jm, ids, labels) -> dict:
     """Gradient of the total loss for every nnx.Param, returned in canonical names and torch layout."""
-    grads = nnx.jit(nnx.grad(lambda m, a, b: m.compute_loss(a, b).loss))(
-        jm, jnp.asarray(ids, jnp.int32), jnp.asarray(labels, jnp.int32))
+    grads = _grad(jm, jnp.asarray(ids, jnp.int32), jnp.asarray(labels, jnp.int32))
     g_model = nnx.clone(jm)
     nnx.update(g_model, grads)
     return {k: v for k, v in g_model.canonical_state().items() if not k.endswith("gate.bias")}
@@ -306,7 +314,7 @@ def test_cached_logits_agree():
     tm, jm = make_pair(TINY, "float32", "torch", seed=15)
     ids, _ = batch(TINY, T=9, seed=3)
     tc, jc = tm.init_cache(2, 9, "latent"), jm.init_cache(2, 9, "latent")
-    step = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))
+    step = _cached_step
     for a, b in [(0, 6), (6, 7), (7, 8), (8, 9)]:
         with torch.no_grad():
             lt, tc = tm.forward_cached(torch.as_tensor(ids[:, a:b]), tc, a)

@@ -88,62 +88,109 @@ def _all_finite_on_disk(out):
 #   DSV3_KILL_AT=k      SIGKILL itself at the k-th file event (fsync or rename) inside a checkpoint save,
 #                       before the event or (DSV3_KILL_AFTER=1) just after it
 #   DSV3_HOLD=path      wait before the first step until `path` exists (keeps the run alive meanwhile)
+# With `--runs FILE` one launched process imports the command and torch once, then forks one child per
+# run of FILE (a JSON list of {"args", "env", "log"}), in order, each a whole `dsv3 train` process of its
+# own (SIGKILL ends only that child); it prints the children's exit statuses, as Popen.returncode gives
+# them, as one JSON list.
 _CHILD = r"""
 import os, signal, sys, time
-import dsv3.training as tr
 
-kill_at = int(os.environ.get("DSV3_KILL_AT", "0"))
-after = os.environ.get("DSV3_KILL_AFTER") == "1"
-hold = os.environ.get("DSV3_HOLD")
-state = {"n": 0, "in_save": False}
+def install(env):
+    import dsv3.training as tr
 
-def event(real):
-    def f(*a, **k):
-        if state["in_save"]:
-            state["n"] += 1
-            if state["n"] == kill_at and not after:
+    kill_at = int(env.get("DSV3_KILL_AT", "0"))
+    after = env.get("DSV3_KILL_AFTER") == "1"
+    hold = env.get("DSV3_HOLD")
+    state = {"n": 0, "in_save": False}
+
+    def event(real):
+        def f(*a, **k):
+            if state["in_save"]:
+                state["n"] += 1
+                if state["n"] == kill_at and not after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            r = real(*a, **k)
+            if state["in_save"] and state["n"] == kill_at and after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        r = real(*a, **k)
-        if state["in_save"] and state["n"] == kill_at and after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return r
-    return f
+            return r
+        return f
 
-if kill_at:
-    os.replace, os.fsync = event(os.replace), event(os.fsync)
-    real_write = tr.write_checkpoint
-    def write_checkpoint(*a, **k):
-        state["in_save"] = True
-        try:
-            return real_write(*a, **k)
-        finally:
-            state["in_save"] = False
-    tr.write_checkpoint = write_checkpoint
+    if kill_at:
+        os.replace, os.fsync = event(os.replace), event(os.fsync)
+        real_write = tr.write_checkpoint
+        def write_checkpoint(*a, **k):
+            state["in_save"] = True
+            try:
+                return real_write(*a, **k)
+            finally:
+                state["in_save"] = False
+        tr.write_checkpoint = write_checkpoint
 
-if hold:
-    real_step = tr._Run.step
-    def step(self, s):
-        while not os.path.exists(hold):
-            time.sleep(0.05)
-        return real_step(self, s)
-    tr._Run.step = step
+    if hold:
+        real_step = tr._Run.step
+        def step(self, s):
+            while not os.path.exists(hold):
+                time.sleep(0.05)
+            return real_step(self, s)
+        tr._Run.step = step
 
+if sys.argv[1:2] != ["--runs"]:
+    install(os.environ)
+    from dsv3.cli import main
+    sys.exit(main(sys.argv[1:]))
+
+import json, traceback
+from dsv3 import runtime
+runtime.configure()  # as `dsv3` does, before torch is imported
 from dsv3.cli import main
-sys.exit(main(sys.argv[1:]))
+import dsv3.training, dsv3_torch.train  # noqa: F401,E401  (imported once, before the forks)
+codes = []
+for run in json.load(open(sys.argv[2])):
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fd = os.open(run["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1); os.dup2(fd, 2)
+            os.environ.update(run["env"])
+            install(os.environ)
+            code = main(run["args"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    codes.append(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+print(json.dumps(codes))
 """
 
 
+def _env(**env):
+    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+            **{k: str(v) for k, v in env.items()}}
+
+
 def _child(args, **env):
-    e = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-         **{k: str(v) for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=e, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=_env(**env), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _run_child(args, **env):
-    p = _child(args, **env)
-    out, err = p.communicate(timeout=300)
-    return p.returncode, err
+def _run_children(tmp_path, runs):
+    """[(args, env)] run one after the other as forked `dsv3 train` processes of one launched process;
+    [(returncode, stderr and stdout)] per run."""
+    spec = [{"args": list(a), "env": {k: str(v) for k, v in e.items()}, "log": str(tmp_path / f"child{i}.log")}
+            for i, (a, e) in enumerate(runs)]
+    (tmp_path / "runs.json").write_text(json.dumps(spec))
+    p = subprocess.run([sys.executable, "-c", _CHILD, "--runs", str(tmp_path / "runs.json")], env=_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    codes = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(codes) == len(spec), p.stdout
+    return [(rc, open(s["log"]).read()) for rc, s in zip(codes, spec)]
 
 
 def test_second_run_on_same_out_is_refused_with_the_holders_pid(config_dir, tmp_path):
@@ -190,11 +237,14 @@ def test_sigkill_during_saves_then_resume_is_bit_exact(config_dir, tmp_path):
     # one save is 11 file events (config.json, model.safetensors, 2 train-state files: fsync + rename each;
     # the directory rename; `latest`: fsync + rename); the first kill comes after the first save
     kills = [(rng.randrange(12, 6 * 11), rng.random() < 0.5) for _ in range(3)]
-    for i, (k, after) in enumerate(kills):
-        args = _args(config_dir, out, steps=6) + (["--resume"] if i else [])
-        rc, err = _run_child(args, DSV3_KILL_AT=k if i == 0 else 1 + k % 22, DSV3_KILL_AFTER=int(after))
+    runs = [(_args(config_dir, out, steps=6) + (["--resume"] if i else []),
+             {"DSV3_KILL_AT": k if i == 0 else 1 + k % 22, "DSV3_KILL_AFTER": int(after)})
+            for i, (k, after) in enumerate(kills)]
+    runs.append((["train", "--out", str(out), "--resume", "--no-progress"], {}))
+    results = _run_children(tmp_path, runs)  # one launched process: the three killed runs, then the resume
+    for rc, err in results[:-1]:
         assert rc in (-signal.SIGKILL, 0), err
-    rc, err = _run_child(["train", "--out", str(out), "--resume", "--no-progress"])
+    rc, err = results[-1]
     assert rc == 0, err
     got = _strip(read_metrics(str(out / "metrics.jsonl")))
     assert [r["loss"] for r in got if r["kind"] == "train"] == [r["loss"] for r in want if r["kind"] == "train"]
