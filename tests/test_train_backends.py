@@ -13,7 +13,10 @@ from dsv3.train_config import TrainConfig, lr_at, model_config
 from dsv3.training import train
 
 FRAMEWORKS = ["torch", "jax"]
-TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)
+# The tiny preset cut to two layers: one dense layer, one MoE layer and the MTP depth's MoE block, i.e. every
+# kind of block and two routers (the layers are unrolled in the JAX graph: compilation is most of the cost).
+TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2, num_hidden_layers=2)
+assert TINY.first_k_dense_replace == 1 and TINY.n_moe_layers == 1 and TINY.n_router_layers == 2
 # bf16 (fp32 master weights) vs fp32 losses, max relative difference per step over 6 steps, measured:
 # torch 1.9e-4, JAX 1.7e-4 (fp32 loss reductions over a bf16 forward)
 BF16_LOSS_RTOL = 3e-3
@@ -43,8 +46,8 @@ def _backend(framework):
 
 
 def _tcfg(config_dir, framework, **kw):
-    # Every test uses micro-batches of 2 x 32 tokens and the same optimizer hyper-parameters, so the JAX
-    # tests share compiled steps. Adam divides by |g| + eps: where a gradient is ~1e-8, fp32 summation order
+    # Every test uses micro-batches of 2 x 32 tokens (or one of 8 x 32) and the same betas and clipping, so
+    # the JAX tests share compiled steps (eps and the decay rate are arguments of the compiled step). Adam divides by |g| + eps: where a gradient is ~1e-8, fp32 summation order
     # (4 partial sums vs one) would move an update by O(lr); eps=1e-3 keeps the accumulation test a test
     # of accumulation, not of that rounding.
     base = dict(framework=framework, config=config_dir, steps=6, batch_size=8, grad_accum=4, seq_len=32, lr=3e-3,
