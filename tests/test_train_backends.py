@@ -18,7 +18,8 @@ FRAMEWORKS = ["torch", "jax"]
 TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2, num_hidden_layers=2)
 assert TINY.first_k_dense_replace == 1 and TINY.n_moe_layers == 1 and TINY.n_router_layers == 2
 # bf16 (fp32 master weights) vs fp32 losses, max relative difference per step over 6 steps, measured:
-# torch 1.9e-4, JAX 1.7e-4 (fp32 loss reductions over a bf16 forward)
+# torch 1.9e-4, JAX 1.7e-4 on the 3-layer preset; over 4 steps on the 2-layer TINY below: torch 7.5e-5,
+# JAX 1.9e-4 (fp32 loss reductions over a bf16 forward)
 BF16_LOSS_RTOL = 3e-3
 
 
@@ -102,8 +103,9 @@ def test_grad_accumulation_with_the_default_adam_eps(framework, config_dir, corp
     So, one step without weight decay (the update is then exactly -lr * g / (|g| + eps)):
 
     - entries the big-batch step moved by more than 0.999 lr (|g| > ~1000 eps, ~3/4 of all entries):
-      the same fp32 tolerance as with eps=1e-3;
-    - every entry: |dw| <= 3e-2 lr (measured worst: torch 1.5e-3 lr, JAX 4.3e-3 lr);
+      the same fp32 tolerance as with eps=1e-3 (measured on the 2-layer TINY, JAX: 69% of all entries);
+    - every entry: |dw| <= 3e-2 lr (measured worst on the 3-layer preset: torch 1.5e-3 lr, JAX 4.3e-3 lr;
+      on the 2-layer TINY, JAX: 6.9e-4 lr);
     - losses, counts and router biases as above.
     """
     make = _backend(framework)
