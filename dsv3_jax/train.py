@@ -4,7 +4,7 @@ One optimizer step is ONE `nnx.jit`-compiled call (docs/reference.md §8, §10):
 
     grads, counts = sum over micro-batches (jax.lax.scan) of grad(compute_loss), counts
     grads /= k                                      # the mean over the step's sequences
-    optimizer.update(model, grads, lr=lr)           # clip -> Adam -> decoupled decay (mask) -> -lr
+    optimizer.update(model, grads, lr=lr, eps=eps, weight_decay=wd)  # clip -> Adam -> decay (mask) -> -lr
     model.update_router_bias(counts, gamma)         # once, summed counts; RouterBias is not a Param
     keep the old model and optimizer state unless loss and gradient norm are finite
 
@@ -12,7 +12,8 @@ The optimizer is ``nnx.Optimizer(model, tx, wrt=nnx.Param)``, so neither the
 gradient, the clipping, the decay nor the Adam moments ever see the router
 bias. The learning rate comes from the shared plain-Python schedule
 (`dsv3.training.lr_at`) as a traced scalar argument, so the compiled step is
-reused for every step. Evaluation is a separate jitted function that returns
+reused for every step; Adam's eps and the decay rate are traced arguments too,
+so runs that differ only in them share it. Evaluation is a separate jitted function that returns
 losses and changes nothing.
 
 ``dtype="bfloat16"``: fp32 master weights and optimizer state; the loss is
@@ -62,21 +63,53 @@ def decay_mask(params):
 
 
 def make_tx(tcfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """clip -> Adam -> decoupled decay (mask) -> -lr. ``eps``, the decay rate and ``lr`` are not
+    baked in: ``update`` takes them as arguments (`_tx_args`), so one compiled step serves every
+    run that differs only in them; the state is that of optax's own transformations."""
     check_optimizer_args(tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.eps, tcfg.weight_decay, tcfg.grad_clip)
-    return _tx(tcfg.grad_clip, tcfg.beta1, tcfg.beta2, tcfg.eps, tcfg.weight_decay)
+    return _tx(tcfg.grad_clip, tcfg.beta1, tcfg.beta2)
+
+
+def _tx_args(tcfg: TrainConfig) -> dict:
+    """The per-step arguments of `make_tx`'s ``update`` besides ``lr``: Adam's eps and the decay rate."""
+    return {"eps": tcfg.eps, "weight_decay": tcfg.weight_decay}
+
+
+def _scale_by_adam_eps_arg(b1: float, b2: float) -> optax.GradientTransformationExtraArgs:
+    """optax.scale_by_adam (same state) with eps given to `update(..., eps=...)`."""
+
+    def init_fn(params):
+        return optax.scale_by_adam(b1=b1, b2=b2).init(params)
+
+    def update_fn(updates, state, params=None, *, eps, **extra):
+        return optax.scale_by_adam(b1=b1, b2=b2, eps=eps).update(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _decay_arg() -> optax.GradientTransformationExtraArgs:
+    """optax.add_decayed_weights(rate, mask=decay_mask) (same state) with the rate given to
+    `update(..., weight_decay=...)`."""
+
+    def init_fn(params):
+        return optax.add_decayed_weights(0.0, mask=decay_mask).init(params)
+
+    def update_fn(updates, state, params=None, *, weight_decay, **extra):
+        return optax.add_decayed_weights(weight_decay, mask=decay_mask).update(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 @functools.lru_cache(maxsize=None)
-def _tx(grad_clip: float, b1: float, b2: float, eps: float, weight_decay: float):
+def _tx(grad_clip: float, b1: float, b2: float):
     # Memoised: the transformation is static in the optimizer's graph, so an equal object lets a
-    # new backend with the same hyper-parameters reuse the compiled step (tests, resume).
+    # new backend with the same static hyper-parameters reuse the compiled step (tests, resume).
     parts = []
     if grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
-    parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
-    if weight_decay > 0:
-        parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
-    parts.append(scale_by_lr_arg())
+    # The decay is always in the chain (a rate of 0 adds 0 * w: the update is unchanged) and has no
+    # array state, so the optimizer state has the same leaves whatever the rate.
+    parts += [_scale_by_adam_eps_arg(b1, b2), _decay_arg(), scale_by_lr_arg()]
     return optax.chain(*parts)
 
 
@@ -128,7 +161,8 @@ class JaxBackend:
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
         xs = self._put_batch(np.stack([x for x, _ in micro_batches]), 1)
         ys = self._put_batch(np.stack([y for _, y in micro_batches]), 1)
-        out = self._train(self.model, self.optimizer, xs, ys, jnp.float32(lr), jnp.float32(self.gamma))
+        hp = {"lr": jnp.float32(lr)} | {k: jnp.float32(v) for k, v in _tx_args(self.tcfg).items()}
+        out = self._train(self.model, self.optimizer, xs, ys, hp, jnp.float32(self.gamma))
         out = jax.device_get(out)
         res = {k: float(v) for k, v in out.items() if k != "counts"}
         if not len(self.model.mtp):
@@ -215,8 +249,8 @@ def _sharded_train_step(bf16_cfg, model, optimizer, mesh):
     leaves, treedef = jax.tree.flatten((st_m, st_o))
     jitted = _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, tuple(x.sharding for x in leaves))
 
-    def train_step(model, optimizer, xs, ys, lr, gamma):
-        new, out = jitted(jax.tree.leaves((nnx.state(model), nnx.state(optimizer))), xs, ys, lr, gamma)
+    def train_step(model, optimizer, xs, ys, hp, gamma):
+        new, out = jitted(jax.tree.leaves((nnx.state(model), nnx.state(optimizer))), xs, ys, hp, gamma)
         sm, so = jax.tree.unflatten(treedef, new)
         nnx.update(model, sm)
         nnx.update(optimizer, so)
@@ -239,10 +273,10 @@ def _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, shardings):
         twin = (gd, p_abs)
     body = _train_step_fn(twin)
 
-    def step(leaves, xs, ys, lr, gamma):
+    def step(leaves, xs, ys, hp, gamma):
         sm, so = jax.tree.unflatten(treedef, leaves)
         m, o = nnx.merge(gd_m, sm), nnx.merge(gd_o, so)
-        out = body(m, o, xs, ys, lr, gamma)
+        out = body(m, o, xs, ys, hp, gamma)
         return jax.tree.leaves((nnx.state(m), nnx.state(o))), out
 
     return jax.jit(step, out_shardings=(list(shardings), None), donate_argnums=0)
@@ -253,9 +287,10 @@ def _make_train_step(twin):
 
 
 def _train_step_fn(twin):
-    """The optimizer step (not yet jitted): mutates model and optimizer, returns the metrics."""
+    """The optimizer step (not yet jitted): mutates model and optimizer, returns the metrics.
+    ``hp``: the optimizer's per-step arguments, ``{"lr": ..., **_tx_args(tcfg)}`` as fp32 scalars."""
 
-    def train_step(model, optimizer, xs, ys, lr, gamma):
+    def train_step(model, optimizer, xs, ys, hp, gamma):
         gd, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_fn(p, x, y):
@@ -276,7 +311,7 @@ def _train_step_fn(twin):
         # router biases) and of the optimizer (moments, step count) is selected back to its old value.
         ok = jnp.isfinite(jnp.mean(outs.loss)) & jnp.isfinite(grad_norm)
         old_model, old_opt = jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(optimizer))
-        optimizer.update(model, grads, lr=lr)
+        optimizer.update(model, grads, **hp)
         counts = jnp.sum(outs.counts, axis=0)
         model.update_router_bias(counts, gamma)  # once per optimizer step, summed counts
         for obj, old in ((model, old_model), (optimizer, old_opt)):

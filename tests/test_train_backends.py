@@ -13,9 +13,13 @@ from dsv3.train_config import TrainConfig, lr_at, model_config
 from dsv3.training import train
 
 FRAMEWORKS = ["torch", "jax"]
-TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)
+# The tiny preset cut to two layers: one dense layer, one MoE layer and the MTP depth's MoE block, i.e. every
+# kind of block and two routers (the layers are unrolled in the JAX graph: compilation is most of the cost).
+TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2, num_hidden_layers=2)
+assert TINY.first_k_dense_replace == 1 and TINY.n_moe_layers == 1 and TINY.n_router_layers == 2
 # bf16 (fp32 master weights) vs fp32 losses, max relative difference per step over 6 steps, measured:
-# torch 1.9e-4, JAX 1.7e-4 (fp32 loss reductions over a bf16 forward)
+# torch 1.9e-4, JAX 1.7e-4 on the 3-layer preset; over 4 steps on the 2-layer TINY below: torch 7.5e-5,
+# JAX 1.9e-4 (fp32 loss reductions over a bf16 forward)
 BF16_LOSS_RTOL = 3e-3
 
 
@@ -43,8 +47,8 @@ def _backend(framework):
 
 
 def _tcfg(config_dir, framework, **kw):
-    # Every test uses micro-batches of 2 x 32 tokens and the same optimizer hyper-parameters, so the JAX
-    # tests share compiled steps. Adam divides by |g| + eps: where a gradient is ~1e-8, fp32 summation order
+    # Every test uses micro-batches of 2 x 32 tokens (or one of 8 x 32) and the same betas and clipping, so
+    # the JAX tests share compiled steps (eps and the decay rate are arguments of the compiled step). Adam divides by |g| + eps: where a gradient is ~1e-8, fp32 summation order
     # (4 partial sums vs one) would move an update by O(lr); eps=1e-3 keeps the accumulation test a test
     # of accumulation, not of that rounding.
     base = dict(framework=framework, config=config_dir, steps=6, batch_size=8, grad_accum=4, seq_len=32, lr=3e-3,
@@ -99,8 +103,9 @@ def test_grad_accumulation_with_the_default_adam_eps(framework, config_dir, corp
     So, one step without weight decay (the update is then exactly -lr * g / (|g| + eps)):
 
     - entries the big-batch step moved by more than 0.999 lr (|g| > ~1000 eps, ~3/4 of all entries):
-      the same fp32 tolerance as with eps=1e-3;
-    - every entry: |dw| <= 3e-2 lr (measured worst: torch 1.5e-3 lr, JAX 4.3e-3 lr);
+      the same fp32 tolerance as with eps=1e-3 (measured on the 2-layer TINY, JAX: 69% of all entries);
+    - every entry: |dw| <= 3e-2 lr (measured worst on the 3-layer preset: torch 1.5e-3 lr, JAX 4.3e-3 lr;
+      on the 2-layer TINY, JAX: 6.9e-4 lr);
     - losses, counts and router biases as above.
     """
     make = _backend(framework)
