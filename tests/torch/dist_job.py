@@ -33,7 +33,8 @@ DCP_MESH = "fsdp=2,expert=2"  # the mesh that saves the DCP checkpoint
 
 
 def tiny() -> ModelConfig:
-    return ModelConfig.preset("tiny").replace(bias_update_speed=0.01)
+    """tiny with one dense and one MoE layer (+ the MTP block's MoE): every sharding rule, two routers."""
+    return ModelConfig.preset("tiny").replace(num_hidden_layers=2, bias_update_speed=0.01)
 
 
 def make_model(cfg: ModelConfig, seed: int = 0) -> DeepSeekV3:
