@@ -11,11 +11,23 @@ so the order in which pytest collects files cannot change the numerics.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 assert "jax" not in sys.modules, "jax was imported before the root conftest could configure XLA"
 if "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+
+# One XLA compilation cache for the whole test run: the two xdist workers and the subprocesses the tests
+# start (CLI runs, the 8-device mesh job) compile many of the same programs; the second compile of a
+# program is then a read from disk. A fresh directory per run (the controlling pytest process's pid),
+# removed when the run ends; nothing is carried from one run to the next.
+_cache_owner = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
+XLA_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"dsv3-tests-xla-cache-{_cache_owner}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from dsv3 import runtime  # noqa: E402
 
@@ -44,3 +56,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The run's XLA compilation cache goes with the run (removed by the controlling process)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(XLA_CACHE_DIR, ignore_errors=True)
