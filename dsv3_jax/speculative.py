@@ -21,7 +21,7 @@ from flax import nnx
 
 from dsv3.generation import check_generate_args
 from dsv3.speculative import SpeculativeStats, check_speculative, speculative_loop
-from dsv3_jax.generate import cache_length
+from dsv3.generation import cache_length
 from dsv3_jax.layers import dense
 
 
@@ -119,7 +119,7 @@ def speculative_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens
     check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size, top_k, top_p, seed, eos)
     check_speculative(speculative, len(model.mtp))
     cache_len = max(map(len, prompts)) + max_new_tokens
-    # the caches bucketed (dsv3_jax.generate.cache_length: one compiled program for many lengths; entries
+    # the caches bucketed (dsv3.generation.cache_length: one compiled program for many lengths; entries
     # past the fed ones are never attended to); the loop keeps the exact length, so the tokens do not change
     steps = SpeculativeSteps(model, len(prompts), max(cache_len, min(cache_length(cache_len),
                                                                      model.cfg.max_position_embeddings)),

@@ -13,7 +13,7 @@ from scipy import stats as sps
 from dsv3.config import ModelConfig
 from dsv3.speculative import SpeculativeStats, filtered_probs
 from dsv3_jax import DeepSeekV3, generate
-from dsv3_jax.generate import cache_length
+from dsv3.generation import cache_length
 from dsv3_jax.speculative import SpeculativeSteps, speculative_generate
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
