@@ -1,4 +1,5 @@
-"""The framework-free part of generation: argument checks and the decode loop.
+"""The framework-free part of generation: argument checks, left padding, the decode loop and the
+bucketed prefill/cache lengths (powers of two, so that compiled steps are shared across prompt lengths).
 
 Both `dsv3_torch.generate` and `dsv3_jax.generate` call `decode_loop` with a
 `step` function that feeds tokens to their model's cache and samples. One

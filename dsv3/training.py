@@ -186,12 +186,10 @@ def _verify_checkpoint(directory: str, cfg: ModelConfig, tcfg: TrainConfig) -> _
         raise _Unusable(f"the step after it (step {meta['non_finite_next_step']}) had a non-finite loss")
     if not _finite_or_none(meta.get("val_loss")):
         raise _Unusable(f"its validation loss is {meta.get('val_loss')}")
-    try:
+    try:  # load_canonical also refuses NaN or infinite weights (CheckpointError, naming the tensors)
         _, state = load_canonical(directory, cfg)
     except Exception as err:  # noqa: BLE001
         raise _Unusable(f"model unreadable ({type(err).__name__}: {err})") from None
-    if not _all_finite(state.values()):
-        raise _Unusable("its weights are not finite")
     if not _all_finite(tensors.values()):
         raise _Unusable("its optimizer state is not finite")
     return _ResumePoint(directory, meta, state, tensors, [])
