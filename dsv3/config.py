@@ -179,13 +179,6 @@ class Validator:
         if not cond:
             raise ValueError(f"{type(self.obj).__name__}.{name}: {msg} (got {getattr(self.obj, name)!r})")
 
-    def integers(self, names: Sequence[str], minimum: int) -> None:
-        """Each field an int >= minimum ("positive" for 1, "non-negative" for 0)."""
-        what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
-        for name in names:
-            v = getattr(self.obj, name)
-            self(isinstance(v, int) and v >= minimum, name, f"must be {what}")
-
 
 @dataclass(frozen=True)
 class ModelConfig:

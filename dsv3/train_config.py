@@ -31,6 +31,9 @@ OPTIMIZER_RULES: dict[str, _Rule] = {
     "weight_decay": _Rule("real", 0, low_open=False),
     "grad_clip": _Rule("real", 0, low_open=False),  # 0: no clipping
 }
+# Sizes and counts of the run: positive integers.
+_SIZE_RULES: dict[str, _Rule] = {name: _Rule("int", 0) for name in (
+    "steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every", "keep_checkpoints")}
 # The schedule and the paper's coefficients (None: the ModelConfig's value).
 _SCHEDULE_RULES: dict[str, _Rule] = {
     "min_lr_ratio": _Rule("real", 0, low_open=False, high=1),
@@ -105,8 +108,8 @@ class TrainConfig:
         need = Validator(self)
         need(self.framework in FRAMEWORKS, "framework", f"must be one of {FRAMEWORKS}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
-        need.integers(("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                       "save_every", "keep_checkpoints"), minimum=1)
+        for name, rule in _SIZE_RULES.items():
+            _check("TrainConfig.", name, getattr(self, name), rule)
         need(self.batch_size % self.grad_accum == 0, "batch_size",
              f"must be divisible by grad_accum={self.grad_accum}")
         check_optimizer_args(self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.grad_clip)
