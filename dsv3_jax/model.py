@@ -111,11 +111,21 @@ class DeepSeekV3(nnx.Module):
 
         Each block is traced on its own: one trace of the whole model grows quadratically with
         depth in flax 0.12 (every Rngs update searches the jaxpr; figures in docs/bench/README.md).
+        Only one dense and one MoE layer are traced; the other layers are copies of them (an
+        abstract block holds shapes only, so copies equal traces: V3's 61 layers take 2 traces).
         """
         model = nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0), dtype, _blocks=False, **kwargs))
         kw = dict(dtype=dtype, **kwargs)
-        model.layers = nnx.List([nnx.eval_shape(lambda i=i: Block(cfg, cfg.is_moe_layer(i), rngs=nnx.Rngs(i), **kw))
-                                 for i in range(cfg.num_hidden_layers)])
+        traced: dict = {}
+
+        def layer(i):
+            moe = cfg.is_moe_layer(i)
+            if moe in traced:
+                return nnx.clone(traced[moe])
+            traced[moe] = nnx.eval_shape(lambda: Block(cfg, moe, rngs=nnx.Rngs(i), **kw))
+            return traced[moe]
+
+        model.layers = nnx.List([layer(i) for i in range(cfg.num_hidden_layers)])
         model.mtp = nnx.List([nnx.eval_shape(lambda k=k: MTPModule(cfg, rngs=nnx.Rngs(k), **kw))
                               for k in range(cfg.num_nextn_predict_layers)])
         return model

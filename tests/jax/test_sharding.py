@@ -105,12 +105,16 @@ def test_cpu_devices_refuses_after_jax_started():
 
 
 # -------------------------------------------------------- 8 devices, one run
+# Every test that reads the subprocess's results is in one xdist group: one worker runs the subprocess once.
+MESH_JOB = pytest.mark.xdist_group("jax_mesh_checks")
+
+
 @pytest.fixture(scope="module")
 def mesh_results():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # the script asks for its devices through `dsv3 train --cpu-devices 8`
-    # Measured: 100 s wall, 152 s CPU on the idle 2-core machine (CLI 31, EP layer 17, training 104);
-    # almost all of it is XLA compiling one training step per mesh. The test prints CPU seconds per part.
+    # Almost all of its time is XLA compiling one training step per mesh (and the single-device one);
+    # test_cli_trains_on_a_simulated_mesh prints its CPU seconds per part.
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "jax", "mesh_checks.py")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -118,6 +122,7 @@ def mesh_results():
 
 
 @pytest.mark.slow
+@MESH_JOB
 def test_cli_trains_on_a_simulated_mesh(mesh_results):
     print(f"subprocess: {mesh_results['seconds']:.0f} s wall, CPU s per part {mesh_results['cpu_s']}")
     r = mesh_results["cli"]
@@ -127,6 +132,7 @@ def test_cli_trains_on_a_simulated_mesh(mesh_results):
 
 
 @pytest.mark.slow
+@MESH_JOB
 @pytest.mark.parametrize("mesh", ["data=8", "fsdp=8", "data=2,fsdp=2,expert=2", "expert=8"])
 def test_sharded_training_equals_single_device(mesh_results, mesh):
     r = mesh_results["train"]["meshes"][mesh]
@@ -141,6 +147,7 @@ def test_sharded_training_equals_single_device(mesh_results, mesh):
 
 
 @pytest.mark.slow
+@MESH_JOB
 @pytest.mark.parametrize("mesh", ["data=8", "fsdp=8", "data=2,fsdp=2,expert=2", "expert=8"])
 def test_bytes_per_device_match_the_plan(mesh_results, mesh):
     r = mesh_results["train"]["meshes"][mesh]
@@ -154,6 +161,7 @@ def test_bytes_per_device_match_the_plan(mesh_results, mesh):
 
 
 @pytest.mark.slow
+@MESH_JOB
 @pytest.mark.parametrize("impl, mesh", [("blocksparse", "expert=8"), ("blocksparse", "data=2,fsdp=2,expert=2"),
                                         ("ragged", "fsdp=4,expert=2")])
 def test_expert_parallel_layer_equals_single_device(mesh_results, impl, mesh):

@@ -1,11 +1,15 @@
 """The multi-process checks of tests/torch/test_torch_distributed.py, run under torchrun (gloo on CPU).
 
-    python -m torch.distributed.run --nproc-per-node 4 tests/torch/dist_job.py OUT_DIR train,ep,accum,save
-    python -m torch.distributed.run --nproc-per-node 2 tests/torch/dist_job.py OUT_DIR restore
+    python -m torch.distributed.run --nproc-per-node 4 tests/torch/dist_job.py OUT_DIR train,ep,accum [restore,cli]
+    python -m torch.distributed.run --nproc-per-node 2 tests/torch/dist_job.py OUT_DIR restore,cli
 
 Rank 0 computes the single-process references, gathers the sharded results and
 writes OUT_DIR/<check>.json; the test process asserts on them. Every check of
-one job shares the job's default process group.
+one list shares that list's default process group. A second list runs on 2
+ranks: after the first list, the 4-rank process group is destroyed, ranks 2 and
+3 exit, and ranks 0 and 1 form a new 2-rank default process group (a fresh
+rendezvous, with the environment a 2-process torchrun gives them) -- the
+checks of a 2-process job without starting and importing 2 more processes.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ DCP_MESH = "fsdp=2,expert=2"  # the mesh that saves the DCP checkpoint
 
 
 def tiny() -> ModelConfig:
-    """tiny with one dense and one MoE layer (+ the MTP block's MoE): every sharding rule, two routers."""
-    return ModelConfig.preset("tiny").replace(num_hidden_layers=2, bias_update_speed=0.01)
+    """tiny with one (dense) layer and the MTP block (a MoE layer): every kind of parameter and module
+    the layout shards (dense layer, routed experts under expert parallelism, router, shared experts,
+    the MTP block, the root), one block of each kind."""
+    return ModelConfig.preset("tiny").replace(num_hidden_layers=1, bias_update_speed=0.01)
 
 
 def make_model(cfg: ModelConfig, seed: int = 0) -> DeepSeekV3:
@@ -142,7 +148,7 @@ def check_train(out: str, rank: int) -> None:
         losses = run(backend, data, tc, on_step=on_step)
         state = model_state(backend)
         if spec == DCP_MESH:
-            # resume exact: a fresh backend on the same mesh, restored from the step-10 checkpoint
+            # resume exact: a fresh backend on the same mesh, restored from the step-SAVE_AT checkpoint
             again = ShardedTorchBackend(cfg, tc, make_mesh(spec), model=make_model(cfg))
             again.load_sharded(os.path.join(out, "dcp"))
             resumed = run(again, data, tc, start=SAVE_AT)
@@ -320,7 +326,7 @@ def write_cli_inputs(out: str) -> None:
 
 
 def check_cli(out: str, rank: int) -> None:
-    """`dsv3 train` on this job's process group: 2 steps on fsdp=2, then resumed to 4 steps on expert=2."""
+    """`dsv3 train` on this job's (2-rank) process group: 2 steps on fsdp=2, then resumed to 4 steps on expert=2."""
     from dsv3.cli import main as dsv3_main
 
     if rank == 0:
@@ -338,12 +344,51 @@ def check_cli(out: str, rank: int) -> None:
 CHECKS = {"cli": check_cli, "train": check_train, "ep": check_ep, "accum": check_accum, "restore": check_restore}
 
 
+def regroup(n: int, rank: int) -> bool:
+    """Destroy the job's default process group; ranks 0..n-1 then form a new one of n ranks (on a
+    new rendezvous port chosen by rank 0), with the environment variables an n-process torchrun
+    sets. Returns whether this rank is in the new group (the others have nothing left to do)."""
+    import socket
+
+    port = [0]
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind((os.environ.get("MASTER_ADDR", "127.0.0.1"), 0))
+            port[0] = s.getsockname()[1]
+    dist.broadcast_object_list(port, src=0)
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank >= n:
+        return False
+    os.environ.update({"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "GROUP_WORLD_SIZE": "1",
+                       "ROLE_WORLD_SIZE": str(n), "MASTER_PORT": str(port[0]),
+                       # rank 0 hosts the new rendezvous store (torchrun's agent store belongs to the old job)
+                       "TORCHELASTIC_USE_AGENT_STORE": "False"})
+    init_distributed()
+    assert dist.get_world_size() == n and dist.get_rank() == rank
+    return True
+
+
 def main() -> None:
+    import time
+
     torch.set_num_threads(1)
-    out, names = sys.argv[1], sys.argv[2].split(",")
+    out = sys.argv[1]
+    lists = [names.split(",") for names in sys.argv[2:]]
+    t0, c0 = time.perf_counter(), time.process_time()
     rank, _ = init_distributed()
-    for name in names:
-        CHECKS[name](out, rank)
+    for i, names in enumerate(lists):
+        if i and not regroup(2, rank):
+            return
+        for name in names:
+            t, c = time.perf_counter(), time.process_time()
+            CHECKS[name](out, rank)
+            if rank == 0:
+                print(f"[{name}] {time.perf_counter() - t:.1f} s wall, rank 0 CPU {time.process_time() - c:.1f} s",
+                      flush=True)
+    if rank == 0:
+        print(f"[job] {time.perf_counter() - t0:.1f} s wall since the process group, rank 0 CPU "
+              f"{time.process_time():.1f} s since start", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

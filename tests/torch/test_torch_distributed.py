@@ -1,11 +1,13 @@
 """torch.distributed on CPU (gloo): meshes, FSDP2, expert parallelism, DCP, HF export.
 
-The multi-process checks run in two torchrun jobs started once per session
-(tests/torch/dist_job.py): ONE 4-process job for every 4-rank check (four
+The multi-process checks run in ONE torchrun launch of 4 processes per test run
+(tests/torch/dist_job.py): every 4-rank check on a 4-rank process group (four
 meshes trained 20 steps against the single-process run, the expert-parallel
-layer, gradient accumulation, the DCP save and an exact resume), then one
-2-process job that restores the 4-rank DCP checkpoint on 2 ranks. The 1-rank
-restore runs in this process without a process group.
+layer, gradient accumulation, the DCP save and an exact resume), then ranks 0
+and 1 form a new 2-rank process group that restores the 4-rank DCP checkpoint on
+2 ranks and runs `dsv3 train --mesh` (ranks 2 and 3 exit). The 1-rank restore
+runs in this process without a process group. The tests that read the launch's
+results share one xdist group, so one worker starts it once.
 """
 
 from __future__ import annotations
@@ -54,11 +56,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, out: str, checks: str) -> None:
+def _torchrun(nproc: int, out: str, *checks: str) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), JOB, out, checks]
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), JOB, out, *checks]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         raise AssertionError(f"torchrun job {checks!r} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
@@ -66,16 +68,21 @@ def _torchrun(nproc: int, out: str, checks: str) -> None:
     print(proc.stdout)
 
 
+# Every test that reads the launch's results: one xdist group, so one worker runs the launch once.
+DIST_JOB = pytest.mark.xdist_group("torch_dist_job")
+
+
 @pytest.fixture(scope="module")
 def job4(tmp_path_factory) -> str:
+    """The 4-rank checks, then (ranks 0 and 1 in a new 2-rank process group) the 2-rank ones."""
     out = str(tmp_path_factory.mktemp("dist4"))
-    _torchrun(4, out, "train,ep,accum")
+    _torchrun(4, out, "train,ep,accum", "restore,cli")
     return out
 
 
 @pytest.fixture(scope="module")
 def job2(job4) -> str:
-    _torchrun(2, job4, "restore,cli")
+    """The results of the 2-rank checks (same launch, same directory)."""
     return job4
 
 
@@ -85,6 +92,7 @@ def _load(path: str) -> dict:
 
 
 @pytest.mark.slow
+@DIST_JOB
 @pytest.mark.parametrize("mesh", MESHES)
 def test_mesh_training_equals_single_process(job4, mesh):
     r = json.load(open(os.path.join(job4, "train.json")))[mesh]
@@ -98,6 +106,7 @@ def test_mesh_training_equals_single_process(job4, mesh):
 
 
 @pytest.mark.slow
+@DIST_JOB
 def test_expert_parallel_layer_equals_single_process(job4):
     r = json.load(open(os.path.join(job4, "ep.json")))
     for case in r["cases"]:
@@ -110,6 +119,7 @@ def test_expert_parallel_layer_equals_single_process(job4):
 
 
 @pytest.mark.slow
+@DIST_JOB
 def test_gradient_accumulation_under_fsdp_equals_one_batch(job4):
     r = json.load(open(os.path.join(job4, "accum.json")))
     print(f"{r['mesh']}: loss rel {r['loss_rel']:.2e}, first-step gradients rel {r['grad_rel']:.2e}, "
@@ -122,6 +132,7 @@ def test_gradient_accumulation_under_fsdp_equals_one_batch(job4):
 
 
 @pytest.mark.slow
+@DIST_JOB
 def test_dcp_resume_is_exact(job4):
     r = json.load(open(os.path.join(job4, "train.json")))["fsdp=2,expert=2"]
     assert r["resumed_equal"]  # losses of steps 16-20 after a restore: bit for bit
@@ -135,6 +146,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
+@DIST_JOB
 def test_dcp_restore_on_two_ranks(job2):
     saved_m, saved_o = _load(os.path.join(job2, "saved_model.npz")), _load(os.path.join(job2, "saved_optim.npz"))
     for spec in ("fsdp2", "expert2"):
@@ -143,6 +155,7 @@ def test_dcp_restore_on_two_ranks(job2):
 
 
 @pytest.mark.slow
+@DIST_JOB
 def test_dcp_restore_on_one_process_and_hf_export(job4):
     sys.path.insert(0, os.path.dirname(JOB))
     try:
@@ -165,9 +178,10 @@ def test_dcp_restore_on_one_process_and_hf_export(job4):
 
 
 @pytest.mark.slow
+@DIST_JOB
 def test_torchrun_dsv3_train_with_mesh_and_resume_on_another_mesh(job2, tmp_path):
-    """`dsv3 train --mesh` under the 2-process job (fsdp=2 for 2 steps, resumed on expert=2 to 4 steps)
-    equals the same 4 steps in one process; rank 0 alone wrote the run directory."""
+    """`dsv3 train --mesh` on the launch's 2-rank process group (fsdp=2 for 2 steps, resumed on expert=2
+    to 4 steps) equals the same 4 steps in one process; rank 0 alone wrote the run directory."""
     sys.path.insert(0, os.path.dirname(JOB))
     try:
         import dist_job
