@@ -46,6 +46,16 @@ def mask_positions(valid: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def cached_keys(cache: "KVCache", new: jax.Array, start_pos) -> tuple[jax.Array, jax.Array]:
+    """The cache's mask with the entries start_pos.. set to new [B,S] bool (entries written without a mask
+    are real) -> (keys [B, max_len], the new entries' positions [B,S]: each row counts its real entries)."""
+    B, L = new.shape[0], cache.max_len
+    keys = jnp.ones((B, L), bool) if cache.mask is None else cache.mask
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, new, start_pos, axis=1)
+    before = jnp.sum(keys & (jnp.arange(L) < start_pos), axis=1)  # [B] real entries before
+    return keys, jnp.maximum(before[:, None] + jnp.cumsum(new.astype(jnp.int32), axis=1) - 1, 0)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean next-token CE in fp32 over labels != -100 (0 when there are none)."""
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -306,12 +316,8 @@ class DeepSeekV3(nnx.Module):
             h, _, _, layers = self._trunk(tokens, start_pos, cache.layers)
             return self.norm(h), KVCache(cache.kind, cache.max_len, layers)
         B, S = tokens.shape
-        L = cache.max_len
         new = jnp.ones((B, S), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        keys = jnp.ones((B, L), bool) if cache.mask is None else cache.mask  # earlier entries: real
-        keys = jax.lax.dynamic_update_slice_in_dim(keys, new, start_pos, axis=1)
-        before = jnp.sum(keys & (jnp.arange(L) < start_pos), axis=1)        # [B] real entries before
-        positions = jnp.maximum(before[:, None] + jnp.cumsum(new.astype(jnp.int32), axis=1) - 1, 0)
+        keys, positions = cached_keys(cache, new, start_pos)
         h, _, _, layers = self._trunk(tokens, start_pos, cache.layers, positions,
                                       visible_mask(keys, start_pos, S), new)
         return self.norm(h), KVCache(cache.kind, cache.max_len, layers, keys)
