@@ -85,7 +85,11 @@ def set_cpu_devices(n: int) -> None:
     """Ask XLA:CPU for n devices: must run before jax is imported (the flag is read once, at start)."""
     if n < 1:
         raise ValueError(f"--cpu-devices must be >= 1, got {n}")
-    if "jax" in sys.modules:
+    if "jax" in sys.modules:  # the count is fixed once jax started: fine if it is already n CPU devices
+        import jax
+
+        if jax.default_backend() == "cpu" and jax.device_count() == n:
+            return
         raise ValueError("--cpu-devices: jax is already imported; the device count can no longer change")
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]

@@ -338,9 +338,8 @@ def _make_eval_step(twin):
 
 def make_backend(cfg: ModelConfig, tcfg: TrainConfig) -> JaxBackend:
     """The backend of a run; on the mesh ``tcfg.mesh`` ("data=2,fsdp=2,expert=2") when it names one."""
-    spec = getattr(tcfg, "mesh", None)
-    if spec:
-        from dsv3_jax import sharding
+    if getattr(tcfg, "mesh", None):
+        from dsv3_jax.dist_train import ShardedJaxBackend  # orbax checkpoints of the sharded state
 
-        return JaxBackend(cfg, tcfg, mesh=sharding.make_mesh(spec))
+        return ShardedJaxBackend(cfg, tcfg)
     return JaxBackend(cfg, tcfg)
