@@ -357,9 +357,13 @@ class DeepSeekV3(nnx.Module):
                                         f"{sorted(set(found) ^ set(order))[:10]}")
         return [(n, *found[n]) for n in order]
 
-    def canonical_state(self) -> dict[str, np.ndarray]:
-        """{canonical name: numpy array} in torch layout ([out, in]; experts [E, out, in])."""
-        return {name: to_numpy(_to_torch(var.get_value(), lay)) for name, var, lay in self._named_vars()}
+    def canonical_state(self, fetch=to_numpy) -> dict[str, np.ndarray]:
+        """{canonical name: numpy array} in torch layout ([out, in]; experts [E, out, in]).
+
+        fetch: a variable's value -> its whole array on the host (a multi-process run passes a gather);
+        the layout change is a host transpose (nothing is compiled for it)."""
+        return {name: np.ascontiguousarray(_from_torch(fetch(var.get_value()), lay))
+                for name, var, lay in self._named_vars()}
 
     def load_canonical_state(self, state) -> None:
         """Fill every variable from a torch-layout canonical dict (validated with check_state)."""
@@ -388,15 +392,8 @@ class DeepSeekV3(nnx.Module):
         return sum(int(np.prod(v.get_value().shape)) for _, v, _ in self._named_vars() if isinstance(v, nnx.Param))
 
 
-def _to_torch(x, layout: str):
-    if layout == "T":
-        return x.T
-    if layout == "E":
-        return jnp.swapaxes(x, -1, -2)
-    return x
-
-
 def _from_torch(x: np.ndarray, layout: str) -> np.ndarray:
+    """torch layout <-> ours: "T" a 2-D transpose, "E" the experts' last two axes swapped (its own inverse)."""
     if layout == "T":
         return x.T
     if layout == "E":

@@ -155,7 +155,7 @@ class JaxBackend:
             raise ValueError(f"the micro-batch of {a.shape[batch_dim]} sequences does not split over the mesh "
                              f"{sharding.format_mesh(sharding.mesh_shape(self.mesh))} ({n} devices): use a "
                              f"multiple of {n} sequences per micro-batch")
-        return jax.device_put(np.asarray(a, np.int32), sharding.batch_sharding(self.mesh, a.ndim, batch_dim))
+        return sharding.global_array(np.asarray(a, np.int32), sharding.batch_sharding(self.mesh, a.ndim, batch_dim))
 
     # ------------------------------------------------------------- train
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
