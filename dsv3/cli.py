@@ -79,13 +79,37 @@ def _add_train(sub) -> None:
                         "without it such a directory is refused")
     p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
                    help="simulate N CPU devices (sets XLA_FLAGS before JAX starts), e.g. for --mesh on a laptop")
+    g = p.add_argument_group("several JAX processes (one command per process; --framework jax --mesh)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N")
+    g.add_argument("--process-id", type=int, default=None, metavar="I")
+
+
+def set_jax_processes(coordinator: Optional[str], num_processes: Optional[int], process_id: Optional[int],
+                      framework: str, mesh: Optional[str]) -> None:
+    """--coordinator/--num-processes/--process-id -> the environment dsv3_jax.sharding.init_distributed reads."""
+    given = [x is not None for x in (coordinator, num_processes, process_id)]
+    if not any(given):
+        return
+    if not all(given):
+        raise ValueError("--coordinator, --num-processes and --process-id go together")
+    if framework != "jax" or not mesh:
+        raise ValueError("several processes: --framework jax with a --mesh (torch: use torchrun)")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id must be in [0, {num_processes}) and --num-processes >= 1")
+    os.environ.update(JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(num_processes),
+                      JAX_PROCESS_ID=str(process_id))
 
 
 def set_cpu_devices(n: int) -> None:
     """Ask XLA:CPU for n devices: must run before jax is imported (the flag is read once, at start)."""
     if n < 1:
         raise ValueError(f"--cpu-devices must be >= 1, got {n}")
-    if "jax" in sys.modules:
+    if "jax" in sys.modules:  # the count is fixed once jax started: fine if it is already n CPU devices
+        import jax
+
+        if jax.default_backend() == "cpu" and jax.device_count() == n:
+            return
         raise ValueError("--cpu-devices: jax is already imported; the device count can no longer change")
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
@@ -384,11 +408,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    if getattr(args, "cpu_devices", None):
-        set_cpu_devices(args.cpu_devices)  # before any command imports jax
     commands = {"train": lambda a: cmd_train(a, argv), "generate": cmd_generate, "convert": cmd_convert,
                 "info": cmd_info}
     try:
+        if getattr(args, "cpu_devices", None):
+            set_cpu_devices(args.cpu_devices)  # before any command imports jax
+        if args.command == "train":
+            set_jax_processes(args.coordinator, args.num_processes, args.process_id, args.framework, args.mesh)
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
         print(f"dsv3 {args.command}: error: {err}", file=sys.stderr)

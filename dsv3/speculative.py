@@ -2,25 +2,30 @@
 
 Shape legend: B batch (prompts), S tokens fed in one call, V vocab, n positions fed to the MTP depth.
 
-Per step, for every row: the main latent cache holds positions [0, pos), the main model's hidden state
-(after its final norm) at pos - 1 is known and the pending token x at pos is not yet in the cache.
+The prompts are LEFT-padded to the longest (`dsv3.generation.left_pad`), so every row's pending token sits
+at the same cache entry ("slot") s; the caches keep an attention mask (1 = real entry) and each row counts
+its positions over its real entries only. Per step, for every row:
 
-1. draft: the MTP depth takes (hidden at i, embed(token at i + 1)) for the positions it has not seen yet,
-   exactly as in training, and proposes d for pos + 1 (argmax, or a sample from its filtered
+1. draft: the MTP depth takes (hidden at i, embed(next real token after i)) for the slots it has not seen
+   yet, exactly as in training, and proposes d for the slot s + 1 (argmax, or a sample from its filtered
    distribution q);
-2. verify: one cached forward of the main model on [x, d] at positions pos, pos + 1;
-3. accept: greedy, iff the main argmax at pos is d; sampling, with probability min(1, p[d] / q[d]), else the
+2. verify: one cached forward of the main model on [x, d] at slots s, s + 1;
+3. accept: greedy, iff the main argmax after x is d; sampling, with probability min(1, p[d] / q[d]), else the
    token is drawn from normalise(max(p - q, 0)) (Leviathan et al., arXiv 2211.17192);
-4. commit: when every unfinished row accepted, x, d and the bonus token the verifier samples at pos + 1
-   (the new pending token) advance the batch by two positions; otherwise by one position: each row's new
-   pending token is its accepted draft or its resampled correction. Cache entries past the committed length
-   are simply overwritten by the next call (an MLA cache entry depends only on its own token and position),
-   the main cache and the MTP depth's own attention cache alike.
+4. commit, per row: a row that accepted commits d and the bonus token the verifier gives after d (two new
+   tokens); a row that rejected commits its correction, and its slot s + 1 (the rejected draft) becomes a
+   hole: the next call marks it 0 in the cache mask, so no later query attends to it and no position
+   counts it (an MLA cache entry depends only on its own token and position, so nothing is recomputed).
+   Either way the new pending token goes to slot s + 2: rows advance in lock-step through the slots but
+   each by its own accepted length.
 
-The batch advances in lock-step (one shared position, as `dsv3.generation.decode_loop`): acceptance is
-decided per row, and a row that accepted while another rejected keeps its accepted draft as its next token,
-so no row ever commits a token the main model would not have produced; only the bonus token of such a row
-is dropped. Rows still inside their (longer) prompt are fed their prompt tokens as forced drafts.
+The MTP depth's own attention cache uses the same slots and the same mask: after a step it is fed the
+pairs of slots s and s + 1 (for a row that rejected, (hidden at s, embed(correction)) and a hole), and
+drafts from the last real one.
+
+Holes cost cache entries: a step uses two slots and gains each row one or two tokens. When the cache has no
+room left for the worst case (every later draft rejected), the loop verifies the pending token alone, one
+slot per token, until the end.
 
 A framework supplies `SpeculativeSteps` (prefill / draft / verify on its model and caches); `speculative_loop`
 is the rest: EOS and the token budget are checked on every committed token, and `SpeculativeStats` counts
@@ -35,7 +40,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
-from dsv3.generation import check_logits_finite
+from dsv3.generation import check_logits_finite, left_pad
 
 SPECULATIVE_KINDS = ("mtp",)
 
@@ -69,23 +74,26 @@ class SpeculativeSteps(Protocol):
     """A framework's model calls. Each returns numpy arrays: greedy, the argmax token ids; sampling, the float
     logits; and a bool array, whether each row's logits were all finite.
 
-    prefill(tokens [B][P]) -> (out at position P - 1 [B] | [B,V], finite [B]); keeps the hidden [B,P,D].
-    draft(tokens [B][n], start_pos) -> (out [B] | [B,V], finite [B]): the MTP depth on the first n positions of
-        the last kept main hidden (at start_pos..) and the embeddings of `tokens` (at start_pos + 1..);
-        its prediction for start_pos + n + 1.
-    verify(tokens [B][S], start_pos) -> (out [B,S] | [B,S,V], finite [B]); keeps the hidden [B,S,D].
-    draft_verify(tokens, start_pos, pending [B], fixed [B], pos) -> (drafts [B], out [B,2], finite [B]), greedy
-        only: draft(tokens, start_pos), its argmax replaced by fixed[b] where fixed[b] >= 0 (a forced prompt
-        token), then verify([[pending[b], draft[b]]], pos); finite covers both calls.
+    prefill(tokens [B][P], mask [B][P] or None) -> (out at slot P - 1 [B] | [B,V], finite [B]): the main model
+        on the left-padded prompts (mask: 1 = real token); keeps the hidden [B,P,D].
+    draft(tokens [B][n], start_pos, valid [B][n]) -> (out [B] | [B,V], finite [B]): first marks the main
+        cache's slots start_pos.. with `valid` (0 turns a rejected draft into a hole), then runs the MTP depth
+        on the first n slots of the last kept main hidden (at start_pos..) and the embeddings of `tokens`,
+        with the same mask; its prediction from each row's last valid slot.
+    verify(tokens [B][S], start_pos) -> (out [B,S] | [B,S,V], finite [B]); real tokens; keeps the hidden [B,S,D].
+    draft_verify(tokens, start_pos, valid, pending [B], pos) -> (drafts [B], out [B,2], finite [B]), greedy
+        only: draft(tokens, start_pos, valid)'s argmax d, then verify([[pending[b], d[b]]], pos); finite covers
+        both calls.
     """
 
-    def prefill(self, tokens: list[list[int]]) -> tuple[np.ndarray, np.ndarray]: ...
+    def prefill(self, tokens: list[list[int]], mask: Optional[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def draft(self, tokens: list[list[int]], start_pos: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def draft(self, tokens: list[list[int]], start_pos: int,
+              valid: list[list[int]]) -> tuple[np.ndarray, np.ndarray]: ...
 
     def verify(self, tokens: list[list[int]], start_pos: int) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def draft_verify(self, tokens: list[list[int]], start_pos: int, pending: list[int], fixed: list[int],
+    def draft_verify(self, tokens: list[list[int]], start_pos: int, valid: list[list[int]], pending: list[int],
                      pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
@@ -136,53 +144,66 @@ def accept_or_resample(p: np.ndarray, q: np.ndarray, d: int, rng: np.random.Gene
     return False, sample(residual, rng)
 
 
+def cache_slots(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_positions: int) -> int:
+    """Cache entries for `speculative_loop`: room for a hole per new token (the longest prompt + 2 per new
+    token), within the model's positions; never fewer than plain decoding needs."""
+    P = max(map(len, prompts))
+    return max(P + max_new_tokens, min(P + 2 * max_new_tokens, max_positions))
+
+
 def speculative_loop(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: Optional[int],
                      on_token: Optional[Callable[[int, int], None]], steps: SpeculativeSteps, cache_len: int,
                      temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                      seed: int = 0, stats: Optional[SpeculativeStats] = None) -> list[list[int]]:
     """New tokens per prompt (cut after `eos`, which is kept), on_token(row, token) streaming them; the
-    arguments are those of `generate`, already checked. cache_len: the main cache's length (a step that
-    has no room for the draft's position verifies the pending token alone)."""
-    run = _SpeculativeRun(prompts, max_new_tokens, eos, on_token, steps, temperature, top_k, top_p, seed,
-                          SpeculativeStats() if stats is None else stats)
+    arguments are those of `generate`, already checked. cache_len: the caches' entries (`cache_slots`)."""
+    run = _SpeculativeRun(max_new_tokens, eos, on_token, steps, temperature, top_k, top_p, seed,
+                          SpeculativeStats() if stats is None else stats, len(prompts))
     if max_new_tokens == 0:
         return run.new
-    P = min(run.lens)
-    out, finite = steps.prefill([list(p[:P]) for p in prompts])
+    tokens, mask = left_pad(prompts)
+    P = len(tokens[0])
+    out, finite = steps.prefill(tokens, mask)
     check_logits_finite(finite.tolist(), P - 1)
-    pos = P  # position of the pending token x
-    x = run.at(pos, run.pick(out))
-    mtp_tokens, mtp_start = [list(p[1:P]) + [x[b]] for b, p in enumerate(prompts)], 0
+    x = run.commit(run.pick(out))  # the pending token of every row, at slot P
+    # the MTP depth's pairs (hidden at i, embed(token at i + 1)) for the prompt's slots 0..P-1
+    feed = ([row[1:] + [t] for row, t in zip(tokens, x)], 0, mask or [[1] * P for _ in tokens])
+    pos, drafting = P, True
     while not all(run.done):
-        if pos + 2 > cache_len:  # no room for a draft: verify the pending token alone
+        # a step takes two slots and may gain a row only one token: draft while the rest still fits
+        if drafting and cache_len - (pos + 2) < run.most_left() - 1:
+            drafting = False
+            if pos > P:  # the last step's holes are marked by a draft call; its draft is not needed
+                steps.draft(*feed)
+        if not drafting:  # the pending token alone, one slot per token (the MTP depth is not needed again)
             out, finite = steps.verify([[t] for t in x], pos)
             run.stats.verify_calls += 1
             check_logits_finite(finite.tolist(), pos)
-            y = run.at(pos + 1, run.pick(out[:, 0]))
-            mtp_tokens, mtp_start, x, pos = [[t] for t in y], pos, y, pos + 1
+            x, pos = run.commit(run.pick(out[:, 0])), pos + 1
             continue
-        d, q, out = run.draft_and_verify(mtp_tokens, mtp_start, x, pos)
-        accepted, y = run.judge(d, q, out, pos)
-        if all(accepted[b] for b in range(run.B) if not run.done[b]):
-            run.at(pos + 1, d)
-            z = run.at(pos + 2, run.pick(out[:, 1]))  # the bonus token (or the prompt's)
-            mtp_tokens, mtp_start, x, pos = [[d[b], z[b]] for b in range(run.B)], pos, z, pos + 2
-        else:
-            y = run.at(pos + 1, y)
-            mtp_tokens, mtp_start, x, pos = [[t] for t in y], pos, y, pos + 1
+        d, q, out = run.draft_and_verify(feed, x, pos)
+        accepted, y = run.judge(d, q, out)
+        z = [run.pick(out[b:b + 1, 1])[0] if accepted[b] else None for b in range(run.B)]  # bonus tokens
+        x = [z[b] if accepted[b] else y[b] for b in range(run.B)]
+        for b in range(run.B):  # each row commits its accepted draft and bonus, or its correction
+            for t in ([d[b], z[b]] if accepted[b] else [y[b]]):
+                run.emit(b, t)
+        feed = ([[d[b], z[b]] if accepted[b] else [y[b], y[b]] for b in range(run.B)], pos,
+                [[1, int(accepted[b])] for b in range(run.B)])
+        pos += 2
     return run.new
 
 
 class _SpeculativeRun:
     """The state of one `speculative_loop`: rows' new tokens, which rows are done, the sampler."""
 
-    def __init__(self, prompts, max_new_tokens, eos, on_token, steps, temperature, top_k, top_p, seed, stats):
-        self.prompts, self.max_new_tokens, self.eos, self.on_token = prompts, max_new_tokens, eos, on_token
+    def __init__(self, max_new_tokens, eos, on_token, steps, temperature, top_k, top_p, seed, stats, batch):
+        self.max_new_tokens, self.eos, self.on_token = max_new_tokens, eos, on_token
         self.steps, self.stats = steps, stats
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.greedy = temperature == 0
         self.rng = np.random.default_rng(seed)
-        self.B, self.lens = len(prompts), [len(p) for p in prompts]
+        self.B = batch
         self.new: list[list[int]] = [[] for _ in range(self.B)]
         self.done = [False] * self.B
 
@@ -205,41 +226,38 @@ class _SpeculativeRun:
             self.on_token(b, tok)
         self.done[b] = (self.eos is not None and tok == self.eos) or len(self.new[b]) >= self.max_new_tokens
 
-    def at(self, pos: int, chosen: list[int]) -> list[int]:
-        """The token at pos of every row: the prompt's, or the chosen one (then emitted)."""
-        x = [self.prompts[b][pos] if pos < self.lens[b] else chosen[b] for b in range(self.B)]
-        for b in range(self.B):
-            if pos >= self.lens[b]:
-                self.emit(b, x[b])
-        return x
+    def commit(self, chosen: list[int]) -> list[int]:
+        """Emit one token per row; returns them."""
+        for b, t in enumerate(chosen):
+            self.emit(b, t)
+        return chosen
 
-    def draft_and_verify(self, mtp_tokens, mtp_start, x, pos):
-        """Draft the token at pos + 1 (a row still in its prompt takes the prompt's) and verify [x, draft]
+    def most_left(self) -> int:
+        """The most tokens an unfinished row still needs."""
+        return max(self.max_new_tokens - len(self.new[b]) for b in range(self.B) if not self.done[b])
+
+    def draft_and_verify(self, feed, x, pos):
+        """Feed the MTP depth, draft the token at slot pos + 1 and verify [x, draft] at pos
         -> (drafts d [B], draft probabilities q [B,V] or None (greedy), verifier output)."""
-        B, prompts = self.B, self.prompts
-        forced = [pos + 1 < self.lens[b] for b in range(B)]
+        tokens, start, valid = feed
         q = None
         if self.greedy:  # the draft never leaves the device: one call drafts and verifies
-            fixed = [prompts[b][pos + 1] if forced[b] else -1 for b in range(B)]
-            d_arr, out, finite = self.steps.draft_verify(mtp_tokens, mtp_start, x, fixed, pos)
+            d_arr, out, finite = self.steps.draft_verify(tokens, start, valid, x, pos)
             d = [int(t) for t in d_arr]
         else:
-            q_out, finite = self.steps.draft(mtp_tokens, mtp_start)
+            q_out, finite = self.steps.draft(tokens, start, valid)
             check_logits_finite(finite.tolist(), pos + 1)
             q = self.probs(q_out)
-            d = [prompts[b][pos + 1] if forced[b] else sample(q[b], self.rng) for b in range(B)]
-            out, finite = self.steps.verify([[x[b], d[b]] for b in range(B)], pos)
+            d = [sample(q[b], self.rng) for b in range(self.B)]
+            out, finite = self.steps.verify([[x[b], d[b]] for b in range(self.B)], pos)
         self.stats.verify_calls += 1
         check_logits_finite(finite.tolist(), pos + 1)
         return d, q, out
 
-    def judge(self, d, q, out, pos):
-        """Accept or reject each row's draft -> (accepted [B], y: the token at pos + 1 if the batch
-        advances by one). Rows still in their prompt always accept."""
+    def judge(self, d, q, out):
+        """Accept or reject each row's draft -> (accepted [B], y: each row's correction where rejected)."""
         accepted, y = [True] * self.B, list(d)
         for b in range(self.B):
-            if pos + 1 < self.lens[b]:
-                continue
             if self.greedy:
                 accepted[b] = int(out[b, 0]) == d[b]
                 y[b] = int(out[b, 0])

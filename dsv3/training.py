@@ -125,9 +125,9 @@ def _message(msg: str, quiet: bool = False) -> None:
 
 
 def is_writer_process() -> bool:
-    """False on every rank but 0 of a multi-process job (torchrun's RANK): they neither log nor write
+    """False on every rank but 0 of a multi-process job (torchrun's RANK, JAX's JAX_PROCESS_ID): they neither log nor write
     the run directory's files; a sharded backend writes their checkpoint shards itself."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return int(os.environ.get("RANK", os.environ.get("JAX_PROCESS_ID", "0"))) == 0
 
 
 class _NoLog:

@@ -46,6 +46,16 @@ def mask_positions(valid: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def cached_keys(cache: "KVCache", new: jax.Array, start_pos) -> tuple[jax.Array, jax.Array]:
+    """The cache's mask with the entries start_pos.. set to new [B,S] bool (entries written without a mask
+    are real) -> (keys [B, max_len], the new entries' positions [B,S]: each row counts its real entries)."""
+    B, L = new.shape[0], cache.max_len
+    keys = jnp.ones((B, L), bool) if cache.mask is None else cache.mask
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, new, start_pos, axis=1)
+    before = jnp.sum(keys & (jnp.arange(L) < start_pos), axis=1)  # [B] real entries before
+    return keys, jnp.maximum(before[:, None] + jnp.cumsum(new.astype(jnp.int32), axis=1) - 1, 0)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean next-token CE in fp32 over labels != -100 (0 when there are none)."""
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -316,12 +326,8 @@ class DeepSeekV3(nnx.Module):
             h, _, _, layers = self._trunk(tokens, start_pos, cache.layers)
             return self.norm(h), KVCache(cache.kind, cache.max_len, layers)
         B, S = tokens.shape
-        L = cache.max_len
         new = jnp.ones((B, S), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        keys = jnp.ones((B, L), bool) if cache.mask is None else cache.mask  # earlier entries: real
-        keys = jax.lax.dynamic_update_slice_in_dim(keys, new, start_pos, axis=1)
-        before = jnp.sum(keys & (jnp.arange(L) < start_pos), axis=1)        # [B] real entries before
-        positions = jnp.maximum(before[:, None] + jnp.cumsum(new.astype(jnp.int32), axis=1) - 1, 0)
+        keys, positions = cached_keys(cache, new, start_pos)
         h, _, _, layers = self._trunk(tokens, start_pos, cache.layers, positions,
                                       visible_mask(keys, start_pos, S), new)
         return self.norm(h), KVCache(cache.kind, cache.max_len, layers, keys)
@@ -361,9 +367,13 @@ class DeepSeekV3(nnx.Module):
                                         f"{sorted(set(found) ^ set(order))[:10]}")
         return [(n, *found[n]) for n in order]
 
-    def canonical_state(self) -> dict[str, np.ndarray]:
-        """{canonical name: numpy array} in torch layout ([out, in]; experts [E, out, in])."""
-        return {name: to_numpy(_to_torch(var.get_value(), lay)) for name, var, lay in self._named_vars()}
+    def canonical_state(self, fetch=to_numpy) -> dict[str, np.ndarray]:
+        """{canonical name: numpy array} in torch layout ([out, in]; experts [E, out, in]).
+
+        fetch: a variable's value -> its whole array on the host (a multi-process run passes a gather);
+        the layout change is a host transpose (nothing is compiled for it)."""
+        return {name: np.ascontiguousarray(_from_torch(fetch(var.get_value()), lay))
+                for name, var, lay in self._named_vars()}
 
     def load_canonical_state(self, state) -> None:
         """Fill every variable from a torch-layout canonical dict (validated with check_state)."""
@@ -392,15 +402,8 @@ class DeepSeekV3(nnx.Module):
         return sum(int(np.prod(v.get_value().shape)) for _, v, _ in self._named_vars() if isinstance(v, nnx.Param))
 
 
-def _to_torch(x, layout: str):
-    if layout == "T":
-        return x.T
-    if layout == "E":
-        return jnp.swapaxes(x, -1, -2)
-    return x
-
-
 def _from_torch(x: np.ndarray, layout: str) -> np.ndarray:
+    """torch layout <-> ours: "T" a 2-D transpose, "E" the experts' last two axes swapped (its own inverse)."""
     if layout == "T":
         return x.T
     if layout == "E":

@@ -47,11 +47,12 @@ class MTPModule(nnx.Module):
         return dense(self.eh_proj, jnp.concatenate([self.enorm(emb), self.hnorm(h_prev)], axis=-1))
 
     def forward_cached(self, h_prev: jax.Array, emb: jax.Array, cos: jax.Array, sin: jax.Array, start_pos,
-                       cache: dict):
+                       cache: dict, mask: jax.Array | None = None, valid: jax.Array | None = None):
         """`__call__` on S new positions start_pos.. with the block's attention cache (one layer of
         ``block.attn.init_cache``; the updated copy is returned): h_prev, emb [B,S,D] ->
         (h^k before norm [B,S,D], cache). start_pos may be traced.
 
-        The draft step of speculative decoding; the same inputs and order as in training."""
-        h, _, cache = self.block(self._input(h_prev, emb), cos, sin, start_pos, cache)
+        The draft step of speculative decoding; the same inputs and order as in training. mask, valid:
+        padding and holes, as in Block (the [B,1,S,keys] ``visible_mask`` and the real new entries [B,S])."""
+        h, _, cache = self.block(self._input(h_prev, emb), cos, sin, start_pos, cache, mask, valid)
         return h, cache

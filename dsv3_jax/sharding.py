@@ -215,9 +215,35 @@ def optimizer_specs(optimizer, model, mesh: Mapping[str, int]) -> dict[tuple, P]
     return out
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join a multi-process JAX job described by JAX_COORDINATOR_ADDRESS (host:port of process 0),
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID (``dsv3 train --coordinator/--num-processes/--process-id`` set
+    them); returns (process index, process count). Without them nothing is initialised: (0, 1).
+
+    Call before the first jax computation. On CPU the processes exchange data through gloo
+    (``jax_cpu_collectives_implementation``), so 2 processes x 4 simulated devices run on one machine."""
+    import os
+
+    if "JAX_NUM_PROCESSES" not in os.environ or jax.distributed.is_initialized():
+        return jax.process_index(), jax.process_count()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only by the CPU backend
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+    return jax.process_index(), jax.process_count()
+
+
+def global_array(x, sharding: NamedSharding) -> jax.Array:
+    """``x`` (the same whole value in every process) as a global array of ``sharding``; each process
+    transfers only the pieces its own devices hold (several processes: ``jax.make_array_from_callback``)."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def _place(obj, specs: Mapping[tuple, P], mesh: jax.sharding.Mesh) -> None:
     for path, var in _flat_vars(obj):
-        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, specs[path])))
+        var.set_value(global_array(var.get_value(), NamedSharding(mesh, specs[path])))
 
 
 def shard_model(model, mesh: jax.sharding.Mesh) -> None:

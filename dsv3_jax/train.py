@@ -155,7 +155,7 @@ class JaxBackend:
             raise ValueError(f"the micro-batch of {a.shape[batch_dim]} sequences does not split over the mesh "
                              f"{sharding.format_mesh(sharding.mesh_shape(self.mesh))} ({n} devices): use a "
                              f"multiple of {n} sequences per micro-batch")
-        return jax.device_put(np.asarray(a, np.int32), sharding.batch_sharding(self.mesh, a.ndim, batch_dim))
+        return sharding.global_array(np.asarray(a, np.int32), sharding.batch_sharding(self.mesh, a.ndim, batch_dim))
 
     # ------------------------------------------------------------- train
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
@@ -338,9 +338,8 @@ def _make_eval_step(twin):
 
 def make_backend(cfg: ModelConfig, tcfg: TrainConfig) -> JaxBackend:
     """The backend of a run; on the mesh ``tcfg.mesh`` ("data=2,fsdp=2,expert=2") when it names one."""
-    spec = getattr(tcfg, "mesh", None)
-    if spec:
-        from dsv3_jax import sharding
+    if getattr(tcfg, "mesh", None):
+        from dsv3_jax.dist_train import ShardedJaxBackend  # orbax checkpoints of the sharded state
 
-        return JaxBackend(cfg, tcfg, mesh=sharding.make_mesh(spec))
+        return ShardedJaxBackend(cfg, tcfg)
     return JaxBackend(cfg, tcfg)

@@ -65,6 +65,18 @@ class KVCache:
         return next(iter(self.layers[0].values())).shape[0]
 
 
+def cached_keys(cache: KVCache, new: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set the cache's mask at entries start_pos.. to new [B,S] bool, in place (entries written without a
+    mask are real) -> (keys [B, start_pos + S], the new entries' positions [B,S]: each row counts its real
+    entries)."""
+    if cache.mask is None:
+        cache.mask = torch.ones(cache.batch, cache.max_len, dtype=torch.bool, device=new.device)
+    end = start_pos + new.shape[1]
+    cache.mask[:, start_pos:end] = new
+    keys = cache.mask[:, :end]
+    return keys, mask_positions(keys)[:, start_pos:]
+
+
 def _shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     """roll(x, -k) along time with the last k entries set to `fill`."""
     out = torch.full_like(x, fill)
@@ -297,14 +309,10 @@ class DeepSeekV3(nn.Module):
             cos, sin = self._rope(start_pos, S, tokens.device)
             h, _ = self._trunk(tokens, cos, sin, start_pos, cache)
             return self.norm(h), cache
-        end = start_pos + S
         new = (torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None
                else self._valid(attention_mask, tokens.shape).to(tokens.device))
-        if cache.mask is None:  # entries written before without a mask are real tokens
-            cache.mask = torch.ones(cache.batch, cache.max_len, dtype=torch.bool, device=tokens.device)
-        cache.mask[:, start_pos:end] = new
-        keys = cache.mask[:, :end]
-        cos, sin = self.rope(mask_positions(keys)[:, start_pos:], self.dtype)  # [B, S, R/2]
+        keys, positions = cached_keys(cache, new, start_pos)
+        cos, sin = self.rope(positions, self.dtype)  # [B, S, R/2]
         h, _ = self._trunk(tokens, cos, sin, start_pos, cache, visible_mask(keys, start_pos, S), new)
         return self.norm(h), cache
 

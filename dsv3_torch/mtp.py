@@ -50,10 +50,12 @@ class MTPModule(nn.Module):
         return h, stats
 
     def forward_cached(self, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       start_pos: int, cache: dict) -> tuple[torch.Tensor, dict]:
+                       start_pos: int, cache: dict, mask: Optional[torch.Tensor] = None,
+                       valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         """`forward` on S new positions start_pos.. with the block's attention cache (one layer of
         ``block.attn.init_cache``, filled in place): h_prev, emb [B,S,D] -> (h^k before norm [B,S,D], cache).
 
-        The draft step of speculative decoding; the same inputs and order as in training."""
-        h, _, cache = self.block(self._input(h_prev, emb), cos, sin, start_pos, cache)
+        The draft step of speculative decoding; the same inputs and order as in training. mask, valid:
+        padding and holes, as in Block (the [B,1,S,keys] ``visible_mask`` and the real new entries [B,S])."""
+        h, _, cache = self.block(self._input(h_prev, emb), cos, sin, start_pos, cache, mask, valid)
         return h, cache

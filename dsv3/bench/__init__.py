@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-SECTIONS = ("peak", "train", "compile", "hf", "prefill", "decode", "moe")
+SECTIONS = ("peak", "train", "compile", "hf", "prefill", "decode", "moe", "speculative")
 FRAMEWORKS = ("torch", "jax")
 DECODE_STEPS = 8  # one-token steps timed per decoding row (the cache holds context + these)
 
@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="set OMP_WAIT_POLICY for torch's OpenMP pool before torch loads (passive: "
                              "idle threads sleep; on a loaded, oversubscribed CPU spinning threads stall "
                              "every small op). Default: leave the environment alone")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a trained checkpoint (or run directory: its latest): config and weights of every "
+                             "row instead of random weights; speculative rows then draft from its MTP module "
+                             "and prompt with the default corpus's validation text")
+    parser.add_argument("--spec-batches", default="1,8", help="batches of the speculative-decoding rows")
+    parser.add_argument("--spec-new", type=int, default=None,
+                        help="tokens generated per speculative-decoding row (default 64; --quick 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-foreach", action="store_true",
                         help="HF rows: foreach AdamW (default: per-tensor, as dsv3_torch.train)")
@@ -62,7 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args):
     from dsv3.config import ModelConfig
 
-    if args.config:
+    if args.checkpoint:
+        from dsv3.rundir import resolve_weights_dir
+
+        cfg = ModelConfig.from_pretrained(resolve_weights_dir(args.checkpoint))
+        name = os.path.basename(os.path.normpath(args.checkpoint))
+    elif args.config:
         cfg = ModelConfig.from_pretrained(args.config)
         name = os.path.basename(os.path.normpath(args.config)).removesuffix(".json")
     else:
@@ -98,10 +110,18 @@ def random_state(cfg, seed: int) -> dict:
 
 
 def set_work(ctx, seed: int) -> None:
-    """The bench's weights and batch on ctx: random_state(seed) and tokens [B, T + 1] from seed + 1."""
+    """The bench's weights and batch on ctx: random_state(seed) (or --checkpoint's weights) and tokens
+    [B, T + 1] from seed + 1."""
     import numpy as np
 
-    ctx.state = random_state(ctx.cfg, seed)
+    if getattr(ctx.args, "checkpoint", None):
+        from dsv3.checkpoint import load_canonical
+        from dsv3.rundir import resolve_weights_dir
+
+        _, state = load_canonical(resolve_weights_dir(ctx.args.checkpoint), ctx.cfg)
+        ctx.state = {k: np.asarray(v, np.float32) for k, v in state.items()}  # the bench casts per row
+    else:
+        ctx.state = random_state(ctx.cfg, seed)
     rng = np.random.default_rng(seed + 1)
     ctx.tokens = rng.integers(0, ctx.cfg.vocab_size, (ctx.batch, ctx.seq + 1)).astype(np.int32)
 
@@ -188,6 +208,13 @@ def _parse(args):
     args.reps = args.reps or (3 if q else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.decode_reps = args.decode_reps or (8 if q else 20)
+    args.spec_new = args.spec_new or (16 if q else 64)
+    try:
+        args.spec_batches = [int(b) for b in str(args.spec_batches).split(",") if b.strip()]
+    except ValueError:
+        raise _Usage(f"--spec-batches must be a comma list of batch sizes (got {args.spec_batches!r})") from None
+    if args.checkpoint and args.config:
+        raise _Usage("--checkpoint holds its own config: leave out --config")
     return cfg, name, frameworks
 
 
@@ -260,7 +287,7 @@ def _run_rows(ctx, frameworks, skip) -> None:
     """Every row: torch, then JAX, then the Hugging Face reference (training step and prefill)."""
     from dsv3.bench import rows, rows_hf
 
-    sections = [s for s in ("train", "prefill", "decode", "moe") if s not in skip]
+    sections = [s for s in ("train", "prefill", "decode", "moe", "speculative") if s not in skip]
     for fw in (f for f in FRAMEWORKS if f in frameworks):
         ctx.log(fw)
         rows.run_rows(ctx, _adapter(ctx, fw), sections)
@@ -301,6 +328,7 @@ def _results(ctx, name, frameworks, env, peaks, wall_s) -> dict:
         "quick": args.quick, "contexts": ctx.contexts, "decode_batch": ctx.decode_batch,
         "decode_steps": ctx.decode_steps, "reps": args.reps, "warmup": args.warmup,
         "decode_reps": args.decode_reps, "seed": args.seed, "frameworks": frameworks,
+        "checkpoint": args.checkpoint, "spec_batches": args.spec_batches, "spec_new": args.spec_new,
         "skip": sorted(args.skip), "torch_threads": _torch_threads(),
         "mtp_depths": cfg.num_nextn_predict_layers, "layers": cfg.num_hidden_layers,
         "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,

@@ -7,6 +7,7 @@ import math
 import os
 from typing import Any, Optional
 
+from dsv3.bench.rows import SPEC_PROMPT
 from dsv3.fileio import atomic_write_text
 
 MAXTEXT_TOK_S = 1450.0  # MaxText on peer-small, CPU fp32, seq 256, batch 8 (the issue's figure)
@@ -34,7 +35,8 @@ def _target(name: str, value, threshold, ok: Optional[bool], note: str = "") -> 
 
 def evaluate_targets(res: dict) -> list[dict]:
     """The issue's targets, reported (never asserted)."""
-    return [*_train_targets(res), *_decode_targets(res), *_moe_targets(res), *_mtp_targets(res)]
+    return [*_train_targets(res), *_decode_targets(res), *_moe_targets(res), *_mtp_targets(res),
+            *_speculative_targets(res)]
 
 
 def _ratio_target(name: str, a: Optional[dict], b: Optional[dict], threshold: str, want: float) -> dict:
@@ -132,6 +134,19 @@ def _mtp_targets(res: dict) -> list[dict]:
     return t
 
 
+def _speculative_targets(res: dict) -> list[dict]:
+    """Speculative decoding faster than plain decoding at batch 1 (DeepSeek-V3 reports 1.8x, with 85-90% of
+    the drafts accepted); greedy gives the tokens of plain decoding."""
+    t = []
+    for r in _rows(res, "speculative", batch=1):
+        t.append(_target(f"{r['framework']} speculative b1 {r['mode']}: faster than plain", round(r["speedup"], 2),
+                         "> 1.0", r["speedup"] > 1.0, f"acceptance {r['acceptance_rate']:.0%}"))
+    for r in _rows(res, "speculative", mode="greedy"):
+        t.append(_target(f"{r['framework']} speculative b{r['batch']} greedy: tokens of plain greedy",
+                         r["same_tokens_as_plain"], "True", bool(r["same_tokens_as_plain"])))
+    return t
+
+
 # -------------------------------------------------------------------- markdown
 def _f(x, fmt="{:.1f}", none="–"):
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -155,6 +170,9 @@ def markdown(res: dict) -> str:
     L += _decode_table(res)
     L += _cache_table(res)
     L += _moe_table(res)
+    L += _table(f"### Speculative decoding, MTP draft ({m['spec_new']} new tokens after {SPEC_PROMPT}-token "
+                f"prompts; {'weights of ' + m['checkpoint'] if m.get('checkpoint') else 'random weights'})",
+                SPEC_COLUMNS, _section(res, "speculative"), 1, _spec_cells)
     L += _targets_table(res)
     errors = [r for r in res["rows"] if "error" in r]
     if errors:
@@ -220,6 +238,17 @@ TRAIN_COLUMNS = ("| implementation | MTP | tokens/s | median ms | IQR | first ca
                  "peak RSS MB | first main loss |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
 PREFILL_COLUMNS = ("| implementation | tokens/s | median ms | IQR | first call s | GFLOP/s | MFU |",
                    "|---|--:|--:|--:|--:|--:|--:|")
+
+
+SPEC_COLUMNS = ("| row | plain tokens/s | MTP tokens/s | speed-up | acceptance | mean accepted length | "
+                "verify calls |", "|---|--:|--:|--:|--:|--:|--:|")
+
+
+def _spec_cells(r: dict) -> list[str]:
+    if "error" in r:
+        return [r["name"]]
+    return [r["name"], f"{r['plain_tokens_per_s']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}×",
+            _f(r["acceptance_rate"], "{:.1%}"), _f(r["mean_accepted_length"], "{:.2f}"), str(r["verify_calls"])]
 
 
 def _timing_cells(r: dict) -> list[str]:

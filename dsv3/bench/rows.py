@@ -4,7 +4,8 @@ Each driver (training step, prefill, decoding, MoE layer against a dense MLP)
 times one kind of work the same way for every framework; what differs per
 framework (building the model, making the batch, one step, synchronising,
 peak memory) comes from an :class:`Adapter` (``rows_torch``, ``rows_jax``,
-``rows_hf``). The matmul peak sweep, the fifth driver, is ``peak.measure_peak``.
+``rows_hf``). Speculative decoding (plain ``generate`` against ``speculative="mtp"`` on the same
+prompts) is timed for torch and JAX. The matmul peak sweep is ``peak.measure_peak``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class Adapter:
     - ``moe_and_dense(x, dense_w)``: {"moe" | "dense": (forward(), forward_and_backward(), extra row
       fields)} from the numpy arrays of :func:`moe_inputs`;
     - ``matmuls(M, K, N)``: {"nn": A[M,K] @ B[K,N], "nt": A @ W[N,K].T} as calls of no arguments, and
-      ``peak_info()``, the peak sweep's record of the device.
+      ``peak_info()``, the peak sweep's record of the device;
+    - ``generators()`` (torch and JAX only): (generate, speculative_generate) of the framework, bound to
+      the model with its MTP depth on the bench's weights: ``f(prompts, max_new_tokens, **kw)``.
     """
 
     framework = ""
@@ -78,6 +81,8 @@ def run_rows(ctx: Ctx, ad: Adapter, sections) -> None:
             ctx.guard("decode", ad.framework, ad.framework, lambda: _decode_rows(ctx, ad))
         if "moe" in sections and ctx.cfg.n_moe_layers:
             ctx.guard("moe", ad.framework, ad.framework, lambda: _moe_rows(ctx, ad))
+        if "speculative" in sections and ctx.has_mtp and hasattr(ad, "generators"):
+            ctx.guard("speculative", ad.framework, ad.framework, lambda: _speculative_rows(ctx, ad))
 
 
 # ------------------------------------------------------------ training step
@@ -189,3 +194,58 @@ def _moe_rows(ctx: Ctx, ad: Adapter) -> None:
         for phase, t, f in (("forward", tf, N * f_tok), ("fwd+bwd", tb, 3 * N * f_tok)):
             ctx.add("moe", f"{ad.framework} {label} {phase}", ad.framework, t, tokens=N, model_flops=f,
                     kind=label, phase=phase, **extra)
+
+
+# ----------------------------------------------------- speculative decoding
+SPEC_PROMPT = 32  # prompt tokens per row
+SPEC_MODES = (("greedy", {}), ("T0.8", {"temperature": 0.8, "seed": 0}))
+
+
+def speculative_prompts(ctx: Ctx, batch: int) -> list[list[int]]:
+    """``batch`` prompts of SPEC_PROMPT tokens: with --checkpoint, byte windows of the default corpus's
+    validation text (what the trained MTP module drafts well or badly); else random tokens (seed 3)."""
+    if getattr(ctx.args, "checkpoint", None):
+        from dsv3.data import load_corpus
+
+        val = load_corpus().val
+        step = max(1, (len(val) - SPEC_PROMPT) // batch)
+        return [[int(t) for t in val[i * step:i * step + SPEC_PROMPT]] for i in range(batch)]
+    rng = np.random.default_rng(3)
+    return rng.integers(0, ctx.cfg.vocab_size, (batch, SPEC_PROMPT)).tolist()
+
+
+def _no_sync(_out) -> None:
+    """generate returns host lists: nothing left to wait for."""
+
+
+def _speculative_rows(ctx: Ctx, ad: Adapter) -> None:
+    """Per batch and mode: plain decoding and MTP speculative decoding of the same prompts, each timed end to
+    end (prefill included, after a first compiling call); the speed-up is their ratio in this run."""
+    from dsv3.speculative import SpeculativeStats
+
+    plain, spec = ad.generators()
+    n = ctx.args.spec_new
+    for B in ctx.args.spec_batches:
+        prompts = speculative_prompts(ctx, B)
+        for mode, kw in SPEC_MODES:
+            name = f"{ad.framework} b{B} {mode}"
+
+            def row():
+                done = {}
+
+                def run_plain():
+                    done["plain"] = plain(prompts, n, **kw)
+
+                with ad.inference():
+                    t_plain = measure(run_plain, _no_sync, warmup=1, reps=ctx.reps)
+                    st = SpeculativeStats()
+                    out = spec(prompts, n, stats=st, **kw)  # compiles (JAX); its statistics and tokens
+                    t_spec = measure(lambda: spec(prompts, n, **kw), _no_sync, warmup=0, reps=ctx.reps)
+                same = out == done["plain"] if mode == "greedy" else None
+                ctx.add("speculative", name, ad.framework, t_spec, tokens=st.tokens, batch=B, mode=mode,
+                        new_tokens=n, plain_median_s=t_plain.median_s,
+                        plain_tokens_per_s=st.tokens / t_plain.median_s, speedup=t_plain.median_s / t_spec.median_s,
+                        acceptance_rate=st.acceptance_rate, mean_accepted_length=st.mean_accepted_length,
+                        verify_calls=st.verify_calls, same_tokens_as_plain=same)
+
+            ctx.guard("speculative", name, ad.framework, row, batch=B, mode=mode)

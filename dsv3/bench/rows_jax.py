@@ -65,6 +65,14 @@ class JaxAdapter(Adapter):
         model.load_canonical_state(self.ctx.weights(mtp))
         return model
 
+    def generators(self):
+        import dsv3_jax
+        from dsv3_jax.speculative import speculative_generate
+
+        model = self.build(mtp=True)
+        return (lambda ps, n, **kw: dsv3_jax.generate(model, ps, n, **kw),
+                lambda ps, n, **kw: speculative_generate(model, ps, n, **kw))
+
     def decoder(self):
         import jax
         import jax.numpy as jnp

@@ -55,6 +55,14 @@ class TorchAdapter(Adapter):
         model = self.build().eval()
         return model.init_cache, model.forward_cached
 
+    def generators(self):
+        import dsv3_torch
+        from dsv3_torch.speculative import speculative_generate
+
+        model = self.build(mtp=True).eval()
+        return (lambda ps, n, **kw: dsv3_torch.generate(model, ps, n, **kw),
+                lambda ps, n, **kw: speculative_generate(model, ps, n, **kw))
+
     def first_moe(self, model):
         return model.layers[self.ctx.cfg.first_k_dense_replace].ffn
 

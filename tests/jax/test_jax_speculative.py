@@ -68,10 +68,10 @@ def test_greedy_equals_plain_greedy(ref, timed):
 
 
 def test_draft_equals_the_training_mtp_forward(model):
-    """The cached draft at positions 1, 3, 4 (after a prefill of 2, a verify of 2, then of 2 of which only
-    the first is kept) is the MTP logits of the full forward as compute_loss computes them: hidden after the
-    final norm, embed(t_{i+1}) first."""
-    x = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (3, 7))
+    """The cached draft at positions 1, 3, 4 and 6 is the MTP logits of the full forward as compute_loss computes
+    them (hidden after the final norm, embed(t_{i+1}) first): after a prefill of 2, a verify of 2, a verify of 2
+    whose second entry is rejected (a hole in both caches), then a verify of 2 after the hole."""
+    x = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (3, 8))
 
     @nnx.jit
     def full(m, x):
@@ -83,12 +83,14 @@ def test_draft_equals_the_training_mtp_forward(model):
     want = np.asarray(full(model, jnp.asarray(x, jnp.int32)))
     steps = SpeculativeSteps(model, 3, cache_length(20), greedy=False)  # speculative_generate's cache
     t = x.tolist()
-    steps.prefill([r[:2] for r in t])
-    got = {1: steps.draft([r[1:3] for r in t], 0)[0]}
+    steps.prefill([r[:2] for r in t], None)
+    got = {1: steps.draft([r[1:3] for r in t], 0, [[1, 1]] * 3)[0]}
     steps.verify([r[2:4] for r in t], 2)
-    got[3] = steps.draft([r[3:5] for r in t], 2)[0]
-    steps.verify([r[4:6] for r in t], 4)  # as after a rejection: only position 4 is kept
-    got[4] = steps.draft([r[5:6] for r in t], 4)[0]
+    got[3] = steps.draft([r[3:5] for r in t], 2, [[1, 1]] * 3)[0]
+    steps.verify([[r[4], 0] for r in t], 4)  # entry 5 holds a draft that is then rejected
+    got[4] = steps.draft([[r[5], r[5]] for r in t], 4, [[1, 0]] * 3)[0]
+    steps.verify([r[5:7] for r in t], 6)  # positions 5 and 6 at entries 6 and 7
+    got[6] = steps.draft([r[6:8] for r in t], 6, [[1, 1]] * 3)[0]
     for i, g in got.items():
         np.testing.assert_allclose(g, want[:, i], rtol=0, atol=1e-5)
 

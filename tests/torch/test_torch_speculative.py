@@ -51,28 +51,35 @@ def test_greedy_equals_plain_greedy_batched_and_per_row(model, kind):
     plain_steps = max(map(len, PROMPTS)) + 12 - min(map(len, PROMPTS)) - 1  # decode_loop's calls after prefill
     assert st.verify_calls < plain_steps
     assert st.tokens == sum(map(len, ref))
-    for p, r in zip(PROMPTS, ref):  # batch 1: every row its own acceptances
-        assert speculative_generate(model, [p], 12, cache=kind) == [r]
+    alone = [_timed(model, [p], 12, cache=kind) for p in PROMPTS]
+    assert [a[0][0] for a in alone] == ref
+    # per-row acceptance: each row of the batch accepts exactly the drafts it accepts alone, and the batch
+    # takes as many verify calls as its slowest row
+    assert (st.drafted, st.accepted) == tuple(sum(getattr(a[2], k) for a in alone) for k in ("drafted", "accepted"))
+    assert st.verify_calls == max(a[2].verify_calls for a in alone)
 
 
 def test_draft_equals_the_training_mtp_forward(model):
-    """The cached draft at positions 3, 5, 6 (after a prefill of 4, a verify of 2, then of 1) is the MTP logits
-    of the full forward as compute_loss computes them: hidden after the final norm, embed(t_{i+1}) first."""
-    x = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    """The cached draft at positions 3, 5, 6 and 8 is the MTP logits of the full forward as compute_loss computes
+    them (hidden after the final norm, embed(t_{i+1}) first): after a prefill of 4, a verify of 2, a verify of 2
+    whose second entry is rejected (a hole in both caches), then a verify of 2 after the hole."""
+    x = torch.randint(0, model.cfg.vocab_size, (2, 10))
     with torch.no_grad():
         h, _ = model.hidden(x)
-        cos, sin = model._rope(0, 9, x.device)
+        cos, sin = model._rope(0, 10, x.device)
         emb = model.embed(torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1))
         hk, _ = model.mtp[0](h, emb, cos, sin)
         want = model.head(model.mtp[0].norm(hk)).numpy()
-    steps = SpeculativeSteps(model, 2, 9, greedy=False)
+    steps = SpeculativeSteps(model, 2, 11, greedy=False)
     t = x.tolist()
-    steps.prefill([r[:4] for r in t])
-    got = {3: steps.draft([r[1:5] for r in t], 0)[0]}
+    steps.prefill([r[:4] for r in t], None)
+    got = {3: steps.draft([r[1:5] for r in t], 0, [[1] * 4] * 2)[0]}
     steps.verify([r[4:6] for r in t], 4)
-    got[5] = steps.draft([r[5:7] for r in t], 4)[0]
-    steps.verify([r[6:8] for r in t], 6)  # as after a rejection: only position 6 is kept
-    got[6] = steps.draft([r[7:8] for r in t], 6)[0]
+    got[5] = steps.draft([r[5:7] for r in t], 4, [[1, 1]] * 2)[0]
+    steps.verify([[r[6], 0] for r in t], 6)  # entry 7 holds a draft that is then rejected
+    got[6] = steps.draft([[r[7], r[7]] for r in t], 6, [[1, 0]] * 2)[0]
+    steps.verify([r[7:9] for r in t], 8)  # positions 7 and 8 at entries 8 and 9
+    got[8] = steps.draft([r[8:10] for r in t], 8, [[1, 1]] * 2)[0]
     for i, g in got.items():
         np.testing.assert_allclose(g, want[:, i], rtol=0, atol=1e-5)
 
