@@ -341,7 +341,7 @@ class _Run:
             hint += " or --dtype float32"
         if tcfg.grad_clip <= 0:
             hint += ", or clip gradients with --grad-clip"
-        where = (f"The last good checkpoint (finite weights and validation loss"
+        where = ("The last good checkpoint (finite weights and validation loss"
                  + (f" {good_val:.4f}" if good_val is not None else "") + f") is {good}" if good
                  else "There is no last good checkpoint (none with finite weights and validation loss)")
         raise NonFiniteLoss(f"{what}. {where}. Try a {hint}.")

@@ -14,7 +14,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

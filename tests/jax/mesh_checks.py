@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,45 +35,62 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # GSPMD's "involuntary remat
 
 import numpy as np  # noqa: E402
 
-from dsv3 import ModelConfig, cli  # noqa: E402
+from dsv3 import cli  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared workload
+from scale_workload import ACCUM, BATCH, CFG, LR, SEQ, TRAIN_KW, batches, initial_state  # noqa: E402
 
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,expert=2", "expert=8")
 CLI_MESH = "data=2,fsdp=2,expert=2"
-STEPS, BATCH, ACCUM, SEQ = 20, 16, 2, 16
-# tiny with one (dense) layer and the MTP block (a MoE layer): every kind of parameter the sharding rules
-# cover (embedding, attention, norms, dense MLP, router weight and bias, routed and shared experts, the
-# MTP projection, head), one block of each kind to compile.
-CFG = ModelConfig.preset("tiny").replace(vocab_size=256, num_hidden_layers=1, bias_update_speed=1e-2)
-# Adam divides by |g| + eps: with eps=1e-8 a gradient element of ~1e-8 (fp32 summation-order noise
-# between layouts) moves its update by O(lr) -- eps=1e-3 keeps this a test of the layouts, as
-# tests/test_train_backends.py does for gradient accumulation.
-TRAIN_KW = dict(batch_size=BATCH, grad_accum=ACCUM, seq_len=SEQ, lr=3e-3, warmup_steps=2, eps=1e-3)
+CLI_STEPS = 4  # checkpoints at steps 2 and 4; the resumed run continues from step 2
+
+
+def write_cli_inputs(cfg_dir: str, text: str) -> None:
+    """The CLI run's config and a 24 KB text file of varied bytes (train and validation blocks)."""
+    CFG.save_pretrained(cfg_dir)
+    with open(text, "w") as f:
+        f.write("".join(f"line {i}: {'abcdefghij'[i % 10] * (i % 37)} {i * i}\n" for i in range(1200)))
 
 
 def run_cli(tmp: str) -> dict:
-    cfg_dir = os.path.join(tmp, "cfg")
-    CFG.save_pretrained(cfg_dir)
-    text = os.path.join(tmp, "corpus.txt")
-    with open(text, "w") as f:  # 24 KB of varied bytes: train and validation blocks
-        f.write("".join(f"line {i}: {'abcdefghij'[i % 10] * (i % 37)} {i * i}\n" for i in range(1200)))
+    cfg_dir, text = os.path.join(tmp, "cfg"), os.path.join(tmp, "corpus.txt")
+    write_cli_inputs(cfg_dir, text)
     out = os.path.join(tmp, "run")
-    rc = cli.main(["train", "--cpu-devices", "8", "--mesh", CLI_MESH, "--config", cfg_dir, "--data", text,
-                   "--steps", "2", "--batch-size", str(BATCH), "--grad-accum", str(ACCUM), "--seq-len", str(SEQ),
-                   "--lr", "3e-3", "--warmup-steps", "2", "--adam-eps", "1e-3", "--eval-batches", "1",
-                   "--out", out, "--no-progress", "--no-plots"])
+    rc = [cli.main(cli_args(cfg_dir, text, out))]
     import jax
 
     assert jax.config.jax_default_matmul_precision == "highest"
     from dsv3.training import read_metrics
 
     recs = read_metrics(os.path.join(out, "metrics.jsonl"))
+    # --resume of the sharded run from its step-2 checkpoint (orbax/ onto the same mesh): the same records
+    resumed = os.path.join(tmp, "resumed")
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns(".lock", f"step_{CLI_STEPS:06d}"))
+    with open(os.path.join(resumed, "latest"), "w") as f:  # as if the run had stopped after step 2
+        f.write("step_000002\n")
+    rc.append(cli.main(cli_args(cfg_dir, text, resumed) + ["--resume"]))
+    again = read_metrics(os.path.join(resumed, "metrics.jsonl"))
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]  # noqa: E731
+    ckpt = os.path.join(out, f"step_{CLI_STEPS:06d}")
     return {"rc": rc, "devices": len(jax.devices()), "train_records": sum(r["kind"] == "train" for r in recs),
             "eval_records": sum(r["kind"] == "eval" for r in recs),
-            "losses": [r["loss"] for r in recs if r["kind"] == "train"]}
+            "losses": [r["loss"] for r in recs if r["kind"] == "train"],
+            "resumed_equal": strip(again) == strip(recs), "resumed_records": len(again),
+            "checkpoint_files": sorted(os.listdir(ckpt))}
+
+
+def cli_args(cfg_dir: str, text: str, out: str, devices: int = 8) -> list[str]:
+    """`dsv3 train` on CLI_MESH; also the arguments of the 2-process run in tests/jax/test_sharding.py."""
+    return ["train", "--cpu-devices", str(devices), "--mesh", CLI_MESH, "--config", cfg_dir, "--data", text,
+            "--steps", str(CLI_STEPS), "--save-every", "2", "--eval-every", "2", "--batch-size", str(BATCH),
+            "--grad-accum", str(ACCUM), "--seq-len", str(SEQ), "--lr", "3e-3", "--warmup-steps", "2",
+            "--adam-eps", "1e-3", "--eval-batches", "1", "--out", out, "--no-progress", "--no-plots"]
+
+
+TIMING_KEYS = ("time", "wall_s", "tokens_per_s", "step_s", "elapsed_s")
 
 
 def train_checks() -> dict:
-    import jax
     from flax import nnx
 
     from dsv3.training import TrainConfig
@@ -81,13 +99,11 @@ def train_checks() -> dict:
     from dsv3_jax.train import JaxBackend, make_tx
 
     tcfg = TrainConfig(**TRAIN_KW, progress=False, plots=False)
-    rng = np.random.default_rng(0)
-    mb = BATCH // ACCUM
-    batches = [[(rng.integers(0, 256, (mb, SEQ)), rng.integers(0, 256, (mb, SEQ))) for _ in range(ACCUM)]
-               for _ in range(STEPS)]
+    data = batches()
     ref = JaxBackend(CFG, tcfg)
-    init = ref.canonical_state()
-    ref_loss = [ref.train_step(b, 3e-3)["loss"] for b in batches]
+    init = initial_state()
+    ref.load_canonical_state(init)
+    ref_loss = [ref.train_step(b, LR)["loss"] for b in data]
     ref_state = ref.canonical_state()
     abstract = DeepSeekV3.abstract(CFG)
     abstract_opt = nnx.eval_shape(lambda m: nnx.Optimizer(m, make_tx(tcfg), wrt=nnx.Param), abstract)
@@ -99,7 +115,9 @@ def train_checks() -> dict:
         be.load_canonical_state(init)
         measured = sharding.measured_bytes((nnx.state(be.model), nnx.state(be.optimizer)))
         plan = sharding.planned_bytes(abstract, abstract_opt, mesh)
-        losses = [be.train_step(b, 3e-3)["loss"] for b in batches]
+        losses = [be.train_step(b, LR)["loss"] for b in data]
+        if mesh == ORBAX_SAVE:
+            out["orbax"] = orbax_checks(be, tcfg)
         st = _host_canonical_state(be, ref)
         rel = {k: float(np.max(np.abs(st[k] - ref_state[k])) / max(float(np.max(np.abs(ref_state[k]))), 1e-30))
                for k in ref_state if not k.endswith("gate.bias")}
@@ -120,6 +138,38 @@ def train_checks() -> dict:
         }
         del be
     return out
+
+
+ORBAX_SAVE, ORBAX_RESTORE = "fsdp=8", "data=2,fsdp=2,expert=2"
+
+
+def orbax_checks(be, tcfg) -> dict:
+    """The trained fsdp=8 state saved with orbax (each shard by its device), restored onto
+    data=2,fsdp=2,expert=2 and onto one device: model and AdamW state bit for bit."""
+    import jax
+    from flax import nnx
+
+    from dsv3_jax import sharding
+    from dsv3_jax.dist_checkpoint import load_sharded, save_sharded
+    from dsv3_jax.train import JaxBackend
+
+    def host(b):
+        return [np.asarray(x) for x in jax.device_get(jax.tree.leaves((nnx.state(b.model), nnx.state(b.optimizer))))]
+
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "orbax")
+        save_sharded(path, be.model, be.optimizer)
+        want = host(be)
+        for spec in (ORBAX_RESTORE, None):
+            other = JaxBackend(CFG, tcfg, mesh=None if spec is None else sharding.make_mesh(spec))
+            load_sharded(path, other.model, other.optimizer)
+            got = host(other)
+            res[spec or "one device"] = {
+                "bit_exact": len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want)),
+                "devices": sorted({len(v.get_value().sharding.device_set)
+                                   for _, v in nnx.to_flat_state(nnx.state(other.model))})}
+    return res
 
 
 # (impl, mesh): both grouped-matmul paths, three expert layouts; each pair is one compile.

@@ -341,7 +341,26 @@ def check_cli(out: str, rank: int) -> None:
     dist.barrier()
 
 
-CHECKS = {"cli": check_cli, "train": check_train, "ep": check_ep, "accum": check_accum, "restore": check_restore}
+def check_xf(out: str, rank: int) -> None:
+    """The work of the JAX mesh job (tests/scale_workload.py: config, weights, batches, constant lr) on
+    the 4-rank scale_workload.TORCH_MESH; its losses are compared with the JAX mesh's in
+    tests/test_scale_parity.py."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+    import scale_workload as w
+
+    tc = TrainConfig(framework="torch", **w.TRAIN_KW)
+    model = DeepSeekV3(w.CFG, dtype=torch.float32)
+    model.load_canonical_state(w.initial_state())
+    backend = ShardedTorchBackend(w.CFG, tc, make_mesh(w.TORCH_MESH), model=model)
+    losses = [backend.train_step([(backend.local_rows(x), backend.local_rows(y)) for x, y in micro], w.LR)["loss"]
+              for micro in w.batches()]
+    if rank == 0:
+        with open(os.path.join(out, "xf.json"), "w") as f:
+            json.dump({"mesh": w.TORCH_MESH, "loss": losses}, f)
+
+
+CHECKS = {"cli": check_cli, "train": check_train, "ep": check_ep, "accum": check_accum, "restore": check_restore,
+          "xf": check_xf}
 
 
 def regroup(n: int, rank: int) -> bool:
@@ -375,7 +394,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = sys.argv[1]
     lists = [names.split(",") for names in sys.argv[2:]]
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     rank, _ = init_distributed()
     for i, names in enumerate(lists):
         if i and not regroup(2, rank):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -50,40 +48,9 @@ def test_backend_choice():
 
 
 # --------------------------------------------------------------- the jobs
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(nproc: int, out: str, *checks: str) -> None:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), JOB, out, *checks]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-        raise AssertionError(f"torchrun job {checks!r} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-8000:]}")
-    print(proc.stdout)
-
-
-# Every test that reads the launch's results: one xdist group, so one worker runs the launch once.
-DIST_JOB = pytest.mark.xdist_group("torch_dist_job")
-
-
-@pytest.fixture(scope="module")
-def job4(tmp_path_factory) -> str:
-    """The 4-rank checks, then (ranks 0 and 1 in a new 2-rank process group) the 2-rank ones."""
-    out = str(tmp_path_factory.mktemp("dist4"))
-    _torchrun(4, out, "train,ep,accum", "restore,cli")
-    return out
-
-
-@pytest.fixture(scope="module")
-def job2(job4) -> str:
-    """The results of the 2-rank checks (same launch, same directory)."""
-    return job4
+# The launch (fixtures job4 / job2, tests/conftest.py) runs once: every test reading it shares the xdist
+# group of both scale jobs.
+DIST_JOB = pytest.mark.xdist_group("scale_jobs")
 
 
 def _load(path: str) -> dict:
