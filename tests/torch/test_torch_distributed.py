@@ -142,6 +142,17 @@ def test_dcp_restore_on_one_process_and_hf_export(job4):
     # the HF safetensors written from the sharded model at the same step
     hf = DeepSeekV3.from_pretrained(os.path.join(job4, "hf"), dtype=torch.float32)
     _assert_same({k: v.float().numpy() for k, v in hf.state_dict().items()}, saved_m)
+    # ... give the same logits in dsv3_jax and in transformers (fp32) as in dsv3_torch
+    import dsv3_jax
+    from torch_hf_ref import load_hf
+
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids)).numpy()
+        got_hf = load_hf(os.path.join(job4, "hf"))(torch.from_numpy(ids)).logits.numpy()
+    got_jax = np.asarray(dsv3_jax.DeepSeekV3.from_pretrained(os.path.join(job4, "hf"))(ids))
+    for got in (got_jax, got_hf):
+        assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, float(np.max(np.abs(want))))
 
 
 @pytest.mark.slow
