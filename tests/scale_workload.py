@@ -20,6 +20,8 @@ CFG = ModelConfig.preset("tiny").replace(vocab_size=256, num_hidden_layers=1, bi
 # tests/test_train_backends.py does for gradient accumulation. The lr is constant (LR every step).
 TRAIN_KW = dict(batch_size=BATCH, grad_accum=ACCUM, seq_len=SEQ, lr=LR, warmup_steps=2, eps=1e-3)
 TORCH_MESH, JAX_MESH = "fsdp=2,expert=2", "data=2,fsdp=2,expert=2"  # the pair compared across frameworks
+CLI_MESH = "data=2,fsdp=2,expert=2"  # `dsv3 train` in the JAX job (and as 2 processes, tests/jax/test_sharding.py)
+CLI_STEPS = 4  # checkpoints at steps 2 and 4; the resumed run continues from step 2
 
 
 def initial_state() -> dict[str, np.ndarray]:
@@ -40,3 +42,18 @@ def batches() -> list[list[tuple[np.ndarray, np.ndarray]]]:
     mb = BATCH // ACCUM
     return [[(rng.integers(0, 256, (mb, SEQ)), rng.integers(0, 256, (mb, SEQ))) for _ in range(ACCUM)]
             for _ in range(STEPS)]
+
+
+def write_cli_inputs(cfg_dir: str, text: str) -> None:
+    """The CLI run's config and a 24 KB text file of varied bytes (train and validation blocks)."""
+    CFG.save_pretrained(cfg_dir)
+    with open(text, "w") as f:
+        f.write("".join(f"line {i}: {'abcdefghij'[i % 10] * (i % 37)} {i * i}\n" for i in range(1200)))
+
+
+def cli_args(cfg_dir: str, text: str, out: str, devices: int = 8) -> list[str]:
+    """`dsv3 train` on CLI_MESH; also the arguments of the 2-process run in tests/jax/test_sharding.py."""
+    return ["train", "--cpu-devices", str(devices), "--mesh", CLI_MESH, "--config", cfg_dir, "--data", text,
+            "--steps", str(CLI_STEPS), "--save-every", "2", "--eval-every", "2", "--batch-size", str(BATCH),
+            "--grad-accum", str(ACCUM), "--seq-len", str(SEQ), "--lr", str(LR), "--warmup-steps", "2",
+            "--adam-eps", "1e-3", "--eval-batches", "1", "--out", out, "--no-progress", "--no-plots"]

@@ -27,4 +27,3 @@ def test_torch_on_4_ranks_and_jax_on_8_devices_train_the_same_losses(mesh_result
     rel = [abs(a - b) / abs(b) for a, b in zip(torch_run["loss"], jax_loss)]
     print(f"torch {w.TORCH_MESH} vs JAX {w.JAX_MESH}: worst loss rel {max(rel):.2e} (step {rel.index(max(rel)) + 1})")
     assert max(rel) <= 1e-5
-    assert jax_loss[-1] < jax_loss[0]  # it trained

@@ -38,18 +38,10 @@ import numpy as np  # noqa: E402
 from dsv3 import cli  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared workload
-from scale_workload import ACCUM, BATCH, CFG, LR, SEQ, TRAIN_KW, batches, initial_state  # noqa: E402
+from scale_workload import (CFG, CLI_STEPS, LR, TRAIN_KW, batches, cli_args, initial_state,  # noqa: E402
+                            write_cli_inputs)
 
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,expert=2", "expert=8")
-CLI_MESH = "data=2,fsdp=2,expert=2"
-CLI_STEPS = 4  # checkpoints at steps 2 and 4; the resumed run continues from step 2
-
-
-def write_cli_inputs(cfg_dir: str, text: str) -> None:
-    """The CLI run's config and a 24 KB text file of varied bytes (train and validation blocks)."""
-    CFG.save_pretrained(cfg_dir)
-    with open(text, "w") as f:
-        f.write("".join(f"line {i}: {'abcdefghij'[i % 10] * (i % 37)} {i * i}\n" for i in range(1200)))
 
 
 def run_cli(tmp: str) -> dict:
@@ -77,14 +69,6 @@ def run_cli(tmp: str) -> dict:
             "losses": [r["loss"] for r in recs if r["kind"] == "train"],
             "resumed_equal": strip(again) == strip(recs), "resumed_records": len(again),
             "checkpoint_files": sorted(os.listdir(ckpt))}
-
-
-def cli_args(cfg_dir: str, text: str, out: str, devices: int = 8) -> list[str]:
-    """`dsv3 train` on CLI_MESH; also the arguments of the 2-process run in tests/jax/test_sharding.py."""
-    return ["train", "--cpu-devices", str(devices), "--mesh", CLI_MESH, "--config", cfg_dir, "--data", text,
-            "--steps", str(CLI_STEPS), "--save-every", "2", "--eval-every", "2", "--batch-size", str(BATCH),
-            "--grad-accum", str(ACCUM), "--seq-len", str(SEQ), "--lr", "3e-3", "--warmup-steps", "2",
-            "--adam-eps", "1e-3", "--eval-batches", "1", "--out", out, "--no-progress", "--no-plots"]
 
 
 TIMING_KEYS = ("time", "wall_s", "tokens_per_s", "step_s", "elapsed_s")

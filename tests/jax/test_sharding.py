@@ -141,13 +141,13 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight(mesh_resu
     """`dsv3 train` as 2 processes x 4 simulated devices (jax.distributed, gloo) on the CLI run's mesh and
     work: the same losses as the one-process, 8-device run of the subprocess; process 0 alone wrote the
     run directory, both processes their orbax shards."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
     try:
-        import mesh_checks
+        import scale_workload
     finally:
         sys.path.pop(0)
     cfg_dir, text = str(tmp_path / "cfg"), str(tmp_path / "corpus.txt")
-    mesh_checks.write_cli_inputs(cfg_dir, text)
+    scale_workload.write_cli_inputs(cfg_dir, text)
     out = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
@@ -155,7 +155,7 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight(mesh_resu
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = mesh_checks.cli_args(cfg_dir, text, out, devices=4)
+    args = scale_workload.cli_args(cfg_dir, text, out, devices=4)
     procs = [subprocess.Popen([sys.executable, "-m", "dsv3", *args, "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
