@@ -24,7 +24,10 @@ from dsv3.rundir import RunDirError, RunLock, checkpoints, latest_checkpoint, lo
 from dsv3.train_config import TrainConfig
 from dsv3.training import NonFiniteLoss, train
 
-TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)
+# The model of tests/test_train_backends.py (the tiny preset cut to two layers: one dense layer, one MoE
+# layer and the MTP depth's MoE block): the JAX test below then runs the very program that module compiles
+# (one entry of the run's XLA compilation cache), and the torch runs are shorter.
+TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2, num_hidden_layers=2)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -340,7 +343,7 @@ def test_backend_leaves_state_unchanged_on_non_finite_step(framework, config_dir
         from dsv3_jax.train import make_backend
     else:
         from dsv3_torch.train import make_backend
-    # the shapes and hyper-parameters of tests/test_train_backends.py (the JAX step compiles once)
+    # the model, shapes and hyper-parameters of tests/test_train_backends.py (one compiled JAX step for both)
     t = TrainConfig(framework=framework, config=config_dir[0], steps=6, batch_size=8, grad_accum=4, seq_len=32,
                     lr=3e-3, warmup_steps=2, eps=1e-3, eval_every=3, eval_batches=2, save_every=3, progress=False,
                     plots=False, out="unused")
