@@ -192,13 +192,14 @@ def test_bench_is_delegated(capsys):
 
 @pytest.mark.parametrize("framework", [pytest.param(None, marks=pytest.mark.slow), "torch"])  # None: jax, the default
 def test_train_preset_tiny_trains_with_default_sequence_length(tmp_path, framework):
-    """`dsv3 train --preset tiny` at the default --seq-len: byte vocabulary, enough positions."""
+    """`dsv3 train --preset tiny` at the default --seq-len: byte vocabulary, enough positions (2 sequences
+    a step: the batch size is not what is checked)."""
     if framework is None:
         pytest.importorskip("dsv3_jax.train")
     data = tmp_path / "corpus.txt"
     data.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(1200)))
     out = tmp_path / "run"
-    argv = ["train", "--preset", "tiny", "--steps", "2", "--data", str(data), "--out", str(out),
+    argv = ["train", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--data", str(data), "--out", str(out),
             "--eval-batches", "1", "--no-progress", "--no-plots"]
     if framework:
         argv += ["--framework", framework]
