@@ -121,11 +121,23 @@ def born_state(cfg: ModelConfig, born: str, seed: int = 0) -> dict:
     return m.canonical_state()
 
 
+_ABSTRACT: dict = {}
+
+
+def abstract_jax(cfg: ModelConfig, dtype: str, **jax_kw):
+    """dsv3_jax.DeepSeekV3.abstract(cfg, dtype) (ShapeDtypeStruct leaves, as from_pretrained builds it), traced
+    once per config and dtype in a test process and cloned after that (the trace costs ~1 s on the tiny preset)."""
+    key = (cfg, dtype, tuple(sorted(jax_kw.items())))
+    if key not in _ABSTRACT:
+        _ABSTRACT[key] = dsv3_jax.DeepSeekV3.abstract(cfg, JAX_DTYPES[dtype], **jax_kw)
+    return nnx.clone(_ABSTRACT[key])
+
+
 def make_pair(cfg: ModelConfig, dtype: str = "float32", born: str = "torch", seed: int = 0, **jax_kw):
     """(torch model, jax model) holding the same weights; the born-in framework's state is ported."""
     state = born_state(cfg, born, seed)
     tm = dsv3_torch.DeepSeekV3(cfg, dtype=TORCH_DTYPES[dtype], device="meta")  # filled by load, as from_pretrained
-    jm = dsv3_jax.DeepSeekV3.abstract(cfg, JAX_DTYPES[dtype], **jax_kw)
+    jm = abstract_jax(cfg, dtype, **jax_kw)  # filled by load, as from_pretrained
     if born == "torch":
         tm.load_canonical_state(state)
         jm.load_canonical_state(tm.canonical_state())

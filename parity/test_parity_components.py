@@ -18,6 +18,9 @@ from parity_util import TOL, assert_close, make_pair, np32, record
 
 TINY = ModelConfig.preset("tiny")
 PAIRS = [("float32", "torch"), ("float32", "jax"), ("bfloat16", "torch")]
+# One jitted call for every component: the fp32 pairs of both birth directions (same structure, same
+# shapes) then share each component's compiled program instead of tracing a fresh closure per test.
+_call = nnx.jit(lambda m, *args: m(*args))
 
 
 @pytest.fixture(scope="module", params=PAIRS, ids=["fp32-torch_born", "fp32-jax_born", "bf16-torch_born"])
@@ -58,7 +61,7 @@ def test_rmsnorm(pair):
     xt, xj = _x((2, 7, TINY.hidden_size), dtype)
     with torch.no_grad():
         ref = tm.layers[0].attn_norm(xt)
-    out = nnx.jit(lambda n, x: n(x))(jm.layers[0].attn_norm, xj)
+    out = _call(jm.layers[0].attn_norm, xj)
     assert_close("RMSNorm", dtype, out, ref)
 
 
@@ -79,7 +82,7 @@ def test_mla_training_path(pair):
     (ct, st), (cj, sj) = _rope(tm, jm, 0, 9, dtype)
     with torch.no_grad():
         ref = tm.layers[1].attn(xt, ct, st)
-    out = nnx.jit(lambda a, x, c, s: a(x, c, s))(jm.layers[1].attn, xj, cj, sj)
+    out = _call(jm.layers[1].attn, xj, cj, sj)
     assert_close("MLA train (naive, causal)", dtype, out, ref)
 
 
@@ -90,12 +93,11 @@ def test_mla_cached_decode(pair, kind):
     xt, xj = _x((2, 7, TINY.hidden_size), dtype, 3)
     tcache = tm.init_cache(2, 8, kind).layers[1]
     jcache = jm.init_cache(2, 8, kind).layers[1]
-    step = nnx.jit(lambda a, x, c, s, p, cache: a(x, c, s, p, cache))
     for a, b in [(0, 5), (5, 6), (6, 7)]:
         (ct, st), (cj, sj) = _rope(tm, jm, a, b - a, dtype)
         with torch.no_grad():
             ref, tcache = tm.layers[1].attn(xt[:, a:b], ct, st, a, tcache)
-        out, jcache = step(jm.layers[1].attn, xj[:, a:b], cj, sj, jnp.int32(a), jcache)
+        out, jcache = _call(jm.layers[1].attn, xj[:, a:b], cj, sj, jnp.int32(a), jcache)
         assert_close(f"MLA decode ({'absorbed' if kind == 'latent' else 'naive'})", dtype, out, ref)
     for name in jcache:  # the caches themselves agree
         assert_close(f"MLA cache {kind}", dtype, jcache[name][:, :7], tcache[name][:, :7])
@@ -129,7 +131,7 @@ def test_router_indices_then_weights(pair):
     rt, rj = tm.layers[1].ffn.gate, jm.layers[1].ffn.gate
     with torch.no_grad():
         r = rt(xt)
-    s, idx, w = nnx.jit(lambda g, x: g(x))(rj, xj)
+    s, idx, w = _call(rj, xj)
     ties = check_routing(idx, r.indices, r.scores, rt.bias, TINY)
     assert not ties, f"near-ties at tokens {ties}: choose another seed for this test"
     record("router indices (mismatches)", dtype, 0.0, 0.0, "count")
@@ -143,11 +145,11 @@ def test_moe(pair):
     with torch.no_grad():
         ref = tm.layers[1].ffn(xt)
     for impl in ("blocksparse", "ragged"):
-        out = nnx.jit(lambda m, x: m(x))(jm.layers[1].ffn, xj) if impl == "blocksparse" else None
+        out = _call(jm.layers[1].ffn, xj) if impl == "blocksparse" else None
         if out is None:
             jm.layers[1].ffn.experts.impl = "ragged"
             try:
-                out = nnx.jit(lambda m, x: m(x))(jm.layers[1].ffn, xj)
+                out = _call(jm.layers[1].ffn, xj)
             finally:
                 jm.layers[1].ffn.experts.impl = "auto"
         np.testing.assert_array_equal(np.asarray(out.counts), ref.counts.numpy())
@@ -161,7 +163,7 @@ def test_dense_ffn(pair):
     xt, xj = _x((2, 6, TINY.hidden_size), dtype, 6)
     with torch.no_grad():
         ref = tm.layers[0].ffn(xt)
-    assert_close("dense FFN (SwiGLU)", dtype, nnx.jit(lambda m, x: m(x))(jm.layers[0].ffn, xj), ref)
+    assert_close("dense FFN (SwiGLU)", dtype, _call(jm.layers[0].ffn, xj), ref)
 
 
 @pytest.mark.parametrize("layer", [0, 1], ids=["dense", "moe"])
@@ -171,7 +173,7 @@ def test_block(pair, layer):
     (ct, st), (cj, sj) = _rope(tm, jm, 0, 8, dtype)
     with torch.no_grad():
         ref, _, _ = tm.layers[layer](xt, ct, st)
-    out, _, _ = nnx.jit(lambda b, x, c, s: b(x, c, s))(jm.layers[layer], xj, cj, sj)
+    out, _, _ = _call(jm.layers[layer], xj, cj, sj)
     assert_close(f"Block ({'dense' if layer == 0 else 'MoE'})", dtype, out, ref)
 
 
@@ -182,6 +184,6 @@ def test_mtp_module(pair):
     (ct, st), (cj, sj) = _rope(tm, jm, 0, 8, dtype)
     with torch.no_grad():
         ref, rout = tm.mtp[0](ht, et, ct, st)
-    out, jout = nnx.jit(lambda m, h, e, c, s: m(h, e, c, s))(jm.mtp[0], hj, ej, cj, sj)
+    out, jout = _call(jm.mtp[0], hj, ej, cj, sj)
     np.testing.assert_array_equal(np.asarray(jout.counts), rout.counts.numpy())
     assert_close("MTP module", dtype, out, ref)

@@ -263,20 +263,13 @@ def test_one_adamw_step_and_bias_update():
             worst.append((name, e))
     assert not worst, worst[:10]
 
-    # JAX's own gradients and counts, in one jitted train step (informational for the weights)
-    opt_own = nnx.Optimizer(jm_own, tx(), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(m, o, a, b):
-        def loss_fn(m):
-            r = m.compute_loss(a, b)
-            return r.loss, r.counts
-        (_, c), g = nnx.value_and_grad(loss_fn, has_aux=True)(m)
-        o.update(m, g)
-        m.update_router_bias(c, GAMMA)
-        return c
-
-    c_own = train_step(jm_own, opt_own, jnp.asarray(ids, jnp.int32), jnp.asarray(labels, jnp.int32))
+    # JAX's own gradients and counts (the module's jitted gradient and loss, programs the tests above compiled),
+    # then the same jitted AdamW + bias step (informational for the weights). The fused jitted train step
+    # (value_and_grad, optimizer and bias update in one program) is dsv3_jax.train's, held to torch's over 50
+    # steps in tests/test_train_parity.py.
+    a, b = jnp.asarray(ids, jnp.int32), jnp.asarray(labels, jnp.int32)
+    c_own = _loss(jm_own, a, b).counts
+    _jax_step(jm_own, nnx.Optimizer(jm_own, tx(), wrt=nnx.Param), _grad(jm_own, a, b), c_own)
     np.testing.assert_array_equal(np.asarray(c_own), out_t.counts.numpy())
     so = jm_own.canonical_state()
     worst = []

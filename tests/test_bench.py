@@ -1,4 +1,6 @@
-"""`dsv3 bench` end to end on the tiny preset (no timing assertions)."""
+"""`dsv3 bench` end to end on tiny models (no timing assertions): torch and HF on the tiny preset
+(``--preset``), JAX on the tiny preset cut to two layers (``--config``: one dense and one MoE layer plus
+the MTP block, every block kind, at a smaller compile)."""
 
 import json
 import math
@@ -8,8 +10,18 @@ import pytest
 
 from dsv3 import ModelConfig, flops
 
-QUICK = ["--preset", "tiny", "--quick", "--batch", "2", "--seq", "16", "--reps", "2", "--warmup", "0",
+# tiny with num_hidden_layers=2: the JAX tests compile every program of a 2-layer model, not 3
+TINY2 = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
+QUICK = ["--quick", "--batch", "2", "--seq", "16", "--reps", "2", "--warmup", "0",
          "--decode-reps", "2", "--contexts", "16,1024"]
+
+
+@pytest.fixture(scope="module")
+def tiny2_json(tmp_path_factory):
+    """TINY2 as a HF-style config file, named tiny2.json (the bench names the run after it)."""
+    path = tmp_path_factory.mktemp("cfg") / "tiny2.json"
+    path.write_text(json.dumps(TINY2.to_hf_dict()))
+    return str(path)
 
 
 def _run(tmp_path, *extra):
@@ -23,13 +35,13 @@ def _run(tmp_path, *extra):
     return res, md, png
 
 
-def _check_common(res, md, png, contexts=(16, 248)):
+def _check_common(res, md, png, contexts=(16, 248), name="tiny", cfg=ModelConfig.preset("tiny")):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert res["meta"]["config_name"] == "tiny" and res["meta"]["torch_threads"] >= 1
+    assert res["meta"]["config_name"] == name and res["meta"]["torch_threads"] >= 1
+    assert ModelConfig.from_hf_dict(res["meta"]["config"]) == cfg
     assert res["meta"]["env"]["cpu_count"] >= 1 and res["meta"]["loadavg_end"] is not None
     # tiny has max_position_embeddings 256: 1024 is clipped to 256 - 8 to fit context + decode steps.
     assert res["meta"]["contexts"] == list(contexts)
-    cfg = ModelConfig.preset("tiny")
     assert res["flops"]["train_flops_per_step_mtp"] == pytest.approx(flops.train_flops_per_step(cfg, 2, 16, True))
     for t in res["targets"]:
         assert t["status"] in ("pass", "miss", "n/a")
@@ -49,7 +61,7 @@ def _ok(res, section, framework):
 
 
 def test_bench_torch_and_hf_end_to_end(tmp_path, one_torch_thread):
-    res, md, png = _run(tmp_path, "--frameworks", "torch", "--skip", "compile")
+    res, md, png = _run(tmp_path, "--preset", "tiny", "--frameworks", "torch", "--skip", "compile")
     _check_common(res, md, png)
     train = _ok(res, "train", "torch")
     assert {r["mtp"] for r in train} == {True, False}
@@ -70,17 +82,18 @@ def test_bench_torch_and_hf_end_to_end(tmp_path, one_torch_thread):
 
 
 @pytest.mark.slow
-def test_bench_jax_end_to_end(tmp_path):
+def test_bench_jax_end_to_end(tmp_path, tiny2_json):
+    # --config: the 2-layer tiny (the config path of the command line; the torch test takes --preset).
     # --prefill-chunk 1: the prompt is filled one token at a time, by the same compiled one-token step
     # that is then timed (one decode program per cache kind instead of two)
-    res, md, png = _run(tmp_path, "--frameworks", "jax", "--skip", "hf,peak", "--mtp", "on",
+    res, md, png = _run(tmp_path, "--config", tiny2_json, "--frameworks", "jax", "--skip", "hf,peak", "--mtp", "on",
                         "--contexts", "16", "--prefill-chunk", "1")
-    _check_common(res, md, png, contexts=(16,))
+    cfg = TINY2
+    _check_common(res, md, png, contexts=(16,), name="tiny2", cfg=cfg)
     assert [r["mtp"] for r in _ok(res, "train", "jax")] == [True]
     _ok(res, "prefill", "jax")
     _ok(res, "moe", "jax")
     dec = _ok(res, "decode", "jax")
-    cfg = ModelConfig.preset("tiny")
     lat = [r for r in dec if r["kind"] == "latent"][0]
     assert lat["cache_values_per_token_per_layer"] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
     nai = [r for r in dec if r["kind"] == "naive"][0]
@@ -170,15 +183,21 @@ def test_cache_nbytes_walks_nested_caches():
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
-def test_profile_attributes_step_time(framework, capsys, one_torch_thread):
+def test_profile_attributes_step_time(framework, capsys, one_torch_thread, tiny2_json):
     """python -m dsv3.bench.profile runs the bench's training step under the framework's profiler
     (its own process for JAX: that path sets XLA_FLAGS before JAX starts; torch's path runs in this
-    process, through the same main) and attributes the time."""
+    process, through the same main) and attributes the time. torch on the tiny preset (--preset), JAX on
+    the 2-layer tiny (--config), with XLA's default flags (the optimised code a user profiles: at LLVM level 0
+    the cumsums' reduce-window kernels, which carry no HLO metadata, dominate) and the run's compilation
+    cache directory in its environment (the profile must compile the step itself to read its HLO dump).
+    JAX times 3 steps: the table's shares are then less at the mercy of one kernel delayed by the load."""
     import re
     import subprocess
     import sys
 
-    argv = ["--preset", "tiny", "--framework", framework, "--batch", "2", "--seq", "16", "--steps", "1"]
+    model = ["--preset", "tiny"] if framework == "torch" else ["--config", tiny2_json]
+    steps = "1" if framework == "torch" else "3"
+    argv = [*model, "--framework", framework, "--batch", "2", "--seq", "16", "--steps", steps]
     if framework == "torch":  # no process start: torch's profiler needs no settings before torch starts
         from dsv3.bench.profile import main
 

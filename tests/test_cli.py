@@ -16,6 +16,8 @@ from dsv3.train_config import TrainConfig
 from safetensors_fp8 import write_safetensors
 
 TINY = ModelConfig.preset("tiny").replace(vocab_size=256, bias_update_speed=1e-2)
+# The JAX training run: two layers (one dense, one MoE, plus the MTP block), every block kind, less to compile
+TINY2 = TINY.replace(num_hidden_layers=2)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,6 +27,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def config_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny256cli")
     TINY.save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def config2_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny2cli")
+    TINY2.save_pretrained(str(d))
     return str(d)
 
 
@@ -69,9 +78,9 @@ def _train_args(config_dir, out, framework, *extra):
             *extra]
 
 
-def test_train_jax_then_generate_in_torch_and_jax(config_dir, tmp_path, capsys):
+def test_train_jax_then_generate_in_torch_and_jax(config2_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_train_args(config_dir, out, "jax")) == 0
+    assert main(_train_args(config2_dir, out, "jax")) == 0
     err = capsys.readouterr().err
     assert "val loss" in err and "unigram entropy" in err
     recs = read_metrics(str(out / "metrics.jsonl"))
@@ -80,7 +89,7 @@ def test_train_jax_then_generate_in_torch_and_jax(config_dir, tmp_path, capsys):
         assert (out / f).exists(), f
     ckpt = latest_checkpoint(str(out))
     cfg, state = load_canonical(ckpt)  # HF layout, loadable by either framework
-    assert cfg.vocab_size == 256 and any(np.abs(v).max() > 0 for k, v in state.items() if k.endswith("gate.bias"))
+    assert cfg == TINY2 and cfg.vocab_size == 256 and any(np.abs(v).max() > 0 for k, v in state.items() if k.endswith("gate.bias"))
     prompt = "def main():\n    "
     t_tokens = generate_text(str(out), prompt, "torch", max_new_tokens=12, stream=False)
     j_tokens = generate_text(str(out), prompt, "jax", max_new_tokens=12, stream=False)
@@ -183,13 +192,14 @@ def test_bench_is_delegated(capsys):
 
 @pytest.mark.parametrize("framework", [pytest.param(None, marks=pytest.mark.slow), "torch"])  # None: jax, the default
 def test_train_preset_tiny_trains_with_default_sequence_length(tmp_path, framework):
-    """`dsv3 train --preset tiny` at the default --seq-len: byte vocabulary, enough positions."""
+    """`dsv3 train --preset tiny` at the default --seq-len: byte vocabulary, enough positions (2 sequences
+    a step: the batch size is not what is checked)."""
     if framework is None:
         pytest.importorskip("dsv3_jax.train")
     data = tmp_path / "corpus.txt"
     data.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(1200)))
     out = tmp_path / "run"
-    argv = ["train", "--preset", "tiny", "--steps", "2", "--data", str(data), "--out", str(out),
+    argv = ["train", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--data", str(data), "--out", str(out),
             "--eval-batches", "1", "--no-progress", "--no-plots"]
     if framework:
         argv += ["--framework", framework]

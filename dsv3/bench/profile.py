@@ -44,6 +44,10 @@ def _setup(args):
     if args.framework == "jax":
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={args.dump}",
                                             "--xla_dump_hlo_as_text", "--xla_dump_hlo_module_re=.*train_step.*"])
+        # The table needs the step compiled here: a hit in a persistent compilation cache
+        # (JAX_COMPILATION_CACHE_DIR; the dump flags are not part of its key) would skip the
+        # compile and its HLO dump, and leave every kernel unattributed.
+        os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 
 def _backend_step(args):
