@@ -16,7 +16,8 @@ CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
 V = CFG.vocab_size
 FRAMEWORKS = ("torch", "jax")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# the xdist worker of tests/jax/test_model.py and friends, which compile the same generation programs
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.xdist_group("jax_tiny_2layer")]
 
 
 @pytest.fixture(scope="module")

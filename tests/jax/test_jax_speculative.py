@@ -21,6 +21,9 @@ from dsv3_jax.speculative import SpeculativeSteps, speculative_generate
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
 CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
+# One xdist worker for the files that run these programs (test_model.py, test_padding.py,
+# test_jax_speculative.py, tests/test_generate_args.py): each compiles them once.
+pytestmark = pytest.mark.xdist_group("jax_tiny_2layer")
 
 
 def drafting_model(cfg=None) -> DeepSeekV3:

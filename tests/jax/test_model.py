@@ -18,6 +18,9 @@ from dsv3.config import ModelConfig
 from dsv3_jax import DeepSeekV3, RouterBias, generate
 
 CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
+# One xdist worker for the files that run these programs (test_model.py, test_padding.py,
+# test_jax_speculative.py, tests/test_generate_args.py): each compiles them once.
+pytestmark = pytest.mark.xdist_group("jax_tiny_2layer")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,9 @@ from dsv3_jax import DeepSeekV3, generate
 
 CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2)  # as test_model.py: shared programs
 PAD = 7  # any id: padded tokens must not matter
+# One xdist worker for the files that run these programs (test_model.py, test_padding.py,
+# test_jax_speculative.py, tests/test_generate_args.py): each compiles them once.
+pytestmark = pytest.mark.xdist_group("jax_tiny_2layer")
 
 
 @pytest.fixture(scope="module")
