@@ -10,11 +10,14 @@ from dsv3 import ModelConfig
 from dsv3.generation import NonFiniteLogits
 from dsv3.train_config import TrainConfig
 
-CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2, num_nextn_predict_layers=0)
+# The 2-layer tiny model of tests/jax (test_model.py, test_padding.py): with batches of 3 prompts of at most 7
+# tokens, JAX generation here runs the prefill and decode programs those tests compile (prefill bucket 8, cache 32).
+CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
 V = CFG.vocab_size
 FRAMEWORKS = ("torch", "jax")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# the xdist worker of tests/jax/test_model.py and friends, which compile the same generation programs
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.xdist_group("jax_tiny_2layer")]
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +118,13 @@ def test_sample_next_refuses_the_same_values(change, message):
 
 def test_valid_edge_values_generate_in_both_frameworks(models):
     """Integer ids of numpy types, top_p=1, top_k beyond the vocabulary, zero new tokens, eos=None."""
-    prompts = [np.array([1, 2, 3], np.int64), [np.int32(4), 5]]
+    prompts = [np.array([1, 2, 3], np.int64), [np.int32(4), 5], [np.uint8(6)]]
     out = {}
     for fw in FRAMEWORKS:
         gen = _generate(fw)
-        assert gen(models[fw], prompts, 0) == [[], []]
+        assert gen(models[fw], prompts, 0) == [[], [], []]
         out[fw] = gen(models[fw], prompts, 3, temperature=0.0, top_k=10 * V, top_p=1.0)
-        assert [len(r) for r in out[fw]] == [3, 3]
+        assert [len(r) for r in out[fw]] == [3, 3, 3]
         # top_k=1 and a tiny top_p keep only the argmax: the sampled tokens are the greedy ones
         assert gen(models[fw], prompts, 3, temperature=0.5, top_k=1, top_p=1e-6, seed=-3) == out[fw]
     assert out["torch"] == out["jax"]
@@ -144,9 +147,9 @@ def test_nan_logits_stop_generation_in_both_frameworks(models):
     seen = {}
     for fw, m in (("torch", tm), ("jax", jm)):
         with pytest.raises(NonFiniteLogits, match=r"NaN or infinite logits at position 2 for prompt rows \[1\]") as err:
-            _generate(fw)(m, [[1, 2, 3], [4, 5, 7]], 4, temperature=1.0, top_p=0.5)
+            _generate(fw)(m, [[1, 2, 3], [4, 5, 7], [8]], 4, temperature=1.0, top_p=0.5)
         seen[fw] = str(err.value)
-        clean = [[1, 2, 3], [4, 5, 6]]  # rows without token 7 still generate, as with the clean weights
+        clean = [[1, 2, 3], [4, 5, 6], [8]]  # rows without token 7 still generate, as with the clean weights
         assert _generate(fw)(m, clean, 2, temperature=1.0, top_p=0.5) == \
             _generate(fw)(models[fw], clean, 2, temperature=1.0, top_p=0.5)
     assert seen["torch"] == seen["jax"]

@@ -1,4 +1,7 @@
-"""dsv3_jax speculative decoding with the MTP depth as the draft (dsv3_jax.speculative, dsv3.speculative)."""
+"""dsv3_jax speculative decoding with the MTP depth as the draft (dsv3_jax.speculative, dsv3.speculative).
+
+The 2-layer tiny model of test_model.py and test_padding.py (one dense and one MoE layer, the MTP block's MoE):
+plain greedy generation here runs their compiled programs."""
 
 from __future__ import annotations
 
@@ -17,13 +20,17 @@ from dsv3.generation import cache_length
 from dsv3_jax.speculative import SpeculativeSteps, speculative_generate
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
+# One xdist worker for the files that run these programs (test_model.py, test_padding.py,
+# test_jax_speculative.py, tests/test_generate_args.py): each compiles them once.
+pytestmark = pytest.mark.xdist_group("jax_tiny_2layer")
 
 
 def drafting_model(cfg=None) -> DeepSeekV3:
     """A random tiny model whose MTP depth agrees with the main model part of the time: eh_proj gets the
     identity on its embedding half (with random-init blocks, the main model's next token is mostly a
     function of the current token, so a draft from embed(t+1) often matches)."""
-    cfg = cfg or ModelConfig.preset("tiny")
+    cfg = cfg or CFG
     m = DeepSeekV3(cfg, nnx.Rngs(0))
     D = cfg.hidden_size
     k = m.mtp[0].eh_proj.kernel
@@ -118,12 +125,13 @@ def test_sampling_matches_the_main_models_distribution():
     draft/verify rule. The empirical joint of the pair against the main model's exact p(t1) p(t2 | t1)
     (temperature 0.8, top-k 6: cells outside the filter must stay empty). Chi-square at a 1e-4 false-failure
     rate (fixed seed, so the result is deterministic)."""
-    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=8)
+    cfg = dataclasses.replace(CFG, vocab_size=8)
     m = DeepSeekV3(cfg, nnx.Rngs(0))  # a random draft: q far from p
     m.head.kernel[...] = m.head.kernel[...] * 5  # distributions far from uniform
     prompt, kw = [3, 1], dict(temperature=0.8, top_k=6, top_p=None)
-    p1 = filtered_probs(np.asarray(m(jnp.asarray([prompt])))[0, -1], **kw)
-    p2 = filtered_probs(np.asarray(m(jnp.asarray([prompt + [t] for t in range(8)])))[:, -1], **kw)
+    logits = np.asarray(m(jnp.asarray([prompt + [t] for t in range(8)])))  # causal: [:, -2] is the prompt's
+    p1 = filtered_probs(logits[0, -2], **kw)
+    p2 = filtered_probs(logits[:, -1], **kw)
     exact = (p1[:, None] * p2).ravel()
     N = 6000
     st = SpeculativeStats()

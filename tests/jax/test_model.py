@@ -1,4 +1,7 @@
-"""dsv3_jax model: decoding caches, causality, errors, checkpoints, abstract v3-671b, loss, bias update."""
+"""dsv3_jax model: decoding caches, causality, errors, checkpoints, abstract v3-671b, loss, bias update.
+
+The 2-layer tiny model (one dense and one MoE layer, the MTP block's MoE) of test_padding.py and
+test_jax_speculative.py: the same compiled forward, loss and generation programs serve the three files."""
 
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ from dsv3.names import canonical_shapes
 from dsv3.config import ModelConfig
 from dsv3_jax import DeepSeekV3, RouterBias, generate
 
-CFG = ModelConfig.preset("tiny")
+CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
+# One xdist worker for the files that run these programs (test_model.py, test_padding.py,
+# test_jax_speculative.py, tests/test_generate_args.py): each compiles them once.
+pytestmark = pytest.mark.xdist_group("jax_tiny_2layer")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def tokens():
-    return jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 11)), jnp.int32)
+    # [3, 9]: the shape of test_padding.py's padded batch, whose unmasked forward is this program
+    return jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (3, 9)), jnp.int32)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +44,16 @@ def full_logits(model, tokens):
 
 
 _step = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))
+_loss = nnx.jit(lambda m, a, b: m.compute_loss(a, b))
 
 
 @pytest.mark.parametrize("kind", ["latent", "naive"])
 def test_cached_decoding_equals_full_forward(model, tokens, full_logits, kind):
-    """Prefill 4, extend by a chunk of 3 on a non-empty cache, then one token at a time."""
-    cache = model.init_cache(2, 16, kind)
+    """Prefill 3, extend by a chunk of 3 on a non-empty cache (the prefill's program: traced position), then
+    one token at a time."""
+    cache = model.init_cache(3, 16, kind)
     outs = []
-    for a, b in [(0, 4), (4, 7)] + [(p, p + 1) for p in range(7, 11)]:
+    for a, b in [(0, 3), (3, 6)] + [(p, p + 1) for p in range(6, 9)]:
         lg, cache = _step(model, tokens[:, a:b], cache, jnp.int32(a))
         outs.append(np.asarray(lg))
     chex.assert_trees_all_close(np.concatenate(outs, 1), full_logits, rtol=0, atol=1e-5)
@@ -52,7 +61,7 @@ def test_cached_decoding_equals_full_forward(model, tokens, full_logits, kind):
 
 def test_decode_step_compiles_once(model, tokens):
     f = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))
-    cache = model.init_cache(2, 16, "latent")
+    cache = model.init_cache(3, 16, "latent")
     traces = []
     g = nnx.jit(lambda m, t, c, p: (traces.append(1), m.forward_cached(t, c, p))[1])
     for p in range(5):
@@ -143,7 +152,7 @@ def test_v3_671b_abstract_param_count():
 
 def test_loss_terms_and_mtp_alignment(model, tokens):
     labels = jnp.roll(tokens, -1, axis=1).at[:, -1].set(-100)
-    out = nnx.jit(lambda m, a, b: m.compute_loss(a, b))(model, tokens, labels)
+    out = _loss(model, tokens, labels)
     # manual: main CE, depth-1 CE on roll(labels, -1) with the last position masked
     lg = np.asarray(model(tokens), np.float64)
 
@@ -166,7 +175,7 @@ def test_loss_terms_and_mtp_alignment(model, tokens):
 def test_mtp_uses_embedding_of_next_token(model, tokens):
     """Depth-1 logits at position i depend on t_{i+1} (its embedding input) and never on t_{i+2}."""
     labels = jnp.roll(tokens, -1, axis=1)
-    f = nnx.jit(lambda m, a, b: m.compute_loss(a, b).mtp_losses[0])
+    f = lambda m, a, b: _loss(m, a, b).mtp_losses[0]  # the program of test_loss_terms_and_mtp_alignment
     base = float(f(model, tokens, labels))
     lab_mask = labels.at[:, :].set(-100).at[:, 4].set(labels[:, 4])  # only position 3 scored at depth 1
     t_next = tokens.at[:, 4].set((tokens[:, 4] + 7) % CFG.vocab_size)

@@ -1,5 +1,9 @@
 """dsv3_jax: attention_mask (1 = real token, 0 = padding) in the forward, the loss, the router counts,
-the cache and generation; static shapes under jit."""
+the cache and generation; static shapes under jit.
+
+Compiled programs are the cost here, so shapes are shared: the 2-layer tiny model (one dense and one MoE layer,
+the MTP block's MoE) of test_model.py and test_jax_speculative.py, one padded batch (rows of 9, 5 and 2 tokens)
+for the forward, the all-ones mask and the cached prefill, and generation in the buckets of the other files."""
 
 from __future__ import annotations
 
@@ -11,8 +15,11 @@ from flax import nnx
 from dsv3.config import ModelConfig
 from dsv3_jax import DeepSeekV3, generate
 
-CFG = ModelConfig.preset("tiny")
+CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2)  # as test_model.py: shared programs
 PAD = 7  # any id: padded tokens must not matter
+# One xdist worker for the files that run these programs (test_model.py, test_padding.py,
+# test_jax_speculative.py, tests/test_generate_args.py): each compiles them once.
+pytestmark = pytest.mark.xdist_group("jax_tiny_2layer")
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +32,10 @@ def model():
         layer.attn.wkv_b.kernel[...] = layer.attn.wkv_b.kernel[...] * 20
         layer.attn.wq_b.kernel[...] = layer.attn.wq_b.kernel[...] * 20
     return m
+
+
+ROWS = (9, 5, 2)  # the padded batch [3, 9] of the forward tests
+LOSS_ROWS = (12, 7, 4)  # the padded batch [3, 12] of the loss and router-count tests
 
 
 def _rows(lengths, seed=1):
@@ -48,7 +59,7 @@ _hidden = nnx.jit(lambda m, t, am: m.hidden(t, attention_mask=am))
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_logits_equal_each_row_alone(model, side):
-    rows = _rows([9, 5, 2])
+    rows = _rows(ROWS)
     tokens, mask = _pad(rows, side)
     out = np.asarray(model(tokens, attention_mask=mask))
     assert np.isfinite(out).all()  # padded rows too (a fully padded query row sees itself)
@@ -59,11 +70,11 @@ def test_padded_logits_equal_each_row_alone(model, side):
 
 
 def test_all_ones_mask_agrees_with_no_mask(model):
-    x = jnp.asarray(_rows([10, 10], seed=9), jnp.int32)
+    x = jnp.asarray(_rows([max(ROWS)] * len(ROWS), seed=9), jnp.int32)  # the shape of the padded batch
     np.testing.assert_allclose(np.asarray(model(x, attention_mask=jnp.ones_like(x))), np.asarray(model(x)),
                                rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="attention_mask"):
-        model(x, attention_mask=jnp.ones((2, 9), jnp.int32))
+        model(x, attention_mask=jnp.ones((3, 8), jnp.int32))
 
 
 def _loss_alone(model, rows):
@@ -79,7 +90,7 @@ def _loss_alone(model, rows):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_masked_loss_equals_unpadded_loss(model, side):
-    rows = _rows([12, 7, 4], seed=2)
+    rows = _rows(LOSS_ROWS, seed=2)
     tokens, mask = _pad(rows, side)
     out = _loss(model, tokens, tokens, mask)  # the pad labels are NOT -100: the mask alone drops them
     main, mtp, bal, counts = _loss_alone(model, rows)
@@ -91,13 +102,17 @@ def test_masked_loss_equals_unpadded_loss(model, side):
 
 
 def test_router_counts_with_padding_equal_the_real_tokens_alone(model):
-    rows = _rows([11, 3], seed=4)
+    """hidden()'s per-layer counts of a padded batch against each row alone, counted by the unpadded loss
+    forward (its counts: one row per router, the main MoE layers first): the rows and the programs of
+    test_masked_loss_equals_unpadded_loss."""
+    rows = _rows(LOSS_ROWS, seed=2)
     tokens, mask = _pad(rows, "left")
     _, moe = _hidden(model, tokens, mask)  # jitted: one program per shape, not one per op
-    alone = [_hidden(model, jnp.asarray([r], jnp.int32), None)[1] for r in rows]
-    assert len(moe) == len(alone[0]) > 0
+    alone = [np.asarray(_loss(model, jnp.asarray([r], jnp.int32), jnp.asarray([r], jnp.int32), None).counts)
+             for r in rows]
+    assert len(moe) == len(alone[0]) - CFG.num_nextn_predict_layers > 0  # the main MoE layers, then the MTP's
     for i, o in enumerate(moe):
-        np.testing.assert_array_equal(np.asarray(o.counts), sum(np.asarray(a[i].counts) for a in alone))
+        np.testing.assert_array_equal(np.asarray(o.counts), sum(a[i] for a in alone))
 
 
 def test_masked_loss_gradient_is_finite(model):
@@ -110,26 +125,29 @@ def test_masked_loss_gradient_is_finite(model):
 
 @pytest.mark.parametrize("kind", ["latent", "naive"])
 def test_left_padded_batched_greedy_generation_equals_each_prompt_alone(model, kind):
-    prompts = _rows([1, 6, 3, 9, 2], seed=6)
+    """Every prompt is shorter than the prefill bucket of 8, so each is padded further on the left both in the
+    batch and alone: one prefill and one decode program for the batch of 3 and one each for a prompt alone
+    (the programs of test_model.py's generation tests)."""
+    prompts = _rows([1, 7, 3], seed=6)
     got = generate(model, prompts, 6, cache=kind)
     for p, g in zip(prompts, got):
         assert g == generate(model, [p], 6, cache=kind)[0]
 
 
 def test_cached_prefill_with_mask_then_steps_equal_the_full_padded_forward(model):
-    rows = _rows([8, 3], seed=7)
+    rows = _rows(ROWS, seed=7)  # the shape of the forward tests: the full padded forward is their program
     tokens, mask = _pad(rows, "left")
     step = nnx.jit(lambda m, t, c, p, am: m.forward_cached(t, c, p, am))
-    cache = model.init_cache(2, 12)
+    cache = model.init_cache(3, 12)
     a, cache = step(model, tokens[:, :5], cache, jnp.int32(0), mask[:, :5])
     b, cache = step(model, tokens[:, 5:], cache, jnp.int32(5), mask[:, 5:])
     full = np.asarray(model(tokens, attention_mask=mask))
     keep = np.asarray(mask).astype(bool)
     got = np.concatenate([np.asarray(a), np.asarray(b)], 1)
     np.testing.assert_allclose(got[keep], full[keep], rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(cache.mask)[:, :8], keep)
+    np.testing.assert_array_equal(np.asarray(cache.mask)[:, :9], keep)
     traces = []
     g = nnx.jit(lambda m, t, c, p: (traces.append(1), m.forward_cached(t, c, p))[1])
-    for p in range(8, 11):  # decode steps on the masked cache: one compile, traced position
+    for p in range(9, 12):  # decode steps on the masked cache: one compile, traced position
         _, cache = g(model, tokens[:, -1:], cache, jnp.int32(p))
     assert len(traces) == 1
