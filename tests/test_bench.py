@@ -13,7 +13,7 @@ from dsv3 import ModelConfig, flops
 # tiny with num_hidden_layers=2: the JAX tests compile every program of a 2-layer model, not 3
 TINY2 = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
 QUICK = ["--quick", "--batch", "2", "--seq", "16", "--reps", "2", "--warmup", "0",
-         "--decode-reps", "2", "--contexts", "16,1024"]
+         "--decode-reps", "2", "--contexts", "16,1024", "--spec-batches", "2", "--spec-new", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,17 @@ def _check_common(res, md, png, contexts=(16, 248), name="tiny", cfg=ModelConfig
         assert len(r["times_s"]) == r["reps"] >= 2
 
 
+def _check_speculative(res, md, framework):
+    """Plain vs MTP speculative decoding rows (batch 2, greedy and T 0.8): greedy gave plain greedy's tokens."""
+    rows = {r["mode"]: r for r in _ok(res, "speculative", framework)}
+    assert set(rows) == {"greedy", "T0.8"} and all(r["batch"] == 2 for r in rows.values())
+    assert rows["greedy"]["same_tokens_as_plain"] is True
+    for r in rows.values():
+        assert 0 <= r["acceptance_rate"] <= 1 and 1 <= r["mean_accepted_length"] <= 2
+        assert r["speedup"] == pytest.approx(r["plain_median_s"] / r["median_s"]) and r["tokens"] == 2 * 3
+    assert f"| {framework} b2 greedy |" in md
+
+
 def _ok(res, section, framework):
     rows = [r for r in res["rows"] if r["section"] == section and r["framework"] == framework]
     errors = [r["error"] for r in rows if "error" in r]
@@ -68,6 +79,7 @@ def test_bench_torch_and_hf_end_to_end(tmp_path, one_torch_thread):
     assert all(math.isfinite(r["loss_first"]) and r["mfu"] > 0 for r in train)
     _ok(res, "prefill", "torch")
     _ok(res, "moe", "torch")
+    _check_speculative(res, md, "torch")
     dec = _ok(res, "decode", "torch")
     assert {(r["kind"], r["context"]) for r in dec} == {(k, n) for k in ("latent", "naive") for n in (16, 248)}
     cfg = ModelConfig.preset("tiny")
@@ -93,6 +105,7 @@ def test_bench_jax_end_to_end(tmp_path, tiny2_json):
     assert [r["mtp"] for r in _ok(res, "train", "jax")] == [True]
     _ok(res, "prefill", "jax")
     _ok(res, "moe", "jax")
+    _check_speculative(res, md, "jax")
     dec = _ok(res, "decode", "jax")
     lat = [r for r in dec if r["kind"] == "latent"][0]
     assert lat["cache_values_per_token_per_layer"] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -123,6 +136,12 @@ def test_targets_and_markdown_from_synthetic_results(tmp_path):
         _row("moe", "torch moe forward", "torch", 1.4, kind="moe", phase="forward", gflops=1.0),
         _row("moe", "torch dense forward", "torch", 1.0, kind="dense", phase="forward", gflops=1.0),
         {"section": "moe", "name": "jax", "framework": "jax", "error": "RuntimeError: boom\ntraceback"},
+        _row("speculative", "torch b1 greedy", "torch", 0.5, batch=1, mode="greedy", speedup=0.8,
+             plain_tokens_per_s=160.0, acceptance_rate=0.5, mean_accepted_length=1.5, verify_calls=40,
+             same_tokens_as_plain=True),
+        _row("speculative", "jax b1 greedy", "jax", 0.5, batch=1, mode="greedy", speedup=1.3,
+             plain_tokens_per_s=154.0, acceptance_rate=0.85, mean_accepted_length=1.85, verify_calls=30,
+             same_tokens_as_plain=False),
     ]
     res = {"meta": {"config_name": "small", "is_peer_small_shape": True, "device": "cpu", "dtype": "fp32",
                     "batch": 8, "seq": 256, "quick": False, "contexts": [1024], "decode_batch": 8,
@@ -142,12 +161,17 @@ def test_targets_and_markdown_from_synthetic_results(tmp_path):
     assert t["jax jit: MTP time share <= FLOP share"]["status"] == ("pass" if 1.25 / 0.9 <= share else "miss")
     assert t["JAX >= 3x MaxText (1,450 tok/s)"]["status"] == "miss"
     assert t["JAX >= 3x MaxText (1,450 tok/s)"]["note"].startswith("jax jit:")  # MTP off, like the reference
+    assert t["torch speculative b1 greedy: faster than plain"]["status"] == "miss"  # 0.8x
+    assert t["jax speculative b1 greedy: faster than plain"]["status"] == "pass"  # 1.3x
+    assert t["torch speculative b1 greedy: tokens of plain greedy"]["status"] == "pass"
+    assert t["jax speculative b1 greedy: tokens of plain greedy"]["status"] == "miss"
     res["targets"] = list(t.values())
     res["meta"]["loadavg_end"] = None
     paths = report.write_all(res, str(tmp_path))
     md = open(paths["markdown"]).read()
     assert "| torch | 1024 | 10000 | 5000 | 2.00× |" in md
     assert "error: RuntimeError: boom" in md
+    assert "| jax b1 greedy | 154.0 | 200.0 | 1.30× | 85.0% | 1.85 | 30 |" in md
     assert os.path.getsize(paths["png"]) > 10_000
 
 

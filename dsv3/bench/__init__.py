@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args):
     from dsv3.config import ModelConfig
 
-    if args.checkpoint:
+    if getattr(args, "checkpoint", None):  # (dsv3.bench.profile's arguments have no --checkpoint)
         from dsv3.rundir import resolve_weights_dir
 
         cfg = ModelConfig.from_pretrained(resolve_weights_dir(args.checkpoint))

@@ -170,9 +170,10 @@ def markdown(res: dict) -> str:
     L += _decode_table(res)
     L += _cache_table(res)
     L += _moe_table(res)
-    L += _table(f"### Speculative decoding, MTP draft ({m['spec_new']} new tokens after {SPEC_PROMPT}-token "
-                f"prompts; {'weights of ' + m['checkpoint'] if m.get('checkpoint') else 'random weights'})",
-                SPEC_COLUMNS, _section(res, "speculative"), 1, _spec_cells)
+    L += _table(f"### Speculative decoding, MTP draft ({m.get('spec_new')} new tokens after {SPEC_PROMPT}-token "
+                f"prompts; {'weights of ' + m['checkpoint'] if m.get('checkpoint') else 'random weights'}; "
+                f"DeepSeek-V3 reports 85-90% acceptance, 1.8x)", SPEC_COLUMNS, _section(res, "speculative"), 1,
+                _spec_cells)
     L += _targets_table(res)
     errors = [r for r in res["rows"] if "error" in r]
     if errors:
