@@ -35,6 +35,10 @@ XLA_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"dsv3-tests-xla-cache-{_cac
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# torch.compile's kernels likewise go to a directory of this run (not the machine-wide /tmp/torchinductor_*
+# left by earlier runs): every run compiles what it uses, as on a fresh machine.
+TORCHINDUCTOR_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"dsv3-tests-inductor-cache-{_cache_owner}")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", TORCHINDUCTOR_CACHE_DIR)
 
 from dsv3 import runtime  # noqa: E402
 
@@ -66,6 +70,7 @@ def one_torch_thread():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The run's XLA compilation cache goes with the run (removed by the controlling process)."""
+    """The run's compilation caches go with the run (removed by the controlling process)."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         shutil.rmtree(XLA_CACHE_DIR, ignore_errors=True)
+        shutil.rmtree(TORCHINDUCTOR_CACHE_DIR, ignore_errors=True)
