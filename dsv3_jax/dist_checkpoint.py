@@ -17,6 +17,11 @@ import jax
 from flax import nnx
 
 
+def _state(model: nnx.Module, optimizer: nnx.Optimizer | None) -> dict:
+    """The saved tree: {"model": its state, "optim": the optimizer's (when given)}."""
+    return {"model": nnx.state(model)} | ({} if optimizer is None else {"optim": nnx.state(optimizer)})
+
+
 def _checkpointer():
     import orbax.checkpoint as ocp
 
@@ -26,21 +31,16 @@ def _checkpointer():
 def save_sharded(directory: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | None = None) -> None:
     """Write the model's (and optimizer's) state into ``directory`` (which must not exist), each
     process its own shards; returns once the files are complete."""
-    state = {"model": nnx.state(model)}
-    if optimizer is not None:
-        state["optim"] = nnx.state(optimizer)
     ckpt = _checkpointer()
-    ckpt.save(os.path.abspath(os.fspath(directory)), state)
+    ckpt.save(os.path.abspath(os.fspath(directory)), _state(model, optimizer))
     ckpt.wait_until_finished()
 
 
 def load_sharded(directory: str | os.PathLike, model: nnx.Module, optimizer: nnx.Optimizer | None = None) -> None:
     """Read ``directory`` into the model (and optimizer) in place, each array in the sharding it has now
     (the checkpoint may come from any mesh or from one device); shapes and dtypes must match."""
-    state = {"model": nnx.state(model)}
-    if optimizer is not None:
-        state["optim"] = nnx.state(optimizer)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          _state(model, optimizer))
     restored = _checkpointer().restore(os.path.abspath(os.fspath(directory)), target)
     nnx.update(model, restored["model"])
     if optimizer is not None:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from scale_workload import free_port, subprocess_env  # tests/ is on sys.path while its conftest loads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_JOB_SCRIPT = os.path.join(ROOT, "tests", "torch", "dist_job.py")
@@ -20,28 +20,17 @@ DIST_JOB_SCRIPT = os.path.join(ROOT, "tests", "torch", "dist_job.py")
 @pytest.fixture(scope="session")
 def mesh_results():
     """The JSON the 8-device JAX subprocess prints (CLI run and resume, meshes, orbax, EP layer, bytes)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # the script asks for its devices through `dsv3 train --cpu-devices 8`; the test session's
-    # other XLA settings (root conftest) are kept
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
+    # the script asks for its devices through `dsv3 train --cpu-devices 8`
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "jax", "mesh_checks.py")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1500)
+                          env=subprocess_env(ROOT), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, out: str, *checks: str) -> None:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
+    env = {**subprocess_env(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), DIST_JOB_SCRIPT, out, *checks]
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), DIST_JOB_SCRIPT, out, *checks]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         raise AssertionError(f"torchrun job {checks!r} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"

@@ -6,6 +6,9 @@ weights on these batches, so their sharded runs can also be compared with each o
 
 from __future__ import annotations
 
+import os
+import socket
+
 import numpy as np
 
 from dsv3 import ModelConfig
@@ -57,3 +60,16 @@ def cli_args(cfg_dir: str, text: str, out: str, devices: int = 8) -> list[str]:
             "--steps", str(CLI_STEPS), "--save-every", "2", "--eval-every", "2", "--batch-size", str(BATCH),
             "--grad-accum", str(ACCUM), "--seq-len", str(SEQ), "--lr", str(LR), "--warmup-steps", "2",
             "--adam-eps", "1e-3", "--eval-batches", "1", "--out", out, "--no-progress", "--no-plots"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the rendezvous of a multi-process job)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(root: str) -> dict:
+    """This environment with the repository first on PYTHONPATH. The test session's XLA settings (root
+    conftest) are kept; a job's device count comes from its own ``--cpu-devices``, which replaces any."""
+    return dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -149,12 +148,7 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight(mesh_resu
     cfg_dir, text = str(tmp_path / "cfg"), str(tmp_path / "corpus.txt")
     scale_workload.write_cli_inputs(cfg_dir, text)
     out = str(tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    env, port = scale_workload.subprocess_env(ROOT), scale_workload.free_port()
     args = scale_workload.cli_args(cfg_dir, text, out, devices=4)
     procs = [subprocess.Popen([sys.executable, "-m", "dsv3", *args, "--coordinator", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i)], cwd=ROOT, env=env,
