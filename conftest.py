@@ -69,6 +69,14 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run first (otherwise in collection order). Under ``-n 2`` the long tests then
+    start at once, one per worker, and the short ones fill in around them, instead of one long test
+    starting last and running alone while the other worker idles (pytest-xdist hands out work in this
+    order; its xdist_group units, the largest first, go before single tests)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The run's compilation caches go with the run (removed by the controlling process)."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):

@@ -162,12 +162,14 @@ class DeepSeekV3(nn.Module):
 
     # ------------------------------------------------------------- checks
     def _check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
+        """Shape, dtype and position checks; the id range is read from eager tensors only (under
+        torch.compile reading a value would end the graph), as dsv3_jax skips it under tracing."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
         V, T = self.cfg.vocab_size, tokens.shape[1]
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+        if tokens.numel() and not torch.compiler.is_compiling() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
             raise ValueError(f"token ids must lie in [0, {V}), got min {int(tokens.min())}, "
                              f"max {int(tokens.max())}")
         if start_pos + T > self.cfg.max_position_embeddings:

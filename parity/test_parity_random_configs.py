@@ -39,6 +39,7 @@ def configs(draw):
     )
 
 
+@pytest.mark.slow
 @settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(cfg=configs(), born=st.sampled_from(["torch", "jax"]))
 def test_random_config_forward_and_gradients(cfg, born):

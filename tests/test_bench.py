@@ -71,6 +71,7 @@ def _ok(res, section, framework):
     return rows
 
 
+@pytest.mark.slow
 def test_bench_torch_and_hf_end_to_end(tmp_path, one_torch_thread):
     res, md, png = _run(tmp_path, "--preset", "tiny", "--frameworks", "torch", "--skip", "compile")
     _check_common(res, md, png)
@@ -206,6 +207,7 @@ def test_cache_nbytes_walks_nested_caches():
     assert nbytes([(np.zeros(2), {"a": np.zeros(1, np.float32)})]) == 16 + 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_profile_attributes_step_time(framework, capsys, one_torch_thread, tiny2_json):
     """python -m dsv3.bench.profile runs the bench's training step under the framework's profiler

@@ -78,6 +78,7 @@ def _train_args(config_dir, out, framework, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_train_jax_then_generate_in_torch_and_jax(config2_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_train_args(config2_dir, out, "jax")) == 0

@@ -231,6 +231,7 @@ def test_second_run_on_same_out_is_refused_with_the_holders_pid(config_dir, tmp_
         pass
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_then_resume_is_bit_exact(config_dir, tmp_path):
     ref = tmp_path / "ref"
     assert main(_args(config_dir, ref, steps=6)) == 0  # uninterrupted, in this process (one torch thread too)

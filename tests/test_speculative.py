@@ -65,7 +65,7 @@ def test_torch_and_jax_give_the_same_tokens_and_acceptance_counts():
     from dsv3_jax.speculative import speculative_generate as jax_spec
     from dsv3_torch.speculative import speculative_generate as torch_spec
 
-    cfg = ModelConfig.preset("tiny")
+    cfg = ModelConfig.preset("tiny").replace(num_hidden_layers=2)  # a dense, a MoE and the MTP block
     torch.manual_seed(0)
     tm = dsv3_torch.DeepSeekV3(cfg)
     with torch.no_grad():  # a draft that agrees with the main model part of the time

@@ -62,6 +62,7 @@ def _biases(state):
     return {k: v for k, v in state.items() if k.endswith("gate.bias")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_grad_accumulation_equals_big_batch(framework, config_dir, corpus):
     make = _backend(framework)
@@ -91,6 +92,7 @@ def test_grad_accumulation_equals_big_batch(framework, config_dir, corpus):
         np.testing.assert_allclose(s4[k], s1[k], rtol=1e-6, atol=1e-8, err_msg=k)  # fp32 rounding only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_grad_accumulation_with_the_default_adam_eps(framework, config_dir, corpus):
     """The default eps=1e-8: accumulation is exact wherever Adam's update is not rounding-bound.
@@ -215,6 +217,7 @@ def test_resume_is_exact(framework, config_dir, corpus, tmp_path):
         np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_bf16_training_resumes_exactly_and_tracks_fp32(framework, config_dir, corpus, tmp_path, capsys):
     """--dtype bfloat16: 4 steps straight vs 2 steps, "killed", resumed to 4: bit-identical metrics and
@@ -274,6 +277,7 @@ def test_torch_bf16_autocast_keeps_fp32_master_weights(config_dir, corpus):
     assert all(v.dtype == np.float32 for v in b16.optimizer_state().values() if v.ndim)
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_like_eager_without_recompiling_every_step():
     """compile=True: the same losses as eager, and the graphs stop changing after the second step
     (automatic dynamic shapes absorb the per-expert row counts, which change every step).
