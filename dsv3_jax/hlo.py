@@ -160,9 +160,12 @@ def collectives(compiled_or_text, num_partitions: int | None = None) -> tuple[li
             ob = shape_bytes(operands)
             if ob == 0:  # operands printed without shapes: from the result shape (before the op name)
                 res = shape_bytes(m.group(2)[:op.start()])
-                if op.group(2):  # -start: a tuple of (operands, results) for the gathers
-                    res //= 2 if kind in ("all-gather", "collective-permute", "all-to-all") else 1
-                ob = res // g if kind == "all-gather" else res * (g if kind == "reduce-scatter" else 1)
+                if kind == "all-gather":  # result g x operand; all-gather-start: (operand, result)
+                    ob = res // (g + 1 if op.group(2) else g)
+                elif kind == "reduce-scatter":  # result = operand / g
+                    ob = res * g
+                else:  # same shape; collective-permute-start: (operand, result, contexts)
+                    ob = res // 2 if op.group(2) and kind != "all-reduce" else res
             found.append({"name": m.group(1), "kind": kind, "computation": name, "times": k, "group": g,
                           "operand_bytes": ob, "bytes": k * moved_bytes(kind, ob, g)})
     return found, unknown
