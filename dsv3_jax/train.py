@@ -158,11 +158,21 @@ class JaxBackend:
         return sharding.global_array(np.asarray(a, np.int32), sharding.batch_sharding(self.mesh, a.ndim, batch_dim))
 
     # ------------------------------------------------------------- train
-    def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
+    def _step_args(self, micro_batches, lr: float) -> tuple:
         xs = self._put_batch(np.stack([x for x, _ in micro_batches]), 1)
         ys = self._put_batch(np.stack([y for _, y in micro_batches]), 1)
         hp = {"lr": jnp.float32(lr)} | {k: jnp.float32(v) for k, v in _tx_args(self.tcfg).items()}
-        out = self._train(self.model, self.optimizer, xs, ys, hp, jnp.float32(self.gamma))
+        return self.model, self.optimizer, xs, ys, hp, jnp.float32(self.gamma)
+
+    def lower_train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float):
+        """The sharded step lowered for these micro-batches (``.compile().as_text()``: the HLO that
+        runs, collectives included; ``dsv3_jax.hlo.count_collectives`` counts them). Mesh only."""
+        if self.mesh is None:
+            raise ValueError("lower_train_step: a backend on a mesh (mesh=...)")
+        return self._train.lower(*self._step_args(micro_batches, lr))
+
+    def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], lr: float) -> dict:
+        out = self._train(*self._step_args(micro_batches, lr))
         out = jax.device_get(out)
         res = {k: float(v) for k, v in out.items() if k != "counts"}
         if not len(self.model.mtp):
@@ -256,6 +266,11 @@ def _sharded_train_step(bf16_cfg, model, optimizer, mesh):
         nnx.update(optimizer, so)
         return out
 
+    def lower(model, optimizer, xs, ys, hp, gamma):
+        """The jitted step lowered for these arguments (``.compile()``: the program that runs)."""
+        return jitted.lower(jax.tree.leaves((nnx.state(model), nnx.state(optimizer))), xs, ys, hp, gamma)
+
+    train_step.lower = lower
     return train_step
 
 

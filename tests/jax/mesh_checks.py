@@ -13,6 +13,8 @@ Checks (shapes tiny; compiled functions shared where possible):
   bytes     per-device parameter + optimizer bytes from the arrays' addressable shards vs the
             plan of dsv3_jax.sharding (abstract model, same rules)
   ep        expert-parallel MoE layer vs the single-device layer under skewed routing
+  hlo       per-kind collective bytes of the compiled fsdp=8 and expert=8 steps (dsv3_jax.hlo) and
+            the formula of docs/scaling.md section 4
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ def train_checks() -> dict:
         losses = [be.train_step(b, LR)["loss"] for b in data]
         if mesh == ORBAX_SAVE:
             out["orbax"] = orbax_checks(be, tcfg)
+        if mesh in HLO_MESHES:
+            out.setdefault("collectives", {})[mesh] = collective_checks(be, data[0], mesh)
         st = _host_canonical_state(be, ref)
         rel = {k: float(np.max(np.abs(st[k] - ref_state[k])) / max(float(np.max(np.abs(ref_state[k]))), 1e-30))
                for k in ref_state if not k.endswith("gate.bias")}
@@ -125,6 +129,21 @@ def train_checks() -> dict:
 
 
 ORBAX_SAVE, ORBAX_RESTORE = "fsdp=8", "data=2,fsdp=2,expert=2"
+HLO_MESHES = ("fsdp=8", "expert=8")
+
+
+def collective_checks(be, micro_batches, mesh: str) -> dict:
+    """The collectives of the step just run (its compiled program: the same lowering hits jax's
+    in-memory caches), counted by dsv3_jax.hlo, next to the formula of docs/scaling.md section 4."""
+    from scale_workload import ACCUM, BATCH, SEQ
+
+    from dsv3_jax import hlo, sharding
+
+    counted = hlo.count_collectives(be.lower_train_step(micro_batches, LR).compile())
+    sizes = sharding.parse_mesh(mesh)
+    formula = hlo.analytic_bytes(CFG, sizes, grad_accum=ACCUM,
+                                 tokens_per_micro_batch=BATCH // ACCUM * SEQ // sharding.mesh_size(sizes))
+    return {"hlo": counted, "formula": formula}
 
 
 def orbax_checks(be, tcfg) -> dict:
