@@ -34,14 +34,14 @@ def measure(layers: int, scan: bool, remat: str, batch: int, seq: int) -> dict:
     model = DeepSeekV3.abstract(cfg, scan_layers=scan, remat=remat)
     gd, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss(p, x, y):
-        out = nnx.merge(gd, p, rest).compute_loss(x, y)
+    def loss(p, r, x, y):  # r: the rest of the state (router biases), abstract like p
+        out = nnx.merge(gd, p, r).compute_loss(x, y)
         return out.loss, out.counts
 
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     f = jax.jit(jax.value_and_grad(loss, has_aux=True))
     t0 = time.perf_counter()
-    lowered = f.lower(params, ids, ids)
+    lowered = f.lower(params, rest, ids, ids)
     t1 = time.perf_counter()
     lowered.compile()
     t2 = time.perf_counter()
