@@ -7,6 +7,7 @@ runs in its own process (no warm caches) with the persistent compilation cache o
 (DeepSeekV3.abstract: shapes only), so nothing but the trace, the lowering and XLA's compile is timed.
 
     PYTHONPATH=$PWD python docs/bench/scan_compile.py [--layers 8 16 32] [--batch 2 --seq 64] [--out table.md]
+    PYTHONPATH=$PWD python docs/bench/scan_compile.py --size-only   # the lowered program's size, nothing timed
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import time
 
 
-def measure(layers: int, scan: bool, remat: str, batch: int, seq: int) -> dict:
+def measure(layers: int, scan: bool, remat: str, batch: int, seq: int, size_only: bool = False) -> dict:
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)
@@ -43,10 +44,13 @@ def measure(layers: int, scan: bool, remat: str, batch: int, seq: int) -> dict:
     t0 = time.perf_counter()
     lowered = f.lower(params, rest, ids, ids)
     t1 = time.perf_counter()
+    hlo_lines = len(lowered.as_text().splitlines())  # the program's size: deterministic, unlike the seconds
+    if size_only:
+        return {"layers": layers, "scan": scan, "remat": remat, "hlo_lines": hlo_lines}
     lowered.compile()
     t2 = time.perf_counter()
     return {"layers": layers, "scan": scan, "remat": remat, "lower_s": t1 - t0, "compile_s": t2 - t1,
-            "total_s": t2 - t0, "backend": jax.default_backend()}
+            "total_s": t2 - t0, "hlo_lines": hlo_lines, "backend": jax.default_backend()}
 
 
 def main(argv=None) -> int:
@@ -56,10 +60,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     ap.add_argument("--out", default=None, help="write the markdown table here too")
+    ap.add_argument("--size-only", action="store_true",
+                    help="lower only (no compile, no seconds): the StableHLO line count per layout")
     ap.add_argument("--one", nargs=2, metavar=("LAYERS", "SCAN"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:  # a child process: one measurement, as JSON on stdout
-        print(json.dumps(measure(int(a.one[0]), a.one[1] == "1", a.remat, a.batch, a.seq)))
+        print(json.dumps(measure(int(a.one[0]), a.one[1] == "1", a.remat, a.batch, a.seq, a.size_only)))
+        return 0
+    if a.size_only:  # one process: lowering only, nothing timed
+        lines = ["| layers | unrolled StableHLO lines | scanned StableHLO lines |", "|---:|---:|---:|"]
+        for layers in a.layers:
+            u, s = (measure(layers, scan, a.remat, a.batch, a.seq, True)["hlo_lines"] for scan in (False, True))
+            lines.append(f"| {layers} | {u} | {s} |")
+        print("\n".join(lines))
         return 0
     rows = []
     for layers in a.layers:
