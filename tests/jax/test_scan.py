@@ -139,3 +139,14 @@ def test_cached_generation_same_tokens(unrolled, scanned):
     cache = scanned.init_cache(3, 16, "naive")
     assert cache.batch == 3 and cache.layers[0]["k"].shape[:2] == (CFG.first_k_dense_replace, 3)
     assert generate(scanned, prompts, 4) == generate(unrolled, prompts, 4)
+
+
+def test_scan_layers_refused_on_a_mesh(scanned):
+    from dsv3.train_config import TrainConfig
+    from dsv3_jax.sharding import make_mesh
+    from dsv3_jax.train import JaxBackend
+
+    with pytest.raises(ValueError, match="scan_layers runs on one device only"):
+        JaxBackend(CFG, TrainConfig(preset="tiny", scan_layers=True), mesh=make_mesh("data=1"))
+    with pytest.raises(ValueError, match="mesh shardings do not support scan_layers"):
+        scanned._named_vars()
