@@ -19,6 +19,7 @@ from dsv3.config import PRESETS, ModelConfig, Validator, _Rule, _check
 
 FRAMEWORKS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "full", "dots")  # activation checkpointing per decoder layer (dsv3_jax.model.REMAT_POLICIES)
 
 
 # The optimizer settings, one rule each (the machinery of ModelConfig): checked by TrainConfig and
@@ -98,6 +99,11 @@ class TrainConfig:
     save_every: int = _opt(200, "steps between checkpoints")
     keep_checkpoints: int = _opt(2, "checkpoints kept")
     compile: bool = _opt(False, "torch.compile the loss (torch only)")
+    scan_layers: bool = _opt(False, "JAX: run the decoder layers as two scanned stacks (dense, MoE): the compile "
+                                    "time stays flat in depth; checkpoints unchanged (the torch backend ignores it)")
+    remat: str = _opt("none", "JAX: activation checkpointing of each decoder layer: none, full (save nothing) or "
+                              "dots (save the weight matmuls' outputs); the torch backend accepts none only",
+                      choices=REMATS)
     mesh: Optional[str] = _opt(None, "device mesh over the axes data, fsdp, expert, e.g. data=2,fsdp=2,expert=2 "
                                      "(JAX: one process, see docs/scaling.md, --cpu-devices N on CPU; torch: launch "
                                      "with torchrun --nproc-per-node N -m dsv3 train ...)", metavar="SPEC")
@@ -108,6 +114,9 @@ class TrainConfig:
         need = Validator(self)
         need(self.framework in FRAMEWORKS, "framework", f"must be one of {FRAMEWORKS}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        need(self.remat in REMATS, "remat", f"must be one of {REMATS}")
+        need(self.framework == "jax" or self.remat == "none", "remat",
+             "is a JAX option (the torch backend has no activation checkpointing): use none")
         for name, rule in _SIZE_RULES.items():
             _check("TrainConfig.", name, getattr(self, name), rule)
         need(self.batch_size % self.grad_accum == 0, "batch_size",

@@ -8,6 +8,16 @@ Layers are an ``nnx.List`` of Blocks run by a Python loop (exactly the canonical
 stacking). Linear kernels are Flax [in, out]; ``canonical_state`` / ``load_canonical_state``
 convert to and from the torch-layout canonical flat dict with transposes only.
 
+Scanned layers (``scan_layers=True``, opt-in): ``layers`` is None and the main decoder layers are
+at most two stacked Blocks, ``dense_stack`` (the first ``first_k_dense_replace`` layers) and
+``moe_stack`` (the rest), built with ``nnx.vmap`` (every variable gets a leading layer axis) and
+run by ``jax.lax.scan`` (carry: h; per layer: the MoE statistics out, the KV cache slices in and
+out), so the compiled program does not grow with depth. MTP modules are not scanned. Canonical
+names are unchanged: ``layers.{i}.X`` is row i (or i - first_k_dense_replace) of the stack's
+``X``, stacked and unstacked on the host. ``remat`` ("none" | "full" | "dots") checkpoints each
+layer's activations (jax.checkpoint with nothing saved / only dots without batch dims saved),
+scanned or not.
+
 fp32 parity on GPU/TPU needs ``jax.config.update("jax_default_matmul_precision", "highest")``
 (docs/reference.md §9.2.7); tests/jax and parity/ set it, the model leaves the global setting to the user.
 
@@ -38,6 +48,15 @@ from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
+
+# remat choice -> jax.checkpoint policy (None: no rematerialisation)
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# One layer's cache entries and their rank unstacked (a stacked cache has one more leading axis).
+_CACHE_RANK = {"c_kv": 3, "k_pe": 3, "k": 4, "v": 4}
 
 
 def mask_positions(valid: jax.Array) -> jax.Array:
@@ -85,7 +104,9 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return next(iter(self.layers[0].values())).shape[0]
+        """B; a scanned model's cache holds one dict per layer stack, each array with a leading layer axis."""
+        key, x = next(iter(self.layers[0].items()))
+        return x.shape[x.ndim - _CACHE_RANK[key]]
 
 
 def _is_traced(x) -> bool:
@@ -96,21 +117,33 @@ class DeepSeekV3(nnx.Module):
     """DeepSeek-V3 (MLA + DeepSeekMoE + MTP). ``model(tokens [B,T] int) -> logits [B,T,V]`` (model dtype).
 
     moe_impl: "auto" | "blocksparse" | "ragged" (grouped expert matmul, see moe.py);
-    combine: "grouped" | "eager" (routed-output accumulation, docs/reference.md §4.5).
+    combine: "grouped" | "eager" (routed-output accumulation, docs/reference.md §4.5);
+    scan_layers: hold the main layers as two stacked Blocks run by a scan (``dense_stack``,
+    ``moe_stack``; ``layers`` is then None; module docstring); remat: "none" | "full" | "dots".
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None, dtype=jnp.float32, *,
-                 moe_impl: str = "auto", combine: str = "grouped", _blocks: bool = True):
+                 moe_impl: str = "auto", combine: str = "grouped", scan_layers: bool = False,
+                 remat: str = "none", _blocks: bool = True):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.cfg = cfg
         self.dtype = dtype
+        self.scan_layers, self.remat = bool(scan_layers), remat
         D, V = cfg.hidden_size, cfg.vocab_size
         kw = dict(dtype=dtype, moe_impl=moe_impl, combine=combine, rngs=rngs)
         self.embed = nnx.Embed(V, D, dtype=dtype, param_dtype=dtype,
                                embedding_init=normal_init(cfg.initializer_range), rngs=rngs)
         self.rope = RotaryEmbedding(cfg)
         n_layers, n_mtp = (cfg.num_hidden_layers, cfg.num_nextn_predict_layers) if _blocks else (0, 0)
-        self.layers = nnx.List([Block(cfg, cfg.is_moe_layer(i), **kw) for i in range(n_layers)])
+        if self.scan_layers:  # built even for `abstract` (_blocks=False): one vmapped trace per stack
+            n_dense = min(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+            self.layers = None
+            self.dense_stack = _stacked_block(cfg, False, n_dense, kw)
+            self.moe_stack = _stacked_block(cfg, True, cfg.num_hidden_layers - n_dense, kw)
+        else:
+            self.layers = nnx.List([Block(cfg, cfg.is_moe_layer(i), **kw) for i in range(n_layers)])
         self.norm = RMSNorm(D, cfg.rms_norm_eps, dtype=dtype)
         self.head = linear(D, V, cfg, dtype, rngs)
         self.mtp = nnx.List([MTPModule(cfg, **kw) for _ in range(n_mtp)])
@@ -125,6 +158,8 @@ class DeepSeekV3(nnx.Module):
         abstract block holds shapes only, so copies equal traces: V3's 61 layers take 2 traces).
         """
         model = nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0), dtype, _blocks=False, **kwargs))
+        kwargs.pop("scan_layers", None)
+        kwargs.pop("remat", None)
         kw = dict(dtype=dtype, **kwargs)
         traced: dict = {}
 
@@ -135,7 +170,8 @@ class DeepSeekV3(nnx.Module):
             traced[moe] = nnx.eval_shape(lambda: Block(cfg, moe, rngs=nnx.Rngs(i), **kw))
             return traced[moe]
 
-        model.layers = nnx.List([layer(i) for i in range(cfg.num_hidden_layers)])
+        if not model.scan_layers:
+            model.layers = nnx.List([layer(i) for i in range(cfg.num_hidden_layers)])
         model.mtp = nnx.List([nnx.eval_shape(lambda k=k: MTPModule(cfg, rngs=nnx.Rngs(k), **kw))
                               for k in range(cfg.num_nextn_predict_layers)])
         return model
@@ -163,20 +199,41 @@ class DeepSeekV3(nnx.Module):
 
     # --------------------------------------------------------------- forward
     def _trunk(self, tokens, start_pos=0, caches=None, positions=None, mask=None, valid=None):
-        """Embedding and decoder layers: -> (h [B,T,D] before norm, MoEOutput per MoE layer, (cos, sin), caches).
+        """Embedding and decoder layers: -> (h [B,T,D] before norm, MoEOutputs, (cos, sin), caches).
 
         positions: None (start_pos + arange(T)) or [B,T] per-row positions; mask, valid: padding
-        (``visible_mask`` [B,1,T,keys] and the real tokens [B,T]), None without."""
+        (``visible_mask`` [B,1,T,keys] and the real tokens [B,T]), None without. The MoEOutputs
+        are one per MoE layer, or with scan_layers one for the MoE stack with a leading layer
+        axis on every field (``_unstack_stats`` splits it); caches: one per layer or per stack."""
         T = tokens.shape[1]
         h = self.embed(tokens.astype(jnp.int32))
         cos, sin = self.rope(start_pos + jnp.arange(T) if positions is None else positions, self.dtype)
+        args = (cos, sin, start_pos, mask, valid)
+        if self.scan_layers:
+            stats, new_caches = [], []
+            for j, stack in enumerate(self._stacks()):
+                h, st, c = _scan_stack(stack, h, None if caches is None else caches[j], args, self.remat)
+                if st is not None:
+                    stats.append(st)
+                new_caches.append(c)
+            return h, stats, (cos, sin), (None if caches is None else new_caches)
         stats, new_caches = [], []
         for i, layer in enumerate(self.layers):
-            h, st, c = layer(h, cos, sin, start_pos, None if caches is None else caches[i], mask, valid)
+            h, st, c = _call_block(layer, h, None if caches is None else caches[i], args, self.remat)
             if st is not None:
                 stats.append(st)  # MoEOutput
             new_caches.append(c)
         return h, stats, (cos, sin), (None if caches is None else new_caches)
+
+    def _stacks(self) -> list[Block]:
+        """The non-empty layer stacks of a scanned model, in layer order (dense, then MoE)."""
+        return [s for s in (self.dense_stack, self.moe_stack) if s is not None]
+
+    def _unstack_stats(self, stats) -> list[MoEOutput]:
+        """The MoEOutputs of ``_trunk`` -> one per MoE layer."""
+        if not self.scan_layers:
+            return list(stats)
+        return [jax.tree.map(lambda x, i=i: x[i], o) for o in stats for i in range(o.counts.shape[0])]
 
     def __call__(self, tokens, attention_mask=None) -> jax.Array:
         """tokens [B, T] int -> main-head logits [B, T, V] (model dtype); eager calls run one jitted program.
@@ -219,12 +276,13 @@ class DeepSeekV3(nnx.Module):
         positions, mask, valid = self._inputs(tokens, attention_mask)
         h, stats, _, _ = self._trunk(tokens, positions=positions, mask=mask, valid=valid)
         chex.assert_shape(h, (*jnp.shape(tokens), self.cfg.hidden_size))
-        return self.norm(h), stats
+        return self.norm(h), self._unstack_stats(stats)
 
     def _stack_counts(self, stats):
+        """MoEOutputs (single, or stacked with a leading layer axis) -> counts [n, E] in order."""
         if not stats:
             return jnp.zeros((0, self.cfg.n_routed_experts), jnp.int32)
-        return jnp.stack([o.counts for o in stats])
+        return jnp.concatenate([o.counts.reshape(-1, self.cfg.n_routed_experts) for o in stats])
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, input_ids, labels, attention_mask=None) -> LossOutput:
@@ -264,7 +322,7 @@ class DeepSeekV3(nnx.Module):
         mtp_losses = jnp.stack(mtp_losses) if mtp_losses else jnp.zeros((0,), jnp.float32)
         mtp_loss = cfg.mtp_loss_weight / n_mtp * jnp.sum(mtp_losses) if n_mtp else jnp.float32(0.0)
         K = cfg.num_experts_per_tok
-        bal = sum((sequence_balance_loss(o.scores, K, valid) for o in stats), jnp.float32(0.0)) * jnp.float32(
+        bal = sum((_balance_loss(o.scores, K, valid) for o in stats), jnp.float32(0.0)) * jnp.float32(
             cfg.balance_loss_alpha)
         loss = main + mtp_loss + bal
         counts = self._stack_counts(stats)
@@ -276,12 +334,15 @@ class DeepSeekV3(nnx.Module):
 
     # ----------------------------------------------------------- router bias
     def routers(self) -> list[Router]:
-        """Every router in counts order: main MoE layers, then MTP depths."""
+        """Every router in counts order: main MoE layers, then MTP depths. With scan_layers the first
+        is the MoE stack's router, whose bias [L_moe, E] takes L_moe rows of the counts."""
         return [moe.gate for moe in self.moe_layers()]
 
     def moe_layers(self) -> list[MoE]:
-        """Every MoE in counts order: main MoE layers, then MTP depths."""
-        blocks = list(self.layers) + [m.block for m in self.mtp]
+        """Every MoE in counts order: main MoE layers, then MTP depths (scan_layers: the MoE stack,
+        one module whose variables have a leading layer axis, stands for its layers)."""
+        main = self._stacks() if self.scan_layers else list(self.layers)
+        blocks = main + [m.block for m in self.mtp]
         return [b.ffn for b in blocks if b.moe]
 
     def set_moe_combine(self, scheme: str) -> None:
@@ -298,17 +359,25 @@ class DeepSeekV3(nnx.Module):
         gamma = self.cfg.bias_update_speed if gamma is None else gamma
         c = jnp.asarray(counts).astype(jnp.float32)
         routers = self.routers()
-        if c.shape != (len(routers), self.cfg.n_routed_experts):
-            raise ValueError(f"counts must be [{len(routers)}, {self.cfg.n_routed_experts}], got {c.shape}")
+        rows = [r.bias[...].shape[0] if r.bias[...].ndim == 2 else 1 for r in routers]
+        if c.shape != (sum(rows), self.cfg.n_routed_experts):
+            raise ValueError(f"counts must be [{sum(rows)}, {self.cfg.n_routed_experts}], got {c.shape}")
         delta = jnp.asarray(gamma, jnp.float32) * jnp.sign(jnp.mean(c, axis=-1, keepdims=True) - c)
-        for i, r in enumerate(routers):
-            r.bias[...] = r.bias[...] + delta[i]
+        start = 0
+        for r, n in zip(routers, rows):
+            d = delta[start:start + n] if r.bias[...].ndim == 2 else delta[start]
+            r.bias[...] = r.bias[...] + d
+            start += n
 
     # -------------------------------------------------------------- decoding
     def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> KVCache:
         """An empty KVCache: per layer latent {c_kv [B,L,C], k_pe [B,L,R]} or naive {k [B,L,H,N+R], v [B,L,H,V]}."""
         if max_len > self.cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
+        if self.scan_layers:  # one dict per stack, each array [L_stack, B, max_len, ...]
+            return KVCache(kind, max_len, [
+                jax.tree.map(lambda x, n=s.ffn_norm.weight.shape[0]: jnp.zeros((n, *x.shape), x.dtype),
+                             s.attn.init_cache(batch, max_len, kind)) for s in self._stacks()])
         return KVCache(kind, max_len, [layer.attn.init_cache(batch, max_len, kind) for layer in self.layers])
 
     def hidden_cached(self, tokens, cache: KVCache, start_pos, attention_mask=None):
@@ -342,45 +411,74 @@ class DeepSeekV3(nnx.Module):
         return logits, cache
 
     # ------------------------------------------------------ canonical state
-    def _named_vars(self) -> list[tuple[str, nnx.Variable, str]]:
-        """(canonical name, variable, layout) in the order of dsv3.checkpoint's table, derived from the
-        module paths by one rule: the path joined by "."; a Linear's ``kernel`` and the Embed's
+    def _slots(self) -> list[tuple[str, nnx.Variable, str, int | None]]:
+        """(canonical name, variable, layout, row) in the order of dsv3.checkpoint's table, derived from
+        the module paths by one rule: the path joined by "."; a Linear's ``kernel`` and the Embed's
         ``embedding`` are the canonical ``weight`` (layout "T": 2-D transpose, "id" for the embedding);
-        the stacked experts' 3-D w1/w2/w3 swap their last two axes ("E"); everything else as is ("id")."""
+        the stacked experts' 3-D w1/w2/w3 swap their last two axes ("E"); everything else as is ("id").
+        row: None, or for a layer stack's variable (scan_layers) the layer's row of its leading axis:
+        ``dense_stack.X`` row j is ``layers.{j}.X``, ``moe_stack.X`` row j ``layers.{k + j}.X``
+        (k = first_k_dense_replace). Layouts apply to one row."""
         found = {}
+        offsets = {"dense_stack": 0, "moe_stack": min(self.cfg.first_k_dense_replace, self.cfg.num_hidden_layers)}
         for path, node in nnx.iter_graph(self):
             if not isinstance(node, nnx.Variable):
                 continue
             *head, leaf = (str(p) for p in path)
             if leaf == "kernel":
-                name, lay = ".".join(head + ["weight"]), "T"
+                rest, lay = head + ["weight"], "T"
             elif leaf == "embedding":
-                name, lay = ".".join(head + ["weight"]), "id"
+                rest, lay = head + ["weight"], "id"
             elif head[-1:] == ["experts"]:
-                name, lay = ".".join(head + [leaf]), "E"
+                rest, lay = head + [leaf], "E"
             else:
-                name, lay = ".".join(head + [leaf]), "id"
-            found[name] = (node, lay)
+                rest, lay = head + [leaf], "id"
+            if head and head[0] in offsets:
+                for j in range(node.get_value().shape[0]):
+                    found[".".join(["layers", str(offsets[head[0]] + j)] + rest[1:])] = (node, lay, j)
+            else:
+                found[".".join(rest)] = (node, lay, None)
         order = list(names.canonical_shapes(self.cfg))
         if set(found) != set(order):
             raise names.CheckpointError(f"module paths do not map onto the canonical names: "
                                         f"{sorted(set(found) ^ set(order))[:10]}")
         return [(n, *found[n]) for n in order]
 
+    def _named_vars(self) -> list[tuple[str, nnx.Variable, str]]:
+        """(canonical name, variable, layout) of an unrolled model (``_slots`` without rows)."""
+        if self.scan_layers:
+            raise ValueError("a scanned model's stacked variables hold several canonical tensors (_slots() maps "
+                             "them); the mesh shardings do not support scan_layers")
+        return [(n, v, lay) for n, v, lay, _ in self._slots()]
+
     def canonical_state(self, fetch=to_numpy) -> dict[str, np.ndarray]:
         """{canonical name: numpy array} in torch layout ([out, in]; experts [E, out, in]).
 
         fetch: a variable's value -> its whole array on the host (a multi-process run passes a gather);
-        the layout change is a host transpose (nothing is compiled for it)."""
-        return {name: np.ascontiguousarray(_from_torch(fetch(var.get_value()), lay))
-                for name, var, lay in self._named_vars()}
+        the layout change is a host transpose, a stacked layer a host slice (nothing is compiled)."""
+        host: dict[int, np.ndarray] = {}
+
+        def value(var, row):
+            if id(var) not in host:
+                host[id(var)] = fetch(var.get_value())
+            return host[id(var)] if row is None else host[id(var)][row]
+
+        return {name: np.ascontiguousarray(_from_torch(value(var, row), lay))
+                for name, var, lay, row in self._slots()}
 
     def load_canonical_state(self, state) -> None:
-        """Fill every variable from a torch-layout canonical dict (validated with check_state)."""
+        """Fill every variable from a torch-layout canonical dict (validated with check_state);
+        a layer stack's rows are stacked on the host and set once."""
         names.check_state(state, self.cfg)
-        for name, var, lay in self._named_vars():
-            cur = var.get_value()
-            var.set_value(jnp.asarray(_from_torch(np.asarray(state[name]), lay), dtype=cur.dtype))
+        stacked: dict[int, tuple[nnx.Variable, dict]] = {}
+        for name, var, lay, row in self._slots():
+            x = _from_torch(np.asarray(state[name]), lay)
+            if row is None:
+                var.set_value(jnp.asarray(x, dtype=var.get_value().dtype))
+            else:
+                stacked.setdefault(id(var), (var, {}))[1][row] = x
+        for var, rows in stacked.values():
+            var.set_value(jnp.asarray(np.stack([rows[j] for j in range(len(rows))]), dtype=var.get_value().dtype))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, dtype=jnp.float32, **kwargs) -> "DeepSeekV3":
@@ -399,7 +497,62 @@ class DeepSeekV3(nnx.Module):
 
     def num_params(self) -> int:
         """Parameters counted once (nnx.Param; router biases excluded: they are not parameters)."""
-        return sum(int(np.prod(v.get_value().shape)) for _, v, _ in self._named_vars() if isinstance(v, nnx.Param))
+        return sum(int(np.prod(v.get_value().shape[0 if row is None else 1:]))
+                   for _, v, _, row in self._slots() if isinstance(v, nnx.Param))
+
+
+def _stacked_block(cfg: ModelConfig, moe: bool, n: int, kw: dict) -> Block | None:
+    """n Blocks as one, every variable with a leading layer axis (nnx.vmap, one rng split per layer); None if n == 0."""
+    if n == 0:
+        return None
+    rest = {k: v for k, v in kw.items() if k != "rngs"}
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs):
+        return Block(cfg, moe, rngs=rngs, **rest)
+
+    return make(kw["rngs"])
+
+
+def _call_block(block: Block, h, cache, args, remat: str):
+    """One Block on h (args: cos, sin, start_pos, mask, valid); remat != "none": jax.checkpoint around it."""
+    cos, sin, start_pos, mask, valid = args
+    policy = REMAT_POLICIES[remat]
+    if policy is None:
+        return block(h, cos, sin, start_pos, cache, mask, valid)
+    gd, st = nnx.split(block)
+
+    def run(st, h, cache, cos, sin, start_pos, mask, valid):
+        return nnx.merge(gd, st)(h, cos, sin, start_pos, cache, mask, valid)
+
+    return jax.checkpoint(run, policy=policy)(st, h, cache, cos, sin, start_pos, mask, valid)
+
+
+def _scan_stack(stack: Block, h, cache, args, remat: str):
+    """A layer stack over h by jax.lax.scan: -> (h, MoEOutput with a leading layer axis or None, cache).
+
+    The stack's state is the scanned input (one layer's variables per step); cache (a dict of
+    [L, B, max_len, ...]) goes in and comes out per layer; h is the carry."""
+    gd, st = nnx.split(stack)
+    policy = REMAT_POLICIES[remat]
+
+    def body(h, xs):
+        layer_state, layer_cache = xs
+        h, out, c = nnx.merge(gd, layer_state)(h, *args[:3], layer_cache, *args[3:])
+        return h, (out, c)
+
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
+    h, (outs, caches) = jax.lax.scan(body, h, (st, cache))
+    return h, outs, caches
+
+
+def _balance_loss(scores, K: int, valid) -> jax.Array:
+    """sequence_balance_loss of one MoE layer's scores [B,T,E], summed over a stack's layers for [L,B,T,E]."""
+    if scores.ndim == 4:
+        return jnp.sum(jax.vmap(lambda s: sequence_balance_loss(s, K, valid))(scores))
+    return sequence_balance_loss(scores, K, valid)
 
 
 def _from_torch(x: np.ndarray, layout: str) -> np.ndarray:

@@ -125,11 +125,16 @@ class JaxBackend:
         batch is split over every mesh axis, and the same step runs under GSPMD with its outputs
         pinned to the same shardings."""
         self.model_cfg, self.tcfg = cfg, tcfg
-        self.model = model if model is not None else DeepSeekV3(cfg, rngs=nnx.Rngs(tcfg.seed), dtype=jnp.float32)
+        layout = _layout(tcfg) if model is None else (model.scan_layers, model.remat)  # a given model's own
+        if mesh is not None and layout[0]:
+            raise ValueError("scan_layers runs on one device only: the mesh shardings and expert parallelism "
+                             "address the unrolled layers (drop --scan-layers or --mesh)")
+        self.model = model if model is not None else DeepSeekV3(cfg, rngs=nnx.Rngs(tcfg.seed), dtype=jnp.float32,
+                                                                scan_layers=layout[0], remat=layout[1])
         self.mesh = mesh
         self.optimizer = nnx.Optimizer(self.model, make_tx(tcfg), wrt=nnx.Param)
         self.gamma = float(cfg.bias_update_speed)
-        self._train, self._eval = _steps(cfg if tcfg.dtype == "bfloat16" else None)
+        self._train, self._eval = _steps(cfg if tcfg.dtype == "bfloat16" else None, layout)
         if mesh is not None:
             from dsv3_jax.expert_parallel import use_expert_parallel
 
@@ -232,20 +237,26 @@ def _loss_model(model_gd, params, rest, twin):
     return nnx.merge(gd, cast, rest)
 
 
+def _layout(tcfg) -> tuple[bool, str]:
+    """(scan_layers, remat) of a run: the model's layer layout, which its bf16 twin shares."""
+    return bool(getattr(tcfg, "scan_layers", False)), getattr(tcfg, "remat", "none")
+
+
 @functools.lru_cache(maxsize=None)
-def _steps_twin(bf16_cfg: ModelConfig | None):
-    """The bf16 twin (graphdef, abstract params) of a bf16 run, None for fp32."""
+def _steps_twin(bf16_cfg: ModelConfig | None, layout: tuple[bool, str] = (False, "none")):
+    """The bf16 twin (graphdef, abstract params) of a bf16 run, None for fp32; layout: (scan_layers, remat)."""
     if bf16_cfg is None:
         return None
-    abstract = nnx.eval_shape(lambda: DeepSeekV3(bf16_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    abstract = nnx.eval_shape(lambda: DeepSeekV3(bf16_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                                 scan_layers=layout[0], remat=layout[1]))
     gd, p_abs, _ = nnx.split(abstract, nnx.Param, ...)
     return (gd, p_abs)
 
 
 @functools.lru_cache(maxsize=None)
-def _steps(bf16_cfg: ModelConfig | None):
-    """(train_step, eval_step), shared by every backend of the same precision (one compile cache)."""
-    twin = _steps_twin(bf16_cfg)
+def _steps(bf16_cfg: ModelConfig | None, layout: tuple[bool, str] = (False, "none")):
+    """(train_step, eval_step), shared by every backend of the same precision and layout (one compile cache)."""
+    twin = _steps_twin(bf16_cfg, layout)
     return _make_train_step(twin), _make_eval_step(twin)
 
 

@@ -38,6 +38,10 @@ SAME_ROLE = {("train", "TorchBackend"): "JaxBackend"}
 MEMBER_ONLY_IN = {
     ("DeepSeekV3", "torch"): {"reset_parameters": "torch modules are built empty and initialised after; "
                                                   "Flax initialises in the constructors from rngs"},
+    ("DeepSeekV3", "jax"): {"scan_layers": "JAX layer layout: the main layers as two scanned stacks (opt-in)",
+                            "remat": "JAX activation checkpointing per layer (jax.checkpoint policies)",
+                            "dense_stack": "the stacked dense layers of a scan_layers model",
+                            "moe_stack": "the stacked MoE layers of a scan_layers model"},
     ("RMSNorm", "torch"): {"extra_repr": "torch's module repr hook"},
     ("RotaryEmbedding", "torch"): {"inv_freq": "torch keeps the fp32 tensor; JAX recomputes it as a static "
                                                "numpy constant (a jax array attribute would be a pytree leaf)"},

@@ -55,6 +55,16 @@ def test_train_config_validation_and_overrides():
         model_config(TrainConfig(preset="tiny", seq_len=4096))
     t = TrainConfig(steps=7, lr=3e-4)
     assert TrainConfig.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+    assert (TrainConfig().scan_layers, TrainConfig().remat) == (False, "none")
+    with pytest.raises(ValueError, match="remat"):
+        TrainConfig(remat="some")
+    with pytest.raises(ValueError, match="remat"):  # activation checkpointing is a JAX option
+        TrainConfig(framework="torch", remat="full")
+    assert TrainConfig(framework="torch", scan_layers=True).scan_layers  # accepted, ignored by torch
+    from dsv3.cli import build_parser, train_config_from_args
+
+    args = build_parser().parse_args(["train", "--preset", "tiny", "--scan-layers", "--remat", "dots"])
+    assert (train_config_from_args(args).scan_layers, train_config_from_args(args).remat) == (True, "dots")
 
 
 def test_load_ratio_and_param_counts():
