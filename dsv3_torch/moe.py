@@ -114,10 +114,10 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int, dtype: torch.dtype = t
     flat = indices.t().reshape(-1)  # slot-major: row j is slot j // N of token j % N
     order = torch.argsort(flat, stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return Dispatch(order, order % N, expert_counts(flat, n_experts), inverse, dtype)
+    return Dispatch(order, order % N, _expert_counts(flat, n_experts), inverse, dtype)
 
 
-def expert_counts(flat: torch.Tensor, n_experts: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _expert_counts(flat: torch.Tensor, n_experts: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Assignments per expert [E] int64 of the expert ids flat [M] (only where valid [M] bool, if given).
 
     A scatter-add into E slots rather than ``bincount``: its [E] output has a fixed shape, so
@@ -322,7 +322,7 @@ class MoE(nn.Module):
 
 def masked_counts(indices: torch.Tensor, n_experts: int, valid: torch.Tensor) -> torch.Tensor:
     """(token, slot) assignments per expert [E] int64 of the valid tokens only: indices [N, K], valid [N] bool."""
-    return expert_counts(indices.reshape(-1), n_experts, valid[:, None].expand_as(indices).reshape(-1))
+    return _expert_counts(indices.reshape(-1), n_experts, valid[:, None].expand_as(indices).reshape(-1))
 
 
 def sequence_balance_loss(scores: torch.Tensor, top_k: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:

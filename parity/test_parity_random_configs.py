@@ -5,6 +5,7 @@ agree between dsv3_torch and dsv3_jax. Few, derandomised examples: each one comp
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -42,6 +42,8 @@ MEMBER_ONLY_IN = {
                             "remat": "JAX activation checkpointing per layer (jax.checkpoint policies)",
                             "dense_stack": "the stacked dense layers of a scan_layers model",
                             "moe_stack": "the stacked MoE layers of a scan_layers model"},
+    ("JaxBackend", "jax"): {"lower_train_step": "the sharded step lowered by jax.jit, for its compiled HLO "
+                                                "(dsv3_jax.hlo counts the collectives); torch has no such stage"},
     ("RMSNorm", "torch"): {"extra_repr": "torch's module repr hook"},
     ("RotaryEmbedding", "torch"): {"inv_freq": "torch keeps the fp32 tensor; JAX recomputes it as a static "
                                                "numpy constant (a jax array attribute would be a pytree leaf)"},
