@@ -133,8 +133,6 @@ def use_expert_parallel(model, mesh: jax.sharding.Mesh) -> int:
     more than one shard); returns how many MoE layers were switched."""
     if int(mesh.shape.get("expert", 1)) <= 1:
         return 0
-    if getattr(model, "scan_layers", False):
-        raise ValueError("expert parallelism addresses unrolled layers: build the model without scan_layers")
     n = 0
     for moe in model.moe_layers():
         d = moe.dispatcher

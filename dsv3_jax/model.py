@@ -444,13 +444,6 @@ class DeepSeekV3(nnx.Module):
                                         f"{sorted(set(found) ^ set(order))[:10]}")
         return [(n, *found[n]) for n in order]
 
-    def _named_vars(self) -> list[tuple[str, nnx.Variable, str]]:
-        """(canonical name, variable, layout) of an unrolled model (``_slots`` without rows)."""
-        if self.scan_layers:
-            raise ValueError("a scanned model's stacked variables hold several canonical tensors (_slots() maps "
-                             "them); the mesh shardings do not support scan_layers")
-        return [(n, v, lay) for n, v, lay, _ in self._slots()]
-
     def canonical_state(self, fetch=to_numpy) -> dict[str, np.ndarray]:
         """{canonical name: numpy array} in torch layout ([out, in]; experts [E, out, in]).
 

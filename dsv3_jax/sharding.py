@@ -189,12 +189,17 @@ def _torch_shape(shape: tuple, layout: str) -> tuple:
 
 def model_specs(model, mesh: Mapping[str, int]) -> dict[tuple, P]:
     """{state path: Flax-layout PartitionSpec} for every variable of a DeepSeekV3, concrete or
-    abstract (``DeepSeekV3.abstract``): canonical variables per RULES, anything else replicated."""
+    abstract (``DeepSeekV3.abstract``): canonical variables per RULES, anything else replicated. A
+    scanned model's layer stacks take the rule of their layers with the leading layer axis unsplit."""
     sizes = parse_mesh(mesh)
     by_id = {}
-    for name, var, layout in model._named_vars():
+    for name, var, layout, row in model._slots():
         shape = tuple(var.get_value().shape)
-        by_id[id(var)] = to_flax_layout(spec_for(name, _torch_shape(shape, layout), sizes), layout)
+        if row is None:
+            by_id[id(var)] = to_flax_layout(spec_for(name, _torch_shape(shape, layout), sizes), layout)
+        elif id(var) not in by_id:  # a layer stack (scan_layers): one layer's rule, the layer axis unsplit
+            by_id[id(var)] = P(None, *to_flax_layout(spec_for(name, _torch_shape(shape[1:], layout), sizes),
+                                                      layout))
     return {path: by_id.get(id(var), P()) for path, var in _flat_vars(model)}
 
 

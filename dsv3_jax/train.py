@@ -126,9 +126,6 @@ class JaxBackend:
         pinned to the same shardings."""
         self.model_cfg, self.tcfg = cfg, tcfg
         layout = _layout(tcfg) if model is None else (model.scan_layers, model.remat)  # a given model's own
-        if mesh is not None and layout[0]:
-            raise ValueError("scan_layers runs on one device only: the mesh shardings and expert parallelism "
-                             "address the unrolled layers (drop --scan-layers or --mesh)")
         self.model = model if model is not None else DeepSeekV3(cfg, rngs=nnx.Rngs(tcfg.seed), dtype=jnp.float32,
                                                                 scan_layers=layout[0], remat=layout[1])
         self.mesh = mesh

@@ -27,15 +27,15 @@ CLI_MESH = "data=2,fsdp=2,expert=2"  # `dsv3 train` in the JAX job (and as 2 pro
 CLI_STEPS = 4  # checkpoints at steps 2 and 4; the resumed run continues from step 2
 
 
-def initial_state() -> dict[str, np.ndarray]:
+def initial_state(cfg: ModelConfig = CFG) -> dict[str, np.ndarray]:
     """HF's initialisation (dsv3.bench.random_state, seed 0) with the router weights N(0, 0.5): the
     affinities spread apart, so no top-k choice is a near-tie that another summation order could flip."""
     from dsv3.bench import random_state
 
-    state = random_state(CFG, 0)
+    state = random_state(cfg, 0)
     for k in state:
         if k.endswith(".gate.weight"):  # the routers
-            state[k] = state[k] * np.float32(0.5 / CFG.initializer_range)
+            state[k] = state[k] * np.float32(0.5 / cfg.initializer_range)
     return state
 
 

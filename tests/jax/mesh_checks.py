@@ -13,6 +13,8 @@ Checks (shapes tiny; compiled functions shared where possible):
   bytes     per-device parameter + optimizer bytes from the arrays' addressable shards vs the
             plan of dsv3_jax.sharding (abstract model, same rules)
   ep        expert-parallel MoE layer vs the single-device layer under skewed routing
+  scan      scanned layers (a dense and a MoE stack) on data=2,fsdp=2,expert=2, expert parallelism
+            inside the scan, vs the unrolled model on one device
   hlo       per-kind collective bytes of the compiled fsdp=8 and expert=8 steps (dsv3_jax.hlo) and
             the formula of docs/scaling.md section 4
 """
@@ -234,6 +236,39 @@ def ep_checks() -> dict:
     return out
 
 
+SCAN_MESH = "data=2,fsdp=2,expert=2"
+
+
+def scan_checks() -> dict:
+    """CFG with two main layers (a dense stack and a MoE stack of one layer each, plus the MTP block)
+    trained with scan_layers on SCAN_MESH (its MoE layers expert-parallel, the MoE stack's inside the
+    scan) vs the same weights unrolled on one device: loss per step, router biases, parameters."""
+    from flax import nnx
+
+    from dsv3.training import TrainConfig
+    from dsv3_jax import sharding
+    from dsv3_jax.train import JaxBackend
+
+    cfg = CFG.replace(num_hidden_layers=2)
+    init, data = initial_state(cfg), batches()
+    runs = {}
+    for scan, mesh in ((False, None), (True, sharding.make_mesh(SCAN_MESH))):
+        be = JaxBackend(cfg, TrainConfig(**TRAIN_KW, progress=False, plots=False, scan_layers=scan), mesh=mesh)
+        be.load_canonical_state(init)
+        runs[scan] = ([be.train_step(b, LR)["loss"] for b in data], be.canonical_state(), be)
+    (ref_loss, ref, _), (loss, st, be) = runs[False], runs[True]
+    rel = {k: float(np.max(np.abs(st[k] - ref[k])) / max(float(np.max(np.abs(ref[k]))), 1e-30))
+           for k in ref if not k.endswith("gate.bias")}
+    worst = max(rel, key=rel.get)
+    specs = {"/".join(map(str, p)): str(v.get_value().sharding.spec)
+             for p, v in nnx.to_flat_state(nnx.state(be.model.moe_stack.ffn.experts, nnx.Param))}
+    return {"loss_rel": [abs(a - b) / abs(b) for a, b in zip(loss, ref_loss)], "steps": len(loss),
+            "bias_equal": all(np.array_equal(st[k], ref[k]) for k in ref if k.endswith("gate.bias")),
+            "bias_moved": all(np.any(st[k] != init[k]) for k in ref if k.endswith("gate.bias")),
+            "param_worst": [worst, rel[worst]], "expert_specs": specs,
+            "dispatchers": [type(m.dispatcher).__name__ for m in be.model.moe_layers()]}
+
+
 def _host_canonical_state(be, host) -> dict:
     """be's canonical state, exported by the single-device backend ``host`` after copying be's
     variables into it: the export's transposes run on one device (compiled once for the reference),
@@ -280,6 +315,7 @@ def main() -> None:
     res["cpu_s"]["ep"] = time.process_time() - res["cpu_s"]["cli"]
     res["train"] = train_checks()
     res["cpu_s"]["train"] = time.process_time() - res["cpu_s"]["ep"] - res["cpu_s"]["cli"]
+    res["scan"] = scan_checks()
     res["seconds"] = time.perf_counter() - t0
     print(json.dumps(res))
 

@@ -141,12 +141,19 @@ def test_cached_generation_same_tokens(unrolled, scanned):
     assert generate(scanned, prompts, 4) == generate(unrolled, prompts, 4)
 
 
-def test_scan_layers_refused_on_a_mesh(scanned):
-    from dsv3.train_config import TrainConfig
-    from dsv3_jax.sharding import make_mesh
-    from dsv3_jax.train import JaxBackend
+def test_mesh_specs_of_layer_stacks_are_their_layers_specs():
+    """On a mesh a stacked variable takes its layers' rule with the layer axis unsplit (the 8-device
+    subprocess of tests/jax/test_sharding.py trains a scanned model on a mesh); abstract, nothing compiled."""
+    from dsv3_jax.sharding import model_specs
 
-    with pytest.raises(ValueError, match="scan_layers runs on one device only"):
-        JaxBackend(CFG, TrainConfig(preset="tiny", scan_layers=True), mesh=make_mesh("data=1"))
-    with pytest.raises(ValueError, match="mesh shardings do not support scan_layers"):
-        scanned._named_vars()
+    mesh = {"data": 2, "fsdp": 4, "expert": 2}
+    unrolled = model_specs(DeepSeekV3.abstract(CFG), mesh)
+    scanned = model_specs(DeepSeekV3.abstract(CFG, scan_layers=True), mesh)
+    k = CFG.first_k_dense_replace
+    for path, spec in scanned.items():
+        if path[0] in ("dense_stack", "moe_stack"):
+            layer = ("layers", 0 if path[0] == "dense_stack" else k, *path[1:])
+            assert spec == jax.sharding.PartitionSpec(None, *unrolled[layer]), path
+        else:
+            assert spec == unrolled[path], path
+    assert scanned[("moe_stack", "ffn", "experts", "w1")] == jax.sharding.PartitionSpec(None, "expert", None, "fsdp")

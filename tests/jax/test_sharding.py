@@ -282,3 +282,16 @@ def test_collectives_of_the_compiled_step_against_the_formula(mesh_results):
     assert fsdp["hlo"]["reduce-scatter"]["count"] == 0 and fsdp["formula"]["reduce-scatter"] > 0
     assert 2.0 <= fsdp["hlo"]["all-reduce"]["bytes"] / fsdp["formula"]["reduce-scatter"] <= 3.2
     assert 0.3 <= ratio("fsdp=8", "all-gather") <= 1.0
+
+
+@pytest.mark.slow
+@MESH_JOB
+def test_scanned_layers_on_a_mesh_equal_unrolled_on_one_device(mesh_results):
+    """scan_layers on data=2,fsdp=2,expert=2 (both MoE layers expert-parallel, the MoE stack's inside the
+    scan), 20 steps, vs the unrolled 2-layer model on one device: the issue's bounds for a mesh."""
+    r = mesh_results["scan"]
+    assert r["steps"] == 20 and max(r["loss_rel"]) <= 1e-5, r["loss_rel"]
+    assert r["bias_equal"] and r["bias_moved"]
+    assert r["param_worst"][1] <= 1e-5, r["param_worst"]
+    assert r["dispatchers"] == ["ExpertParallelDispatcher"] * 2
+    assert r["expert_specs"]["w1"] == "P(None, 'expert', None, 'fsdp')"
