@@ -155,9 +155,9 @@ def grad_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / scale) if scale > 0 else float(np.abs(a).max())
 
 
-@pytest.mark.parametrize("born", ["torch", "jax"])
-def test_gradients_every_parameter(born):
-    tm, jm = make_pair(TINY, "float32", born, seed=12)
+def assert_fp32_gradients_agree(tm, jm, component=None) -> None:
+    """Every parameter's fp32 gradient of the loss on batch(seed=1), torch vs JAX, per tensor within
+    GRAD_TOL (recorded under ``component``, or the parameter's group)."""
     ids, labels = batch(TINY, seed=1)
     gt, _ = torch_grads(tm, ids, labels)
     gj = jax_grads(jm, ids, labels)
@@ -165,10 +165,15 @@ def test_gradients_every_parameter(born):
     worst = []
     for name in sorted(gt):
         e = grad_err(gj[name], gt[name])
-        record("grad " + _group(name), "float32", e, GRAD_TOL["float32"], "max|d|/max|g| per tensor")
+        record(component or "grad " + _group(name), "float32", e, GRAD_TOL["float32"], "max|d|/max|g| per tensor")
         if e > GRAD_TOL["float32"]:
             worst.append((name, e))
     assert not worst, f"gradients differ: {worst[:10]}"
+
+
+@pytest.mark.parametrize("born", ["torch", "jax"])
+def test_gradients_every_parameter(born):
+    assert_fp32_gradients_agree(*make_pair(TINY, "float32", born, seed=12))
 
 
 def test_scanned_layers_logits_loss_counts_gradients():
@@ -177,17 +182,7 @@ def test_scanned_layers_logits_loss_counts_gradients():
     tm, jm = make_pair(TINY, "float32", "torch", seed=13, scan_layers=True)
     assert jm.layers is None and jm.moe_stack is not None
     compare_forward(tm, jm, TINY, "float32", tag=" (scanned layers)")
-    ids, labels = batch(TINY, seed=1)
-    gt, _ = torch_grads(tm, ids, labels)
-    gj = jax_grads(jm, ids, labels)
-    assert set(gt) == set(gj), set(gt) ^ set(gj)
-    worst = []
-    for name in sorted(gt):
-        e = grad_err(gj[name], gt[name])
-        record("grad (scanned layers)", "float32", e, GRAD_TOL["float32"], "max|d|/max|g| per tensor")
-        if e > GRAD_TOL["float32"]:
-            worst.append((name, e))
-    assert not worst, f"gradients differ: {worst[:10]}"
+    assert_fp32_gradients_agree(tm, jm, "grad (scanned layers)")
 
 
 def test_gradients_bf16_every_parameter():
