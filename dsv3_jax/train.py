@@ -265,7 +265,8 @@ def _sharded_train_step(bf16_cfg, model, optimizer, mesh):
     gd_m, st_m = nnx.split(model)
     gd_o, st_o = nnx.split(optimizer)
     leaves, treedef = jax.tree.flatten((st_m, st_o))
-    jitted = _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, tuple(x.sharding for x in leaves))
+    jitted = _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, tuple(x.sharding for x in leaves),
+                               (model.scan_layers, model.remat))
 
     def train_step(model, optimizer, xs, ys, hp, gamma):
         new, out = jitted(jax.tree.leaves((nnx.state(model), nnx.state(optimizer))), xs, ys, hp, gamma)
@@ -283,14 +284,15 @@ def _sharded_train_step(bf16_cfg, model, optimizer, mesh):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, shardings):
-    """One jitted sharded step per (precision, mesh, graph, state structure, shardings): equal
-    backends share it."""
+def _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, shardings, layout=(False, "none")):
+    """One jitted sharded step per (precision, mesh, graph, state structure, shardings, layer layout):
+    equal backends share it."""
     twin = None
     if bf16_cfg is not None:  # the bf16 twin uses the same dispatchers as the model
         from dsv3_jax.expert_parallel import use_expert_parallel
 
-        abstract = nnx.eval_shape(lambda: DeepSeekV3(bf16_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+        abstract = nnx.eval_shape(lambda: DeepSeekV3(bf16_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                                     scan_layers=layout[0], remat=layout[1]))
         use_expert_parallel(abstract, mesh)
         gd, p_abs, _ = nnx.split(abstract, nnx.Param, ...)
         twin = (gd, p_abs)
