@@ -209,17 +209,11 @@ class DeepSeekV3(nnx.Module):
         h = self.embed(tokens.astype(jnp.int32))
         cos, sin = self.rope(start_pos + jnp.arange(T) if positions is None else positions, self.dtype)
         args = (cos, sin, start_pos, mask, valid)
-        if self.scan_layers:
-            stats, new_caches = [], []
-            for j, stack in enumerate(self._stacks()):
-                h, st, c = _scan_stack(stack, h, None if caches is None else caches[j], args, self.remat)
-                if st is not None:
-                    stats.append(st)
-                new_caches.append(c)
-            return h, stats, (cos, sin), (None if caches is None else new_caches)
+        # unrolled: one Block per layer; scanned: one lax.scan per layer stack (same outputs, stacked)
+        run, units = (_scan_stack, self._stacks()) if self.scan_layers else (_call_block, self.layers)
         stats, new_caches = [], []
-        for i, layer in enumerate(self.layers):
-            h, st, c = _call_block(layer, h, None if caches is None else caches[i], args, self.remat)
+        for i, unit in enumerate(units):
+            h, st, c = run(unit, h, None if caches is None else caches[i], args, self.remat)
             if st is not None:
                 stats.append(st)  # MoEOutput
             new_caches.append(c)

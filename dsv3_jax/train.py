@@ -125,7 +125,7 @@ class JaxBackend:
         batch is split over every mesh axis, and the same step runs under GSPMD with its outputs
         pinned to the same shardings."""
         self.model_cfg, self.tcfg = cfg, tcfg
-        layout = _layout(tcfg) if model is None else (model.scan_layers, model.remat)  # a given model's own
+        layout = (tcfg.scan_layers, tcfg.remat) if model is None else (model.scan_layers, model.remat)
         self.model = model if model is not None else DeepSeekV3(cfg, rngs=nnx.Rngs(tcfg.seed), dtype=jnp.float32,
                                                                 scan_layers=layout[0], remat=layout[1])
         self.mesh = mesh
@@ -232,11 +232,6 @@ def _loss_model(model_gd, params, rest, twin):
     gd, p_abs = twin
     cast = jax.tree.map(lambda p, a: p.astype(a.dtype), params, p_abs)
     return nnx.merge(gd, cast, rest)
-
-
-def _layout(tcfg) -> tuple[bool, str]:
-    """(scan_layers, remat) of a run: the model's layer layout, which its bf16 twin shares."""
-    return bool(getattr(tcfg, "scan_layers", False)), getattr(tcfg, "remat", "none")
 
 
 @functools.lru_cache(maxsize=None)
