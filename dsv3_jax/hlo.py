@@ -87,8 +87,7 @@ def _split_top(s: str) -> tuple[str, str]:
     """``s`` starting after an opening parenthesis: (text up to the matching one, the rest)."""
     depth = 1
     for i, c in enumerate(s):
-        depth += c in "({[" and 1 or 0
-        depth -= c in ")}]" and 1 or 0
+        depth += (c in "({[") - (c in ")}]")
         if depth == 0:
             return s[:i], s[i + 1:]
     return s, ""
@@ -195,16 +194,17 @@ def analytic_bytes(cfg, mesh: Mapping[str, int], *, grad_accum: int, tokens_per_
     from dsv3.names import canonical_shapes
     from dsv3_jax import sharding
 
-    d, f, s = (int(mesh.get(a, 1)) for a in ("data", "fsdp", "expert"))
+    sizes = sharding.parse_mesh(mesh)
+    d, f, s = sizes["data"], sizes["fsdp"], sizes["expert"]
     k, n = grad_accum, tokens_per_micro_batch
-    table = sharding.spec_table(cfg, {"data": d, "fsdp": f, "expert": s})
+    table = sharding.spec_table(cfg, sizes)
     shapes = canonical_shapes(cfg)
     w_fsdp = 0.0  # bytes of fsdp-split weights, each as seen by one expert shard (experts: E/s slice)
     ar = 0.0
     for name, shape in shapes.items():
         spec = tuple(table[name])
         full = math.prod(shape) * param_bytes
-        local = full / sharding.shard_factor(table[name], {"data": d, "fsdp": f, "expert": s})
+        local = full / sharding.shard_factor(table[name], sizes)
         if "fsdp" in spec:
             w_fsdp += local * f
         g = d if "expert" in spec else d * s
