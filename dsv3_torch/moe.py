@@ -154,37 +154,33 @@ class _Combine(torch.autograd.Function):
     """The "grouped" combine: y = sum_k out[slot k] * w[k] in fp32, slots in order.
 
     Inputs: w [K, N] fp32 combine weights (slot-major), the Dispatch
-    permutation, the expert-row counts, and the per-expert outputs (model
-    dtype, expert-sorted rows). Slot by slot, N rows are gathered from the
-    sorted outputs, multiplied by the fp32 weights and added in slot order
-    (slot 0 first) -- the values of ``(out * w)[inverse].view(K, N, D).sum(0)``
-    without its [K, N, D] temporaries. The backward is gathers too:
+    permutation and the experts' outputs out [M, D] (model dtype,
+    expert-sorted rows). Slot by slot, N rows are gathered from out,
+    multiplied by the fp32 weights and added in slot order (slot 0 first) --
+    the values of ``(out * w)[inverse].view(K, N, D).sum(0)`` without its
+    [K, N, D] temporaries. The backward is gathers too:
     d out[j] = g[token j] * w[j] (cast to the model dtype) and
     d w[j] = g[token j] . out[j] (fp32).
     """
 
     @staticmethod
-    def forward(ctx, w, order, inverse, tokens, counts, *outs):
+    def forward(ctx, w, order, inverse, tokens, out):
         K, N = w.shape
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]
         y = out.index_select(0, inverse[:N]) * w[0, :, None]
         for k in range(1, K):
             y.add_(out.index_select(0, inverse[k * N:(k + 1) * N]) * w[k, :, None])
-        ctx.save_for_backward(w, order, inverse, tokens, *outs)
-        ctx.counts = counts
+        ctx.save_for_backward(w, order, inverse, tokens, out)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        w, order, inverse, tokens, *outs = ctx.saved_tensors
+        w, order, inverse, tokens, out = ctx.saved_tensors
         gs = g.index_select(0, tokens)                     # [M, D]: d y of each sorted row's token
         grad_w = None
         if ctx.needs_input_grad[0]:
-            gw = torch.cat([(ge * oe).sum(-1) for ge, oe in zip(gs.split(ctx.counts), outs)])
-            grad_w = gw.index_select(0, inverse).view_as(w)  # sorted rows -> slot-major [K, N]
+            grad_w = (gs * out).sum(-1).index_select(0, inverse).view_as(w)  # sorted rows -> slot-major [K, N]
         gs.mul_(w.reshape(-1).index_select(0, order)[:, None])
-        grads = [ge.to(oe.dtype) for ge, oe in zip(gs.split(ctx.counts), outs)]
-        return (grad_w, None, None, None, None, *grads)
+        return grad_w, None, None, None, gs.to(out.dtype)
 
 
 class Experts(nn.Module):
@@ -255,7 +251,7 @@ class LocalDispatcher:
             if y_sorted.shape[0] == 0:
                 return y_sorted.new_zeros(N, D, dtype=plan.dtype)
             return _Combine.apply(routing.weights.t(), plan.order, plan.inverse, plan.tokens,
-                                  [y_sorted.shape[0]], y_sorted).to(plan.dtype)
+                                  y_sorted).to(plan.dtype)
         if self.scheme == "eager":
             w = routing.weights.t().reshape(-1)[plan.order]         # [M] fp32, sorted like y_sorted
             y = y_sorted.new_zeros(N, D, dtype=plan.dtype)

@@ -29,9 +29,10 @@ import tempfile
 import time
 
 assert "jax" not in sys.modules
-# The settings of the root conftest (tests run with the same numerics as the CLI; LLVM level 0
-# compiles about twice as fast and leaves results unchanged: see the root conftest).
-for _flag in ("--xla_allow_excess_precision=false", "--xla_backend_optimization_level=0"):
+# The compile settings of the root conftest (a test session's subprocesses inherit them; set here too
+# for a run of this script on its own): faster to compile, the same programme; see the root conftest.
+for _flag in ("--xla_allow_excess_precision=false", "--xla_backend_optimization_level=0",
+              "--xla_cpu_use_fusion_emitters=false"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as the root conftest; read when jax starts
