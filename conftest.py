@@ -15,7 +15,7 @@
   (resume, checkpoints, sharded vs one device, each comparing two runs of one setting) included, passes
   at level 0 with either emitter. The ``dsv3`` command keeps XLA's defaults: at LLVM's default level the
   classic emitters compile slower (the peer-small train step: 29-31 s against 16-17 s) and run no
-  faster.
+  faster; the JAX profile test (tests/test_bench.py) runs its training steps with those defaults.
 - fp32 matmuls at full precision (docs/reference.md §9.2.7; a no-op on CPU, needed on GPU/TPU).
 - ``dsv3.runtime.configure()``: the settings the ``dsv3`` command runs with.
 
