@@ -235,7 +235,7 @@ def _loss_model(model_gd, params, rest, twin):
 
 
 @functools.lru_cache(maxsize=None)
-def _steps_twin(bf16_cfg: ModelConfig | None, layout: tuple[bool, str] = (False, "none")):
+def _steps_twin(bf16_cfg: ModelConfig | None, layout: tuple[bool, str]):
     """The bf16 twin (graphdef, abstract params) of a bf16 run, None for fp32; layout: (scan_layers, remat)."""
     if bf16_cfg is None:
         return None
@@ -246,7 +246,7 @@ def _steps_twin(bf16_cfg: ModelConfig | None, layout: tuple[bool, str] = (False,
 
 
 @functools.lru_cache(maxsize=None)
-def _steps(bf16_cfg: ModelConfig | None, layout: tuple[bool, str] = (False, "none")):
+def _steps(bf16_cfg: ModelConfig | None, layout: tuple[bool, str]):
     """(train_step, eval_step), shared by every backend of the same precision and layout (one compile cache)."""
     twin = _steps_twin(bf16_cfg, layout)
     return _make_train_step(twin), _make_eval_step(twin)
@@ -279,7 +279,7 @@ def _sharded_train_step(bf16_cfg, model, optimizer, mesh):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, shardings, layout=(False, "none")):
+def _jit_sharded_step(bf16_cfg, mesh, gd_m, gd_o, treedef, shardings, layout):
     """One jitted sharded step per (precision, mesh, graph, state structure, shardings, layer layout):
     equal backends share it."""
     twin = None

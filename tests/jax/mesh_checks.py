@@ -110,16 +110,10 @@ def train_checks() -> dict:
         if mesh in HLO_MESHES:
             out.setdefault("collectives", {})[mesh] = collective_checks(be, data[0], mesh)
         st = _host_canonical_state(be, ref)
-        rel = {k: float(np.max(np.abs(st[k] - ref_state[k])) / max(float(np.max(np.abs(ref_state[k]))), 1e-30))
-               for k in ref_state if not k.endswith("gate.bias")}
-        worst = max(rel, key=rel.get)
         shardings = {str(v.get_value().sharding.spec) for _, v in nnx.to_flat_state(nnx.state(be.model, nnx.Param))}
         out["meshes"][mesh] = {
             "loss": losses,
-            "loss_rel": [abs(a - b) / abs(b) for a, b in zip(losses, ref_loss)],
-            "bias_equal": all(np.array_equal(st[k], ref_state[k]) for k in st if k.endswith("gate.bias")),
-            "bias_moved": all(np.any(st[k] != init[k]) for k in st if k.endswith("gate.bias")),
-            "param_worst": [worst, rel[worst]],
+            **_against_reference(losses, st, ref_loss, ref_state, init),
             "measured_bytes": sorted(set(measured.values())), "devices_with_state": len(measured),
             "planned_bytes": plan["total"],
             "specs": sorted(shardings),
@@ -258,16 +252,24 @@ def scan_checks() -> dict:
         be.load_canonical_state(init)
         runs[scan] = ([be.train_step(b, LR)["loss"] for b in data], be.canonical_state(), be)
     (ref_loss, ref, _), (loss, st, be) = runs[False], runs[True]
+    specs = {"/".join(map(str, p)): str(v.get_value().sharding.spec)
+             for p, v in nnx.to_flat_state(nnx.state(be.model.moe_stack.ffn.experts, nnx.Param))}
+    return {**_against_reference(loss, st, ref_loss, ref, init), "steps": len(loss), "expert_specs": specs,
+            "dispatchers": [type(m.dispatcher).__name__ for m in be.model.moe_layers()]}
+
+
+def _against_reference(loss: list, st: dict, ref_loss: list, ref: dict, init: dict) -> dict:
+    """A run's losses and final canonical state against the reference run's (same weights and batches):
+    relative loss error per step, router biases bit-equal (and moved from ``init``), and the parameter with
+    the largest max-abs error relative to its reference's max-abs."""
     rel = {k: float(np.max(np.abs(st[k] - ref[k])) / max(float(np.max(np.abs(ref[k]))), 1e-30))
            for k in ref if not k.endswith("gate.bias")}
     worst = max(rel, key=rel.get)
-    specs = {"/".join(map(str, p)): str(v.get_value().sharding.spec)
-             for p, v in nnx.to_flat_state(nnx.state(be.model.moe_stack.ffn.experts, nnx.Param))}
-    return {"loss_rel": [abs(a - b) / abs(b) for a, b in zip(loss, ref_loss)], "steps": len(loss),
-            "bias_equal": all(np.array_equal(st[k], ref[k]) for k in ref if k.endswith("gate.bias")),
-            "bias_moved": all(np.any(st[k] != init[k]) for k in ref if k.endswith("gate.bias")),
-            "param_worst": [worst, rel[worst]], "expert_specs": specs,
-            "dispatchers": [type(m.dispatcher).__name__ for m in be.model.moe_layers()]}
+    biases = [k for k in ref if k.endswith("gate.bias")]
+    return {"loss_rel": [abs(a - b) / abs(b) for a, b in zip(loss, ref_loss)],
+            "bias_equal": all(np.array_equal(st[k], ref[k]) for k in biases),
+            "bias_moved": all(np.any(st[k] != init[k]) for k in biases),
+            "param_worst": [worst, rel[worst]]}
 
 
 def _host_canonical_state(be, host) -> dict:
