@@ -34,9 +34,11 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     extra = 1 / pos_freqs, inter = 1 / (s * pos_freqs), inv = inter * (1 - ef) + extra * ef.
     """
     d = cfg.qk_rope_head_dim
-    base = np.float32(cfg.rope_theta)
     exponents = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
-    pos_freqs = (base ** exponents).astype(np.float32)
+    # base ** e in double, rounded once to fp32: the correctly rounded fp32 power, which is what torch's fp32
+    # pow returns for these exponents (AVX2 and AVX-512 kernels alike). numpy's own fp32 power is not: on
+    # AVX-512 machines it dispatches to a SIMD routine 1 ulp off at 4 of v3's 32 exponents.
+    pos_freqs = np.array([math.pow(cfg.rope_theta, float(e)) for e in exponents]).astype(np.float32)
     if cfg.rope_scaling_type != "yarn":
         return (np.float32(1.0) / pos_freqs).astype(np.float32)
     s = np.float32(cfg.rope_factor)

@@ -237,5 +237,8 @@ def test_profile_attributes_step_time(framework, capsys, one_torch_thread, tiny2
         assert float(rows["`aten::mm`"]) > 0
     else:
         assert float(rows["MoE: expert matmuls"]) > 0 and float(rows["attention: score and value matmuls"]) > 0
-        assert "unattributed (no HLO metadata)" not in rows or \
-            float(rows["unattributed (no HLO metadata)"]) < float(rows["MoE: expert matmuls"])
+        # the kernels without HLO metadata (copies, broadcasts, XLA's reduce-windows) are a minority of the
+        # time, not its largest part as at LLVM level 0: shares, not 0.1 ms-rounded times, are compared
+        shares = [(int(p), c) for c, p in re.findall(r"^\| (.+?) \| [\d.]+ \| (\d+)% \|", out.stdout, flags=re.M)]
+        unattributed = dict((c, p) for p, c in shares).get("unattributed (no HLO metadata)", 0)
+        assert unattributed < 33 and max(shares)[1] != "unattributed (no HLO metadata)", out.stdout

@@ -88,7 +88,8 @@ def _hlo_metadata(dump: str) -> dict[str, tuple[str, str, str]]:
         return {}
     meta = {}
     for line in open(files[-1]):
-        m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(.*?op_name="([^"]*)"', line)
+        # the shape is one array type or a tuple of them (a sort's keys and values, TopK's values and indices)
+        m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\(.*?op_name="([^"]*)"', line)
         if m and m.group(1) not in meta:
             meta[m.group(1)] = (m.group(2), m.group(3), m.group(4))
     return meta
