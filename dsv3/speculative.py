@@ -1,31 +1,38 @@
-"""Speculative decoding with the model's first MTP depth as the draft: the framework-free part.
+"""Speculative decoding with the model's MTP depths as the draft: the framework-free part.
 
-Shape legend: B batch (prompts), S tokens fed in one call, V vocab, n positions fed to the MTP depth.
+Shape legend: B batch (prompts), S tokens fed in one call, V vocab, K MTP depths (drafts per step),
+n slots fed to the MTP depths (the window), W = K (K + 1) the window's width.
 
 The prompts are LEFT-padded to the longest (`dsv3.generation.left_pad`), so every row's pending token sits
 at the same cache entry ("slot") s; the caches keep an attention mask (1 = real entry) and each row counts
-its positions over its real entries only. Per step, for every row:
+its positions over its real entries only. Depth k of the MTP module (Paper §2.2) takes, at each real
+position j, the previous depth's hidden at j (depth 1: the main model's) and the embedding of the token
+k positions later, and predicts the token k + 1 positions later. Per step, for every row:
 
-1. draft: the MTP depth takes (hidden at i, embed(next real token after i)) for the slots it has not seen
-   yet, exactly as in training, and proposes d for the slot s + 1 (argmax, or a sample from its filtered
-   distribution q);
-2. verify: one cached forward of the main model on [x, d] at slots s, s + 1;
-3. accept: greedy, iff the main argmax after x is d; sampling, with probability min(1, p[d] / q[d]), else the
-   token is drawn from normalise(max(p - q, 0)) (Leviathan et al., arXiv 2211.17192);
-4. commit, per row: a row that accepted commits d and the bonus token the verifier gives after d (two new
-   tokens); a row that rejected commits its correction, and its slot s + 1 (the rejected draft) becomes a
-   hole: the next call marks it 0 in the cache mask, so no later query attends to it and no position
-   counts it (an MLA cache entry depends only on its own token and position, so nothing is recomputed).
-   Either way the new pending token goes to slot s + 2: rows advance in lock-step through the slots but
-   each by its own accepted length.
+1. draft (Paper §5.4.3, chained over the depths): at the row's last real slot before s, whose next token is
+   the pending x, depth 1 proposes d_1 (the token after x); depth k then takes depth k - 1's hidden there and
+   embed(d_{k-1}) and proposes d_k (argmax, or a sample from its filtered distribution q_k);
+2. verify: one cached forward of the main model on [x, d_1 .. d_K] at slots s .. s + K;
+3. accept, draft by draft until the first rejection: greedy, d_i iff it is the main argmax after d_{i-1};
+   sampling, with probability min(1, p_i[d_i] / q_i[d_i]), else the row's next token is drawn from
+   normalise(max(p_i - q_i, 0)) (Leviathan et al., arXiv 2211.17192). When all K pass, the verifier's own
+   token after d_K is the bonus;
+4. commit, per row: the a accepted drafts and the correction or bonus token (a + 1 new tokens); the slots of
+   the rejected drafts become holes: the next call marks them 0 in the cache mask, so no later query attends
+   to them and no position counts them (an MLA cache entry depends only on its own token and position, so
+   nothing is recomputed). The new pending token goes to slot s + K + 1: rows advance in lock-step through
+   the slots but each by its own accepted length.
 
-The MTP depth's own attention cache uses the same slots and the same mask: after a step it is fed the
-pairs of slots s and s + 1 (for a row that rejected, (hidden at s, embed(correction)) and a hole), and
-drafts from the last real one.
+The MTP depths' own attention caches use the same slots and the same mask. Depth k's entry at a real slot
+is final once the token k positions later is committed; until then it holds a draft, so each step feeds
+every depth again over the window [s - W, s) (the slots of this and the last K - 1 steps, which hold every
+entry not yet final; recomputing a final one writes the same value), the token k positions after each real
+slot taken from the committed tokens or, past the pending one, from this step's drafts. With one depth the
+window is the last step's two slots.
 
-Holes cost cache entries: a step uses two slots and gains each row one or two tokens. When the cache has no
-room left for the worst case (every later draft rejected), the loop verifies the pending token alone, one
-slot per token, until the end.
+Holes cost cache entries: a step uses K + 1 slots and gains each row 1 to K + 1 tokens. When the cache has
+no room left for the worst case (every later draft rejected), the loop verifies the pending token alone,
+one slot per token, until the end.
 
 A framework supplies `SpeculativeSteps` (prefill / draft / verify on its model and caches); `speculative_loop`
 is the rest: EOS and the token budget are checked on every committed token, and `SpeculativeStats` counts
@@ -35,6 +42,7 @@ logits the framework returns, so both frameworks draw the same samples from the 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -49,12 +57,14 @@ SPECULATIVE_KINDS = ("mtp",)
 class SpeculativeStats:
     """Counts of one speculative generation, summed over rows (finished rows are not counted).
 
-    drafted: MTP drafts verified (forced prompt tokens excluded); accepted: drafts the main model accepted;
-    verify_calls: main-model calls after the prefill; tokens: new tokens returned.
+    drafted: MTP drafts verified (K per row and step; forced prompt tokens excluded); accepted: drafts the main
+    model accepted; row_steps: (row, verify step) pairs that drafted; verify_calls: main-model calls after the
+    prefill; tokens: new tokens returned.
     """
 
     drafted: int = 0
     accepted: int = 0
+    row_steps: int = 0
     verify_calls: int = 0
     tokens: int = 0
 
@@ -65,36 +75,42 @@ class SpeculativeStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens gained per row per verify step, the verifier's own token included: 1 + accepted / drafted
-        (one MTP depth drafts one token per verify step)."""
-        return 1.0 + self.accepted / self.drafted if self.drafted else float("nan")
+        """Tokens gained per row per verify step, the verifier's own token included: 1 + accepted / row_steps
+        (nan before any draft)."""
+        return 1.0 + self.accepted / self.row_steps if self.row_steps else float("nan")
 
 
 class SpeculativeSteps(Protocol):
     """A framework's model calls. Each returns numpy arrays: greedy, the argmax token ids; sampling, the float
     logits; and a bool array, whether each row's logits were all finite.
 
+    depths: K, the MTP depths that draft.
     prefill(tokens [B][P], mask [B][P] or None) -> (out at slot P - 1 [B] | [B,V], finite [B]): the main model
-        on the left-padded prompts (mask: 1 = real token); keeps the hidden [B,P,D].
-    draft(tokens [B][n], start_pos, valid [B][n]) -> (out [B] | [B,V], finite [B]): first marks the main
-        cache's slots start_pos.. with `valid` (0 turns a rejected draft into a hole), then runs the MTP depth
-        on the first n slots of the last kept main hidden (at start_pos..) and the embeddings of `tokens`,
-        with the same mask; its prediction from each row's last valid slot.
-    verify(tokens [B][S], start_pos) -> (out [B,S] | [B,S,V], finite [B]); real tokens; keeps the hidden [B,S,D].
-    draft_verify(tokens, start_pos, valid, pending [B], pos) -> (drafts [B], out [B,2], finite [B]), greedy
-        only: draft(tokens, start_pos, valid)'s argmax d, then verify([[pending[b], d[b]]], pos); finite covers
-        both calls.
+        on the left-padded prompts (mask: 1 = real token); keeps its hidden at every slot it fills.
+    draft(k, tokens [B][n], start_pos, valid [B][n]) -> (out [B] | [B,V], finite [B]): depth k (1-based) on
+        the slots start_pos .. start_pos + n - 1 (valid: 1 = a real slot, 0 = a hole or padding) with the
+        previous depth's hidden there (depth 1: the main model's kept hidden; depth k > 1: that of the last
+        draft call, on the same slots) and the embeddings of `tokens`; its prediction from each row's last
+        valid slot. Depth 1 first marks the main cache's slots with `valid` (0 turns a rejected draft into a
+        hole).
+    verify(tokens [B][S], start_pos) -> (out [B,S] | [B,S,V], finite [B]); real tokens; keeps the hidden.
+    draft_verify(codes [K][B][n], start_pos, valid, pending [B], pos) -> (drafts [B,K], out [B,K+1],
+        finite [B]), greedy only: draft(k, ...) for k = 1 .. K with depth k's tokens `codes[k - 1]`, where a
+        code -i stands for the draft d_i of depth i < k (its argmax), then verify([[pending[b], *d[b]]], pos);
+        finite covers every call.
     """
+
+    depths: int
 
     def prefill(self, tokens: list[list[int]], mask: Optional[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def draft(self, tokens: list[list[int]], start_pos: int,
+    def draft(self, k: int, tokens: list[list[int]], start_pos: int,
               valid: list[list[int]]) -> tuple[np.ndarray, np.ndarray]: ...
 
     def verify(self, tokens: list[list[int]], start_pos: int) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def draft_verify(self, tokens: list[list[int]], start_pos: int, valid: list[list[int]], pending: list[int],
-                     pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def draft_verify(self, codes: list[list[list[int]]], start_pos: int, valid: list[list[int]],
+                     pending: list[int], pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 def check_speculative(kind: str, num_mtp_depths: int) -> None:
@@ -144,11 +160,17 @@ def accept_or_resample(p: np.ndarray, q: np.ndarray, d: int, rng: np.random.Gene
     return False, sample(residual, rng)
 
 
-def cache_slots(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_positions: int) -> int:
-    """Cache entries for `speculative_loop`: room for a hole per new token (the longest prompt + 2 per new
-    token), within the model's positions; never fewer than plain decoding needs."""
+def cache_slots(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_positions: int, depths: int = 1) -> int:
+    """Cache entries for `speculative_loop` with `depths` drafts per step: room for a hole per draft and new
+    token (the longest prompt + (depths + 1) per new token), within the model's positions; never fewer than
+    plain decoding needs."""
     P = max(map(len, prompts))
-    return max(P + max_new_tokens, min(P + 2 * max_new_tokens, max_positions))
+    return max(P + max_new_tokens, min(P + (depths + 1) * max_new_tokens, max_positions))
+
+
+def window_width(depths: int) -> int:
+    """W = K (K + 1): the slots of the last K steps, which hold every MTP cache entry that is not final."""
+    return depths * (depths + 1)
 
 
 def speculative_loop(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: Optional[int],
@@ -161,37 +183,69 @@ def speculative_loop(prompts: Sequence[Sequence[int]], max_new_tokens: int, eos:
                           SpeculativeStats() if stats is None else stats, len(prompts))
     if max_new_tokens == 0:
         return run.new
+    K = steps.depths
     tokens, mask = left_pad(prompts)
     P = len(tokens[0])
     out, finite = steps.prefill(tokens, mask)
     check_logits_finite(finite.tolist(), P - 1)
     x = run.commit(run.pick(out))  # the pending token of every row, at slot P
-    # the MTP depth's pairs (hidden at i, embed(token at i + 1)) for the prompt's slots 0..P-1
-    feed = ([row[1:] + [t] for row, t in zip(tokens, x)], 0, mask or [[1] * P for _ in tokens])
-    pos, drafting = P, True
+    slots = _Slots(tokens, mask or [[1] * P for _ in tokens], x)
+    pos, lo, drafting = P, 0, True
     while not all(run.done):
-        # a step takes two slots and may gain a row only one token: draft while the rest still fits
-        if drafting and cache_len - (pos + 2) < run.most_left() - 1:
+        # a step takes K + 1 slots and may gain a row only one token: draft while the rest still fits
+        if drafting and cache_len - (pos + K + 1) < run.most_left() - 1:
             drafting = False
-            if pos > P:  # the last step's holes are marked by a draft call; its draft is not needed
-                steps.draft(*feed)
-        if not drafting:  # the pending token alone, one slot per token (the MTP depth is not needed again)
+            if pos > P:  # the last step's holes are marked by a depth-1 draft call; its draft is not needed
+                steps.draft(1, *slots.window(lo, pos, 1))
+        if not drafting:  # the pending token alone, one slot per token (the MTP depths are not needed again)
             out, finite = steps.verify([[t] for t in x], pos)
             run.stats.verify_calls += 1
             check_logits_finite(finite.tolist(), pos)
             x, pos = run.commit(run.pick(out[:, 0])), pos + 1
             continue
-        d, q, out = run.draft_and_verify(feed, x, pos)
-        accepted, y = run.judge(d, q, out)
-        z = [run.pick(out[b:b + 1, 1])[0] if accepted[b] else None for b in range(run.B)]  # bonus tokens
-        x = [z[b] if accepted[b] else y[b] for b in range(run.B)]
-        for b in range(run.B):  # each row commits its accepted draft and bonus, or its correction
-            for t in ([d[b], z[b]] if accepted[b] else [y[b]]):
+        d, q, out = run.draft_and_verify(slots, lo, x, pos)
+        new = run.judge(d, q, out)
+        for b in range(run.B):  # each row commits its accepted drafts and its correction or bonus token
+            for t in new[b]:
                 run.emit(b, t)
-        feed = ([[d[b], z[b]] if accepted[b] else [y[b], y[b]] for b in range(run.B)], pos,
-                [[1, int(accepted[b])] for b in range(run.B)])
-        pos += 2
+        x = [row[-1] for row in new]
+        slots.extend(d, [len(row) - 1 for row in new], x)
+        pos += K + 1
+        lo = max(0, pos - window_width(K))
     return run.new
+
+
+class _Slots:
+    """Per row, the token and the validity (1 real, 0 padding or hole) of every slot up to the pending one, and
+    the indices of its real slots (the pending one last)."""
+
+    def __init__(self, tokens: list[list[int]], mask: list[list[int]], pending: list[int]):
+        self.tok = [row + [x] for row, x in zip(tokens, pending)]
+        self.ok = [list(m) + [1] for m in mask]
+        self.real = [[i for i, v in enumerate(ok) if v] for ok in self.ok]
+
+    def extend(self, drafts, accepted: list[int], pending: list[int]) -> None:
+        """After a step: the drafts at the slots after the old pending one (the first accepted[b] real, the
+        rest holes), then the new pending token."""
+        for b, (row, a, x) in enumerate(zip(drafts, accepted, pending)):
+            s = len(self.tok[b])
+            self.tok[b] += [int(t) for t in row] + [x]
+            self.ok[b] += [1] * a + [0] * (len(row) - a) + [1]
+            self.real[b] += [*range(s, s + a), s + len(row)]
+
+    def window(self, lo: int, pos: int, k: int) -> tuple[list[list[int]], int, list[list[int]]]:
+        """Depth k's feed for the slots lo .. pos - 1 -> (codes [B][n], lo, valid [B][n]): at a real slot,
+        the token k real positions later, or -i for the draft d_i where that lies i positions past the
+        pending token; 0 at a hole or pad."""
+        codes = []
+        for tok, ok, real in zip(self.tok, self.ok, self.real):
+            row, j = [0] * (pos - lo), bisect.bisect_left(real, lo)  # j: the rank of the first real slot >= lo
+            for i in real[j:-1]:  # the real slots of the window (the pending one is past it)
+                r = j + k  # the real position whose token slot i's entry embeds
+                row[i - lo] = tok[real[r]] if r < len(real) else -(r - len(real) + 1)
+                j += 1
+            codes.append(row)
+        return codes, lo, [ok[lo:pos] for ok in self.ok]
 
 
 class _SpeculativeRun:
@@ -236,34 +290,49 @@ class _SpeculativeRun:
         """The most tokens an unfinished row still needs."""
         return max(self.max_new_tokens - len(self.new[b]) for b in range(self.B) if not self.done[b])
 
-    def draft_and_verify(self, feed, x, pos):
-        """Feed the MTP depth, draft the token at slot pos + 1 and verify [x, draft] at pos
-        -> (drafts d [B], draft probabilities q [B,V] or None (greedy), verifier output)."""
-        tokens, start, valid = feed
-        q = None
-        if self.greedy:  # the draft never leaves the device: one call drafts and verifies
-            d_arr, out, finite = self.steps.draft_verify(tokens, start, valid, x, pos)
-            d = [int(t) for t in d_arr]
+    def draft_and_verify(self, slots: _Slots, lo: int, x: list[int], pos: int):
+        """Draft d_1 .. d_K (each depth fed over the window lo .. pos - 1) and verify [x, d_1 .. d_K] at pos
+        -> (drafts d [B][K], the drafts' probabilities q [K][B,V] or None (greedy), verifier output)."""
+        K = self.steps.depths
+        if self.greedy:  # the drafts never leave the device: one call drafts and verifies
+            codes = [slots.window(lo, pos, k)[0] for k in range(1, K + 1)]
+            d, out, finite = self.steps.draft_verify(codes, lo, slots.window(lo, pos, 1)[2], x, pos)
+            q = None
         else:
-            q_out, finite = self.steps.draft(tokens, start, valid)
-            check_logits_finite(finite.tolist(), pos + 1)
-            q = self.probs(q_out)
-            d = [sample(q[b], self.rng) for b in range(self.B)]
-            out, finite = self.steps.verify([[x[b], d[b]] for b in range(self.B)], pos)
+            d, q = [[] for _ in range(self.B)], []
+            for k in range(1, K + 1):
+                codes, _, valid = slots.window(lo, pos, k)
+                tokens = [[c if c >= 0 else d[b][-c - 1] for c in row] for b, row in enumerate(codes)]
+                q_out, finite = self.steps.draft(k, tokens, lo, valid)
+                check_logits_finite(finite.tolist(), pos + k)
+                q.append(self.probs(q_out))
+                for b in range(self.B):
+                    d[b].append(sample(q[-1][b], self.rng))
+            out, finite = self.steps.verify([[x[b], *d[b]] for b in range(self.B)], pos)
         self.stats.verify_calls += 1
-        check_logits_finite(finite.tolist(), pos + 1)
-        return d, q, out
+        check_logits_finite(finite.tolist(), pos + K)
+        return [[int(t) for t in row] for row in d], q, out
 
-    def judge(self, d, q, out):
-        """Accept or reject each row's draft -> (accepted [B], y: each row's correction where rejected)."""
-        accepted, y = [True] * self.B, list(d)
+    def judge(self, d, q, out) -> list[list[int]]:
+        """Accept each row's drafts up to its first rejection -> per row the new tokens: the accepted drafts
+        and then the correction (at the rejection) or the verifier's bonus token (all accepted)."""
+        new = []
         for b in range(self.B):
-            if self.greedy:
-                accepted[b] = int(out[b, 0]) == d[b]
-                y[b] = int(out[b, 0])
-            else:
-                accepted[b], y[b] = accept_or_resample(self.probs(out[b, 0]), q[b], d[b], self.rng)
+            row = []
+            for i, t in enumerate(d[b]):
+                if self.greedy:
+                    ok, y = int(out[b, i]) == t, int(out[b, i])
+                else:
+                    ok, y = accept_or_resample(self.probs(out[b, i]), q[i][b], t, self.rng)
+                if not ok:
+                    row.append(y)
+                    break
+                row.append(t)
+            else:  # every draft accepted: the bonus token after the last
+                row.append(self.pick(out[b:b + 1, len(d[b])])[0])
             if not self.done[b]:
-                self.stats.drafted += 1
-                self.stats.accepted += int(accepted[b])
-        return accepted, y
+                self.stats.drafted += len(d[b])
+                self.stats.accepted += len(row) - 1
+                self.stats.row_steps += 1
+            new.append(row)
+        return new

@@ -82,8 +82,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
              stats=None) -> list[list[int]]:
     """New tokens per prompt (cut after `eos`, which is kept). on_token(row, token) streams them.
 
-    speculative="mtp": the first MTP depth drafts the next-next token and the model verifies it
-    (dsv3_jax.speculative; greedy gives the same tokens, sampling the same distribution); `stats`, a
+    speculative="mtp": the MTP depths draft the next tokens (depth k the k-th after the pending one, chained)
+    and the model verifies them (dsv3_jax.speculative; greedy gives the same tokens, sampling the same distribution); `stats`, a
     dsv3.speculative.SpeculativeStats, is then filled in place."""
     if speculative is not None:
         from dsv3_jax.speculative import speculative_generate

@@ -1,9 +1,10 @@
-"""Speculative decoding with the first MTP depth as the draft: the Flax NNX model calls (dsv3.speculative).
+"""Speculative decoding with the MTP depths as the draft: the Flax NNX model calls (dsv3.speculative).
 
-Shape legend: B batch, S tokens fed in one call, n positions fed to the MTP depth, D model width, V vocab.
+Shape legend: B batch, S tokens fed in one call, n slots fed to the MTP depths, D model width, V vocab,
+K MTP depths.
 
-`SpeculativeSteps` holds the main latent cache, the MTP depth's own attention cache and the main hidden
-state of the last call; `dsv3.speculative.speculative_loop` drives it (draft, verify, accept, commit).
+`SpeculativeSteps` holds the main latent cache, each MTP depth's own attention cache and the main hidden
+state at every filled slot; `dsv3.speculative.speculative_loop` drives it (draft, verify, accept, commit).
 Greedy decoding drafts and verifies in one compiled program (the draft stays on the device); sampling,
 whose coin flips are drawn on the host, calls the draft and the verify programs in turn. Each ``nnx.jit``
 function takes traced positions and compiles once per (batch, tokens per call, cache length).
@@ -14,6 +15,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -34,49 +36,72 @@ def _out(logits):
 
 
 @nnx.jit
-def _main_step(model, tokens, cache, start_pos, mask=None):
-    """tokens [B,S] at start_pos (traced; mask [B,S] or None) -> (ids, logits, finite, hidden [B,S,D], cache)."""
+def _main_step(model, tokens, cache, start_pos, hidden, mask=None):
+    """tokens [B,S] at start_pos (traced; mask [B,S] or None) -> (ids, logits, finite, hidden [B,L,D] with the
+    new hidden written at start_pos.., cache)."""
     h, cache = model.hidden_cached(tokens, cache, start_pos, mask)
-    return (*_out(dense(model.head, h)), h, cache)
+    hidden = jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(hidden.dtype), start_pos, axis=1)
+    return (*_out(dense(model.head, h)), hidden, cache)
 
 
-@nnx.jit
-def _draft_step(model, hidden, tokens, valid, cache, mtp_cache, start_pos):
-    """Mark the main cache's entries start_pos.. (traced) with valid [B,n] (False: a hole), then MTP depth 1
-    on (hidden [B,n,D], embed(tokens [B,n])) there -> (ids, logits, finite at each row's last valid entry,
-    cache, mtp_cache)."""
-    mod = model.mtp[0]
+def _draft(model, k, h_prev, tokens, valid, cache, mtp_cache, start_pos):
+    """Mark the main cache's entries start_pos.. (traced) with valid [B,n] (False: a hole), then MTP depth k
+    (static, 1-based) on (h_prev [B,n,D], embed(tokens [B,n])) there -> (ids, logits, finite at each row's
+    last valid entry, the depth's output h [B,n,D] before its norm, cache, mtp_cache)."""
+    mod = model.mtp[k - 1]
     n = tokens.shape[1]
     keys, positions = cached_keys(cache, valid, start_pos)
     cos, sin = model.rope(positions, model.dtype)
-    h, mtp_cache = mod.forward_cached(hidden, model.embed(tokens), cos, sin, start_pos, mtp_cache,
+    h, mtp_cache = mod.forward_cached(h_prev, model.embed(tokens), cos, sin, start_pos, mtp_cache,
                                       visible_mask(keys, start_pos, n), valid)
     last = n - 1 - jnp.argmax(valid[:, ::-1], axis=1)  # each row's last valid entry
-    h = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     cache = KVCache(cache.kind, cache.max_len, cache.layers, keys)
-    return (*_out(dense(model.head, mod.norm(h))), cache, mtp_cache)
+    return (*_out(dense(model.head, mod.norm(h_last))), h, cache, mtp_cache)
+
+
+@partial(nnx.jit, static_argnums=1)
+def _draft_step(model, k, h_prev, tokens, valid, cache, mtp_cache, start_pos):
+    """`_draft` as one program per depth; depth 1 takes the main hidden of every slot [B,L,D] and reads the
+    slots start_pos.. itself (a traced start: one program for every window)."""
+    if k == 1:
+        h_prev = jax.lax.dynamic_slice_in_dim(h_prev, start_pos, tokens.shape[1], axis=1)
+    return _draft(model, k, h_prev, tokens, valid, cache, mtp_cache, start_pos)
 
 
 @nnx.jit
-def _draft_verify_step(model, hidden, tokens, valid, mtp_cache, start_pos, pending, cache, pos):
-    """Greedy draft and verify in one program: `_draft_step`'s argmax d, then `_main_step` on [pending, d]
-    [B,2] at pos -> (drafts [B], ids [B,2], finite [B], hidden, cache, mtp_cache)."""
-    d, _, q_finite, cache, mtp_cache = _draft_step(model, hidden, tokens, valid, cache, mtp_cache, start_pos)
-    ids, _, finite, hidden, cache = _main_step(model, jnp.stack([pending, d], axis=1), cache, pos)
-    return d, ids, finite & q_finite, hidden, cache, mtp_cache
+def _draft_verify_step(model, hidden, codes, valid, mtp_caches, start_pos, pending, cache, pos):
+    """Greedy drafts of every depth and their verification in one program: depth k's tokens are codes[k - 1]
+    [B,n] with -i standing for the argmax draft d_i of depth i < k; then `_main_step` on
+    [pending, d_1 .. d_K] [B,K+1] at pos -> (drafts [B,K], ids [B,K+1], finite [B], hidden, cache, mtp_caches)."""
+    d = jnp.zeros((pending.shape[0], 0), jnp.int32)
+    finite, mtp_caches = jnp.ones(pending.shape, bool), list(mtp_caches)
+    h = jax.lax.dynamic_slice_in_dim(hidden, start_pos, codes.shape[2], axis=1)
+    for k in range(1, codes.shape[0] + 1):
+        c = codes[k - 1]
+        tokens = c if k == 1 else jnp.where(c >= 0, c, jnp.take_along_axis(d, jnp.clip(-c - 1, 0, k - 2), axis=1))
+        ids, _, fk, h, cache, mtp_caches[k - 1] = _draft(model, k, h, tokens, valid, cache, mtp_caches[k - 1],
+                                                          start_pos)
+        d, finite = jnp.concatenate([d, ids[:, None]], axis=1), finite & fk
+    ids, _, fv, hidden, cache = _main_step(model, jnp.concatenate([pending[:, None], d], axis=1), cache, pos,
+                                           hidden)
+    return d, ids, finite & fv, hidden, cache, mtp_caches
 
 
 class SpeculativeSteps:
     """prefill / draft / verify of `dsv3.speculative.SpeculativeSteps` on a Flax NNX DeepSeekV3.
 
     greedy: return argmax token ids (else fp32 logits). Caches of `cache_len` entries of kind `cache`; the
-    main cache's mask (1 = real entry) also masks the MTP depth's cache, which uses the same entries."""
+    main cache's mask (1 = real entry) also masks the MTP depths' caches, which use the same entries."""
 
     def __init__(self, model, batch: int, cache_len: int, greedy: bool, cache: str = "latent"):
         self.model, self.greedy = model, greedy
+        self.depths = len(model.mtp)
         self.main_cache = model.init_cache(batch, cache_len, kind=cache)
-        self.mtp_cache = model.mtp[0].block.attn.init_cache(batch, cache_len, cache)
-        self.hidden = None  # the main hidden after the final norm of the last main call [B,S,D]
+        self.mtp_caches = [mod.block.attn.init_cache(batch, cache_len, cache) for mod in model.mtp]
+        # the main hidden after the final norm at every slot a main call filled [B, cache_len, D]
+        self.hidden = jnp.zeros((batch, cache_len, model.cfg.hidden_size), model.dtype)
+        self.mtp_hidden = None  # the last draft call's depth output (before its norm) [B,n,D]
 
     def _fetch(self, ids, logits, finite):
         return np.asarray(ids if self.greedy else logits), np.asarray(finite)
@@ -84,7 +109,7 @@ class SpeculativeSteps:
     def _main(self, tokens: list[list[int]], start_pos: int, mask=None):
         self.model._check_tokens(np.asarray(tokens), start_pos, cache_len=self.main_cache.max_len)
         ids, logits, finite, self.hidden, self.main_cache = _main_step(
-            self.model, jnp.asarray(tokens, jnp.int32), self.main_cache, jnp.int32(start_pos),
+            self.model, jnp.asarray(tokens, jnp.int32), self.main_cache, jnp.int32(start_pos), self.hidden,
             None if mask is None else jnp.asarray(mask, bool))
         return self._fetch(ids, logits, finite)
 
@@ -98,27 +123,29 @@ class SpeculativeSteps:
         """tokens [B][S] at start_pos.. -> the main model's outputs (ids [B,S] or logits [B,S,V]), finite [B]."""
         return self._main(tokens, start_pos)
 
-    def draft(self, tokens: list[list[int]], start_pos: int,
+    def draft(self, k: int, tokens: list[list[int]], start_pos: int,
               valid: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Mark the main cache's entries start_pos.. with valid [B][n] (0: a hole), then MTP depth 1 on
-        (kept hidden[:, :n], embed(tokens [B][n])) there -> its output at each row's last valid entry
-        (ids [B] or logits [B,V]), finite [B]."""
-        n = len(tokens[0])
-        ids, logits, finite, self.main_cache, self.mtp_cache = _draft_step(
-            self.model, self.hidden[:, :n], jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool),
-            self.main_cache, self.mtp_cache, jnp.int32(start_pos))
+        """Depth k (1-based) on the slots start_pos.. : mark the main cache's entries there with valid [B][n]
+        (0: a hole), then (previous hidden there, embed(tokens [B][n])) through the depth -> its output at
+        each row's last valid entry (ids [B] or logits [B,V]), finite [B]. The previous hidden: the main
+        model's (k = 1) or the last draft call's (depth k - 1 on the same slots)."""
+        self.model._check_tokens(np.asarray(tokens), start_pos, cache_len=self.main_cache.max_len)
+        ids, logits, finite, self.mtp_hidden, self.main_cache, self.mtp_caches[k - 1] = _draft_step(
+            self.model, k, self.hidden if k == 1 else self.mtp_hidden, jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(valid, bool), self.main_cache, self.mtp_caches[k - 1], jnp.int32(start_pos))
         return self._fetch(ids, logits, finite)
 
-    def draft_verify(self, tokens: list[list[int]], start_pos: int, valid: list[list[int]], pending: list[int],
-                     pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Greedy: draft(tokens, start_pos, valid)'s argmax d, then verify [pending, d] at pos, one compiled
-        program -> (drafts [B], verified ids [B,2], finite [B] of both calls)."""
-        n = len(tokens[0])
-        self.model._check_tokens(np.asarray(tokens), start_pos, cache_len=self.main_cache.max_len)
+    def draft_verify(self, codes: list[list[list[int]]], start_pos: int, valid: list[list[int]],
+                     pending: list[int], pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Greedy: every depth's draft (codes[k - 1], -i: the argmax draft d_i), then verify
+        [pending, d_1 .. d_K] at pos, one compiled program -> (drafts [B,K], verified ids [B,K+1], finite [B]
+        of every call)."""
+        c = np.maximum(np.asarray(codes), 0)  # the drafts' codes as token 0
+        self.model._check_tokens(c.reshape(-1, c.shape[-1]), start_pos, cache_len=self.main_cache.max_len)
         i32 = partial(jnp.asarray, dtype=jnp.int32)
-        d, ids, finite, self.hidden, self.main_cache, self.mtp_cache = _draft_verify_step(
-            self.model, self.hidden[:, :n], i32(tokens), jnp.asarray(valid, bool), self.mtp_cache,
-            jnp.int32(start_pos), i32(pending), self.main_cache, jnp.int32(pos))
+        d, ids, finite, self.hidden, self.main_cache, self.mtp_caches = _draft_verify_step(
+            self.model, self.hidden, i32(codes), jnp.asarray(valid, bool), self.mtp_caches, jnp.int32(start_pos),
+            i32(pending), self.main_cache, jnp.int32(pos))
         return np.asarray(d), np.asarray(ids), np.asarray(finite)
 
 
@@ -127,11 +154,11 @@ def speculative_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens
                          eos: Optional[int] = None, cache: str = "latent",
                          on_token: Optional[Callable[[int, int], None]] = None, speculative: str = "mtp",
                          stats: Optional[SpeculativeStats] = None) -> list[list[int]]:
-    """`generate` with the first MTP depth drafting one token per step; greedy, the same tokens as
+    """`generate` with the model's MTP depths drafting a chain of tokens per step; greedy, the same tokens as
     `generate`, sampling, the same distribution. `stats` (a SpeculativeStats) is filled in place."""
     check_generate_args(prompts, max_new_tokens, temperature, model.cfg.vocab_size, top_k, top_p, seed, eos)
     check_speculative(speculative, len(model.mtp))
-    cache_len = cache_slots(prompts, max_new_tokens, model.cfg.max_position_embeddings)
+    cache_len = cache_slots(prompts, max_new_tokens, model.cfg.max_position_embeddings, len(model.mtp))
     # the caches bucketed (dsv3.generation.cache_length: one compiled program for many lengths; entries
     # past the fed ones are never attended to); the loop keeps the exact length, so the tokens do not change
     steps = SpeculativeSteps(model, len(prompts), max(cache_len, min(cache_length(cache_len),

@@ -44,8 +44,10 @@ def test_filtered_probs_follow_sample_next():
 
 
 def test_stats_and_argument_checks():
-    st = SpeculativeStats(drafted=10, accepted=8, verify_calls=10, tokens=18)
+    st = SpeculativeStats(drafted=10, accepted=8, row_steps=10, verify_calls=10, tokens=18)
     assert st.acceptance_rate == 0.8 and st.mean_accepted_length == 1.8
+    st = SpeculativeStats(drafted=20, accepted=12, row_steps=10, verify_calls=10, tokens=22)  # two depths
+    assert st.acceptance_rate == 0.6 and st.mean_accepted_length == 2.2
     assert math.isnan(SpeculativeStats().acceptance_rate)
     with pytest.raises(ValueError, match="speculative: must be one of"):
         check_speculative("medusa", 1)
@@ -65,15 +67,17 @@ def test_torch_and_jax_give_the_same_tokens_and_acceptance_counts():
     from dsv3_jax.speculative import speculative_generate as jax_spec
     from dsv3_torch.speculative import speculative_generate as torch_spec
 
-    cfg = ModelConfig.preset("tiny").replace(num_hidden_layers=2)  # a dense, a MoE and the MTP block
+    # a dense, a MoE and two MTP blocks: each step drafts a chain of two tokens
+    cfg = ModelConfig.preset("tiny").replace(num_hidden_layers=2, num_nextn_predict_layers=2)
     torch.manual_seed(0)
     tm = dsv3_torch.DeepSeekV3(cfg)
-    with torch.no_grad():  # a draft that agrees with the main model part of the time
-        tm.mtp[0].eh_proj.weight[:, :cfg.hidden_size] += torch.eye(cfg.hidden_size)
+    with torch.no_grad():  # drafts that agree with the main model part of the time
+        for mod in tm.mtp:
+            mod.eh_proj.weight[:, :cfg.hidden_size] += torch.eye(cfg.hidden_size)
     jm = dsv3_jax.DeepSeekV3(cfg, nnx.Rngs(1))
     jm.load_canonical_state(tm.canonical_state())
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
     ts, js = SpeculativeStats(), SpeculativeStats()
     out = torch_spec(tm, prompts, 12, stats=ts)
     assert jax_spec(jm, prompts, 12, stats=js) == out == dsv3_torch.generate(tm, prompts, 12)
-    assert ts == js and 0 < ts.accepted < ts.drafted
+    assert ts == js and 0 < ts.accepted < ts.drafted == 2 * ts.row_steps

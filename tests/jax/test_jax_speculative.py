@@ -5,8 +5,6 @@ plain greedy generation here runs their compiled programs."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,13 +89,13 @@ def test_draft_equals_the_training_mtp_forward(model):
     steps = SpeculativeSteps(model, 3, cache_length(20), greedy=False)  # speculative_generate's cache
     t = x.tolist()
     steps.prefill([r[:2] for r in t], None)
-    got = {1: steps.draft([r[1:3] for r in t], 0, [[1, 1]] * 3)[0]}
+    got = {1: steps.draft(1, [r[1:3] for r in t], 0, [[1, 1]] * 3)[0]}
     steps.verify([r[2:4] for r in t], 2)
-    got[3] = steps.draft([r[3:5] for r in t], 2, [[1, 1]] * 3)[0]
+    got[3] = steps.draft(1, [r[3:5] for r in t], 2, [[1, 1]] * 3)[0]
     steps.verify([[r[4], 0] for r in t], 4)  # entry 5 holds a draft that is then rejected
-    got[4] = steps.draft([[r[5], r[5]] for r in t], 4, [[1, 0]] * 3)[0]
+    got[4] = steps.draft(1, [[r[5], r[5]] for r in t], 4, [[1, 0]] * 3)[0]
     steps.verify([r[5:7] for r in t], 6)  # positions 5 and 6 at entries 6 and 7
-    got[6] = steps.draft([r[6:8] for r in t], 6, [[1, 1]] * 3)[0]
+    got[6] = steps.draft(1, [r[6:8] for r in t], 6, [[1, 1]] * 3)[0]
     for i, g in got.items():
         np.testing.assert_allclose(g, want[:, i], rtol=0, atol=1e-5)
 
@@ -120,24 +118,32 @@ def test_eos_and_max_new_tokens_cut_mid_acceptance(model, ref, timed):
     assert mid > 0
 
 
-def test_sampling_matches_the_main_models_distribution():
-    """Vocabulary 8, 6000 rows of one prompt, two new tokens: the first from the prefill, the second from the
-    draft/verify rule. The empirical joint of the pair against the main model's exact p(t1) p(t2 | t1)
-    (temperature 0.8, top-k 6: cells outside the filter must stay empty). Chi-square at a 1e-4 false-failure
-    rate (fixed seed, so the result is deterministic)."""
-    cfg = dataclasses.replace(CFG, vocab_size=8)
+@pytest.mark.parametrize("depths,vocab", [(1, 8), (2, 4)])
+def test_sampling_matches_the_main_models_distribution(depths, vocab):
+    """A vocabulary of 8 (one depth) or 4 (two), 6000 rows of one prompt, 1 + depths new tokens: the first from
+    the prefill, the others from the draft/verify rule (with two depths, the second draft is conditioned on a
+    sampled first). The empirical joint of the tokens against the main model's exact
+    p(t1) p(t2 | t1) ... (temperature 0.8, top-k vocab - 2: cells outside the filter must stay empty).
+    Chi-square at a 1e-4 false-failure rate (fixed seed, so the result is deterministic)."""
+    import itertools
+
+    cfg = CFG.replace(vocab_size=vocab, num_nextn_predict_layers=depths)
     m = DeepSeekV3(cfg, nnx.Rngs(0))  # a random draft: q far from p
     m.head.kernel[...] = m.head.kernel[...] * 5  # distributions far from uniform
-    prompt, kw = [3, 1], dict(temperature=0.8, top_k=6, top_p=None)
-    logits = np.asarray(m(jnp.asarray([prompt + [t] for t in range(8)])))  # causal: [:, -2] is the prompt's
-    p1 = filtered_probs(logits[0, -2], **kw)
-    p2 = filtered_probs(logits[:, -1], **kw)
-    exact = (p1[:, None] * p2).ravel()
+    prompt, kw = [3, 1], dict(temperature=0.8, top_k=vocab - 2, top_p=None)
+    # p(t_{n+1} | prompt, t_1 .. t_n) for every prefix of every length, from the logits of the full-length
+    # continuations (causal: position len(prompt) + n - 1 sees the prompt and t_1 .. t_n only)
+    full = list(itertools.product(range(vocab), repeat=depths + 1))
+    logits = np.asarray(m(jnp.asarray([prompt + list(c) for c in full])))
+    exact = np.ones(1)
+    for n in range(depths + 1):
+        first = [full.index(c + (0,) * (depths + 1 - n)) for c in itertools.product(range(vocab), repeat=n)]
+        exact = (exact[:, None] * filtered_probs(logits[first, len(prompt) + n - 1], **kw)).ravel()
     N = 6000
     st = SpeculativeStats()
-    out = speculative_generate(m, [prompt] * N, 2, seed=1, stats=st, **kw)
-    assert 0.2 < st.acceptance_rate < 0.95  # both accept and resample paths are exercised
-    counts = np.bincount([a * 8 + b for a, b in out], minlength=64)
+    out = speculative_generate(m, [prompt] * N, depths + 1, seed=1, stats=st, **kw)
+    assert 0.1 < st.acceptance_rate < 0.95  # both accept and resample paths are exercised
+    counts = np.bincount([np.ravel_multi_index(o, (vocab,) * (depths + 1)) for o in out], minlength=exact.size)
     assert counts[exact == 0].sum() == 0
     keep = exact * N >= 5
     obs = np.append(counts[keep], counts[~keep].sum())

@@ -1,7 +1,5 @@
 """Speculative decoding with the MTP depth as the draft (dsv3_torch.speculative, dsv3.speculative)."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
 
 
 def drafting_model(cfg=None) -> dsv3_torch.DeepSeekV3:
-    """A random tiny model whose MTP depth agrees with the main model about half of the time: eh_proj gets
+    """A random tiny model whose MTP depths agree with the main model part of the time: each eh_proj gets
     the identity on its embedding half (with random-init blocks, the main model's next token is mostly a
     function of the current token, so a draft from embed(t+1) often matches)."""
     cfg = cfg or ModelConfig.preset("tiny")
@@ -24,13 +22,20 @@ def drafting_model(cfg=None) -> dsv3_torch.DeepSeekV3:
     m = dsv3_torch.DeepSeekV3(cfg)
     D = cfg.hidden_size
     with torch.no_grad():
-        m.mtp[0].eh_proj.weight[:, :D] += torch.eye(D)
+        for mod in m.mtp:
+            mod.eh_proj.weight[:, :D] += torch.eye(D)
     return m
 
 
 @pytest.fixture(scope="module")
 def model():
     return drafting_model()
+
+
+@pytest.fixture(scope="module")
+def model2():
+    """Two MTP depths, each drafting from the identity on its embedding half."""
+    return drafting_model(ModelConfig.preset("tiny").replace(num_nextn_predict_layers=2))
 
 
 def _timed(model, prompts, n, **kw):
@@ -42,16 +47,20 @@ def _timed(model, prompts, n, **kw):
     return out, when, st
 
 
-@pytest.mark.parametrize("kind", ["latent", "naive"])
-def test_greedy_equals_plain_greedy_batched_and_per_row(model, kind):
-    ref = dsv3_torch.generate(model, PROMPTS, 12, cache=kind)
-    out, when, st = _timed(model, PROMPTS, 12, cache=kind)
+@pytest.mark.parametrize("kind,depths", [("latent", 1), ("naive", 1), ("latent", 2)])
+def test_greedy_equals_plain_greedy_batched_and_per_row(model, model2, kind, depths):
+    m = model if depths == 1 else model2
+    ref = dsv3_torch.generate(m, PROMPTS, 12, cache=kind)
+    out, when, st = _timed(m, PROMPTS, 12, cache=kind)
     assert out == ref
     assert 0 < st.accepted < st.drafted  # both paths taken
+    assert st.drafted == depths * st.row_steps
+    # some verify call committed every draft of a row and its bonus token
+    assert max(w.count(c) for w in when for c in set(w)) == depths + 1
     plain_steps = max(map(len, PROMPTS)) + 12 - min(map(len, PROMPTS)) - 1  # decode_loop's calls after prefill
     assert st.verify_calls < plain_steps
     assert st.tokens == sum(map(len, ref))
-    alone = [_timed(model, [p], 12, cache=kind) for p in PROMPTS]
+    alone = [_timed(m, [p], 12, cache=kind) for p in PROMPTS]
     assert [a[0][0] for a in alone] == ref
     # per-row acceptance: each row of the batch accepts exactly the drafts it accepts alone, and the batch
     # takes as many verify calls as its slowest row
@@ -59,34 +68,49 @@ def test_greedy_equals_plain_greedy_batched_and_per_row(model, kind):
     assert st.verify_calls == max(a[2].verify_calls for a in alone)
 
 
-def test_draft_equals_the_training_mtp_forward(model):
-    """The cached draft at positions 3, 5, 6 and 8 is the MTP logits of the full forward as compute_loss computes
-    them (hidden after the final norm, embed(t_{i+1}) first): after a prefill of 4, a verify of 2, a verify of 2
-    whose second entry is rejected (a hole in both caches), then a verify of 2 after the hole."""
-    x = torch.randint(0, model.cfg.vocab_size, (2, 10))
+def test_draft_equals_the_training_mtp_forward(model2):
+    """Both depths' cached drafts at positions 3, 5, 6 and 8 are the MTP logits of the full forward as
+    compute_loss computes them (depth 1: hidden after the final norm and embed(t_{i+1}); depth 2: depth 1's
+    hidden and embed(t_{i+2})): after a prefill of 4, a verify of 2, a verify of 2 whose second entry is
+    rejected (a hole in every cache), then a verify of 2 after the hole. Each draft call feeds a window of 4
+    slots that overlaps the last one's (entries recomputed, as the loop does) and embeds, at each real slot,
+    the token 1 or 2 real positions later (after a hole: one slot further)."""
+    m = model2
+    x = torch.randint(0, m.cfg.vocab_size, (2, 12))
     with torch.no_grad():
-        h, _ = model.hidden(x)
-        cos, sin = model._rope(0, 10, x.device)
-        emb = model.embed(torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1))
-        hk, _ = model.mtp[0](h, emb, cos, sin)
-        want = model.head(model.mtp[0].norm(hk)).numpy()
-    steps = SpeculativeSteps(model, 2, 11, greedy=False)
+        h, _ = m.hidden(x)
+        cos, sin = m._rope(0, 12, x.device)
+        want = []
+        for k, mod in enumerate(m.mtp, start=1):
+            h, _ = mod(h, m.embed(torch.cat([x[:, k:], torch.zeros_like(x[:, :k])], 1)), cos, sin)
+            want.append(m.head(mod.norm(h)).numpy())
+    steps = SpeculativeSteps(m, 2, 12, greedy=False)
     t = x.tolist()
+
+    def draft(start, slots, pos):
+        """Both depths on the slots start.. holding the real positions `slots` (None: a hole)."""
+        valid = [[int(j is not None) for j in slots]] * 2
+        return [steps.draft(k, [[r[j + k] if j is not None else 0 for j in slots] for r in t], start, valid)[0]
+                for k in (1, 2)]
+
     steps.prefill([r[:4] for r in t], None)
-    got = {3: steps.draft([r[1:5] for r in t], 0, [[1] * 4] * 2)[0]}
+    got = {3: draft(0, [0, 1, 2, 3], 3)}
     steps.verify([r[4:6] for r in t], 4)
-    got[5] = steps.draft([r[5:7] for r in t], 4, [[1, 1]] * 2)[0]
+    got[5] = draft(2, [2, 3, 4, 5], 5)
     steps.verify([[r[6], 0] for r in t], 6)  # entry 7 holds a draft that is then rejected
-    got[6] = steps.draft([[r[7], r[7]] for r in t], 6, [[1, 0]] * 2)[0]
+    got[6] = draft(4, [4, 5, 6, None], 6)
     steps.verify([r[7:9] for r in t], 8)  # positions 7 and 8 at entries 8 and 9
-    got[8] = steps.draft([r[8:10] for r in t], 8, [[1, 1]] * 2)[0]
+    got[8] = draft(6, [6, None, 7, 8], 8)
     for i, g in got.items():
-        np.testing.assert_allclose(g, want[:, i], rtol=0, atol=1e-5)
+        for k in (0, 1):
+            np.testing.assert_allclose(g[k], want[k][:, i], rtol=0, atol=1e-5)
 
 
-def test_eos_and_max_new_tokens_cut_mid_acceptance(model):
+@pytest.mark.parametrize("depths", [1, 2])
+def test_eos_and_max_new_tokens_cut_mid_acceptance(model, model2, depths):
     """Every cut point of the greedy output: the result is plain greedy's, cut. At least one cut lands on an
     accepted draft whose bonus token (committed in the same verify call) is dropped."""
+    model = model if depths == 1 else model2
     ref = dsv3_torch.generate(model, PROMPTS, 12)
     _, when, _ = _timed(model, PROMPTS, 12)
     mid = 0
@@ -104,27 +128,31 @@ def test_eos_and_max_new_tokens_cut_mid_acceptance(model):
     assert mid > 0
 
 
-def test_sampling_matches_the_main_models_distribution():
-    """Vocabulary 8, 6000 rows of one prompt, two new tokens: the first from the prefill, the second from the
-    draft/verify rule. The empirical joint of the pair against the main model's exact p(t1) p(t2 | t1)
-    (temperature 0.8, top-k 6: cells outside the filter must stay empty). Chi-square at a 1e-4 false-failure
-    rate (fixed seed, so the result is deterministic)."""
-    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=8)
+@pytest.mark.parametrize("depths,vocab", [(1, 8), (2, 4)])
+def test_sampling_matches_the_main_models_distribution(depths, vocab):
+    """A vocabulary of 8 (one depth) or 4 (two), 6000 rows of one prompt, 1 + depths new tokens: the first from
+    the prefill, the others from the draft/verify rule (with two depths, the second draft is conditioned on a
+    sampled first). The empirical joint of the tokens against the main model's exact
+    p(t1) p(t2 | t1) ... (temperature 0.8, top-k vocab - 2: cells outside the filter must stay empty).
+    Chi-square at a 1e-4 false-failure rate (fixed seed, so the result is deterministic)."""
+    import itertools
+
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=vocab, num_nextn_predict_layers=depths)
     torch.manual_seed(0)
     m = dsv3_torch.DeepSeekV3(cfg)  # a random draft: q far from p
     with torch.no_grad():
         m.head.weight.mul_(5)  # distributions far from uniform
-    prompt, kw = [3, 1, 4], dict(temperature=0.8, top_k=6, top_p=None)
+    prompt, kw = [3, 1, 2], dict(temperature=0.8, top_k=vocab - 2, top_p=None)
+    exact = np.ones(1)
     with torch.no_grad():
-        p1 = filtered_probs(m(torch.tensor([prompt]))[0, -1].numpy(), **kw)
-        ext = torch.tensor([prompt + [t] for t in range(8)])
-        p2 = filtered_probs(m(ext)[:, -1].numpy(), **kw)
-    exact = (p1[:, None] * p2).ravel()
+        for n in range(depths + 1):  # p(t_{n+1} | prompt, t_1 .. t_n) for every prefix, times the prefix's
+            ext = torch.tensor([prompt + list(c) for c in itertools.product(range(vocab), repeat=n)])
+            exact = (exact[:, None] * filtered_probs(m(ext)[:, -1].numpy(), **kw)).ravel()
     N = 6000
     st = SpeculativeStats()
-    out = speculative_generate(m, [prompt] * N, 2, seed=1, stats=st, **kw)
-    assert 0.2 < st.acceptance_rate < 0.95  # both accept and resample paths are exercised
-    counts = np.bincount([a * 8 + b for a, b in out], minlength=64)
+    out = speculative_generate(m, [prompt] * N, depths + 1, seed=1, stats=st, **kw)
+    assert 0.1 < st.acceptance_rate < 0.95  # both accept and resample paths are exercised
+    counts = np.bincount([np.ravel_multi_index(o, (vocab,) * (depths + 1)) for o in out], minlength=exact.size)
     assert counts[exact == 0].sum() == 0
     keep = exact * N >= 5
     obs = np.append(counts[keep], counts[~keep].sum())
@@ -140,7 +168,7 @@ def test_bad_arguments_and_non_finite_logits_raise(model):
         speculative_generate(model, PROMPTS, 3, speculative="medusa")
     with pytest.raises(ValueError, match="top_k"):
         speculative_generate(model, PROMPTS, 3, temperature=1.0, top_k=0)
-    no_mtp = dsv3_torch.DeepSeekV3(dataclasses.replace(model.cfg, num_nextn_predict_layers=0))
+    no_mtp = dsv3_torch.DeepSeekV3(model.cfg.replace(num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="needs a model with an MTP module"):
         speculative_generate(no_mtp, PROMPTS, 3)
     assert speculative_generate(model, PROMPTS, 0) == [[], [], []]
