@@ -6,8 +6,11 @@ One prefill of every prompt LEFT-padded to the longest (its attention_mask kept 
 padded entries hidden, per-row positions), then one token per step (``dsv3.generation.decode_loop``).
 The default cache is the compressed latent with weight-absorbed
 attention; ``cache="naive"`` keeps expanded K/V. The decode step (forward + sampling) is one
-``nnx.jit`` function with a traced position and traced sampling settings: it compiles once per
-(batch, fed length, cache length), not once per token or per setting.
+``jax.jit`` function with a traced position and traced sampling settings: it compiles once per
+(batch, fed length, cache length), not once per token or per setting. It takes the model as
+``nnx.split``'s (graph, state), split once per ``generate`` call: ``nnx.jit`` would walk the model's
+object graph in Python on every call (11.6 ms a call on the small preset, against 0.1 ms for a jitted
+function of the split state; the decode step reads the model and changes nothing in it).
 
 Shapes are bucketed so that one compiled program serves many calls: the prefill is left-padded
 further (masked entries, as for a shorter prompt in the batch) to ``prefill_length`` and the cache
@@ -17,6 +20,7 @@ depend on the buckets: its real tokens keep their positions and the padded entri
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -64,12 +68,13 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: ja
     return jnp.where(temperature == 0, greedy, sampled)
 
 
-@nnx.jit
-def _decode(model, tokens, cache, start_pos, key, temperature, top_k, top_p, attention_mask=None):
-    """Feed tokens [B, S] at start_pos (traced); sample from the last position (settings traced: _settings).
+@partial(jax.jit, static_argnums=0)
+def _decode(graph, state, tokens, cache, start_pos, key, temperature, top_k, top_p, attention_mask=None):
+    """Feed tokens [B, S] at start_pos (traced) to the model nnx.merge(graph, state); sample from the last
+    position (settings traced: _settings).
 
     -> (next [B], finite [B]: whether each row's logits were all finite, cache)."""
-    logits, cache = model.forward_cached(tokens, cache, start_pos, attention_mask)
+    logits, cache = nnx.merge(graph, state).forward_cached(tokens, cache, start_pos, attention_mask)
     last = logits[:, -1]
     finite = jnp.all(jnp.isfinite(last), axis=-1)
     return _sample(last, key, temperature, top_k, top_p), finite, cache
@@ -98,6 +103,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     C = min(cache_length(Lb + max_new_tokens), limit) if Lb + max_new_tokens <= limit else L + max_new_tokens
     kv = model.init_cache(len(prompts), C, kind=cache)
     sampling = _settings(temperature, top_k, top_p)
+    graph, state = nnx.split(model)
     key = jax.random.key(seed)
     shift = Lb - L  # extra left padding of the prefill: every cache entry moves right by it
 
@@ -110,8 +116,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
             tokens = [[PAD_ID] * shift + list(t) for t in tokens]
         attention_mask = None if mask is None else jnp.asarray(mask, jnp.int32)
         at = pos if pos == 0 else pos + shift
-        sampled, finite, kv = _decode(model, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(at), sub, *sampling,
-                                      attention_mask=attention_mask)
+        sampled, finite, kv = _decode(graph, state, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(at), sub,
+                                      *sampling, attention_mask=attention_mask)
         check_logits_finite(np.asarray(finite).tolist(), last)
         return np.asarray(sampled).tolist()
 

@@ -5,9 +5,11 @@ K MTP depths.
 
 `SpeculativeSteps` holds the main latent cache, each MTP depth's own attention cache and the main hidden
 state at every filled slot; `dsv3.speculative.speculative_loop` drives it (draft, verify, accept, commit).
-Greedy decoding drafts and verifies in one compiled program (the draft stays on the device); sampling,
-whose coin flips are drawn on the host, calls the draft and the verify programs in turn. Each ``nnx.jit``
-function takes traced positions and compiles once per (batch, tokens per call, cache length).
+Greedy decoding drafts and verifies in one compiled program (the drafts stay on the device); sampling,
+whose coin flips are drawn on the host, calls each depth's draft program and the verify program in turn.
+Each program is a ``jax.jit`` function of the model's ``nnx.split`` (graph, state), split once per
+generation (as in dsv3_jax.generate: ``nnx.jit`` would walk the object graph in Python on every call); it
+takes traced positions and compiles once per (batch, tokens per call, cache length).
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ def _out(logits):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits.astype(jnp.float32), finite
 
 
-@nnx.jit
-def _main_step(model, tokens, cache, start_pos, hidden, mask=None):
+def _main(model, tokens, cache, start_pos, hidden, mask=None):
     """tokens [B,S] at start_pos (traced; mask [B,S] or None) -> (ids, logits, finite, hidden [B,L,D] with the
     new hidden written at start_pos.., cache)."""
     h, cache = model.hidden_cached(tokens, cache, start_pos, mask)
@@ -60,20 +61,28 @@ def _draft(model, k, h_prev, tokens, valid, cache, mtp_cache, start_pos):
     return (*_out(dense(model.head, mod.norm(h_last))), h, cache, mtp_cache)
 
 
-@partial(nnx.jit, static_argnums=1)
-def _draft_step(model, k, h_prev, tokens, valid, cache, mtp_cache, start_pos):
+@partial(jax.jit, static_argnums=0)
+def _main_step(graph, state, *args, **kw):
+    """`_main` on the model nnx.merge(graph, state)."""
+    return _main(nnx.merge(graph, state), *args, **kw)
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _draft_step(graph, state, k, h_prev, tokens, valid, cache, mtp_cache, start_pos):
     """`_draft` as one program per depth; depth 1 takes the main hidden of every slot [B,L,D] and reads the
     slots start_pos.. itself (a traced start: one program for every window)."""
+    model = nnx.merge(graph, state)
     if k == 1:
         h_prev = jax.lax.dynamic_slice_in_dim(h_prev, start_pos, tokens.shape[1], axis=1)
     return _draft(model, k, h_prev, tokens, valid, cache, mtp_cache, start_pos)
 
 
-@nnx.jit
-def _draft_verify_step(model, hidden, codes, valid, mtp_caches, start_pos, pending, cache, pos):
+@partial(jax.jit, static_argnums=0)
+def _draft_verify_step(graph, state, hidden, codes, valid, mtp_caches, start_pos, pending, cache, pos):
     """Greedy drafts of every depth and their verification in one program: depth k's tokens are codes[k - 1]
     [B,n] with -i standing for the argmax draft d_i of depth i < k; then `_main_step` on
     [pending, d_1 .. d_K] [B,K+1] at pos -> (drafts [B,K], ids [B,K+1], finite [B], hidden, cache, mtp_caches)."""
+    model = nnx.merge(graph, state)
     d = jnp.zeros((pending.shape[0], 0), jnp.int32)
     finite, mtp_caches = jnp.ones(pending.shape, bool), list(mtp_caches)
     h = jax.lax.dynamic_slice_in_dim(hidden, start_pos, codes.shape[2], axis=1)
@@ -83,7 +92,7 @@ def _draft_verify_step(model, hidden, codes, valid, mtp_caches, start_pos, pendi
         ids, _, fk, h, cache, mtp_caches[k - 1] = _draft(model, k, h, tokens, valid, cache, mtp_caches[k - 1],
                                                           start_pos)
         d, finite = jnp.concatenate([d, ids[:, None]], axis=1), finite & fk
-    ids, _, fv, hidden, cache = _main_step(model, jnp.concatenate([pending[:, None], d], axis=1), cache, pos,
+    ids, _, fv, hidden, cache = _main(model, jnp.concatenate([pending[:, None], d], axis=1), cache, pos,
                                            hidden)
     return d, ids, finite & fv, hidden, cache, mtp_caches
 
@@ -96,6 +105,7 @@ class SpeculativeSteps:
 
     def __init__(self, model, batch: int, cache_len: int, greedy: bool, cache: str = "latent"):
         self.model, self.greedy = model, greedy
+        self.graph, self.state = nnx.split(model)
         self.depths = len(model.mtp)
         self.main_cache = model.init_cache(batch, cache_len, kind=cache)
         self.mtp_caches = [mod.block.attn.init_cache(batch, cache_len, cache) for mod in model.mtp]
@@ -109,7 +119,7 @@ class SpeculativeSteps:
     def _main(self, tokens: list[list[int]], start_pos: int, mask=None):
         self.model._check_tokens(np.asarray(tokens), start_pos, cache_len=self.main_cache.max_len)
         ids, logits, finite, self.hidden, self.main_cache = _main_step(
-            self.model, jnp.asarray(tokens, jnp.int32), self.main_cache, jnp.int32(start_pos), self.hidden,
+            self.graph, self.state, jnp.asarray(tokens, jnp.int32), self.main_cache, jnp.int32(start_pos), self.hidden,
             None if mask is None else jnp.asarray(mask, bool))
         return self._fetch(ids, logits, finite)
 
@@ -131,7 +141,7 @@ class SpeculativeSteps:
         model's (k = 1) or the last draft call's (depth k - 1 on the same slots)."""
         self.model._check_tokens(np.asarray(tokens), start_pos, cache_len=self.main_cache.max_len)
         ids, logits, finite, self.mtp_hidden, self.main_cache, self.mtp_caches[k - 1] = _draft_step(
-            self.model, k, self.hidden if k == 1 else self.mtp_hidden, jnp.asarray(tokens, jnp.int32),
+            self.graph, self.state, k, self.hidden if k == 1 else self.mtp_hidden, jnp.asarray(tokens, jnp.int32),
             jnp.asarray(valid, bool), self.main_cache, self.mtp_caches[k - 1], jnp.int32(start_pos))
         return self._fetch(ids, logits, finite)
 
@@ -144,7 +154,7 @@ class SpeculativeSteps:
         self.model._check_tokens(c.reshape(-1, c.shape[-1]), start_pos, cache_len=self.main_cache.max_len)
         i32 = partial(jnp.asarray, dtype=jnp.int32)
         d, ids, finite, self.hidden, self.main_cache, self.mtp_caches = _draft_verify_step(
-            self.model, self.hidden, i32(codes), jnp.asarray(valid, bool), self.mtp_caches, jnp.int32(start_pos),
+            self.graph, self.state, self.hidden, i32(codes), jnp.asarray(valid, bool), self.mtp_caches, jnp.int32(start_pos),
             i32(pending), self.main_cache, jnp.int32(pos))
         return np.asarray(d), np.asarray(ids), np.asarray(finite)
 
