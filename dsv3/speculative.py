@@ -168,6 +168,12 @@ def cache_slots(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_posit
     return max(P + max_new_tokens, min(P + (depths + 1) * max_new_tokens, max_positions))
 
 
+def resolve_codes(codes: list[list[int]], drafts) -> list[list[int]]:
+    """A depth's feed codes [B][n] (`_Slots.window`: -i stands for the draft d_i) -> token ids, drafts[b] holding
+    row b's d_1, d_2, ..."""
+    return [[c if c >= 0 else int(drafts[b][-c - 1]) for c in row] for b, row in enumerate(codes)]
+
+
 def window_width(depths: int) -> int:
     """W = K (K + 1): the slots of the last K steps, which hold every MTP cache entry that is not final."""
     return depths * (depths + 1)
@@ -295,15 +301,14 @@ class _SpeculativeRun:
         -> (drafts d [B][K], the drafts' probabilities q [K][B,V] or None (greedy), verifier output)."""
         K = self.steps.depths
         if self.greedy:  # the drafts never leave the device: one call drafts and verifies
-            codes = [slots.window(lo, pos, k)[0] for k in range(1, K + 1)]
-            d, out, finite = self.steps.draft_verify(codes, lo, slots.window(lo, pos, 1)[2], x, pos)
+            feeds = [slots.window(lo, pos, k) for k in range(1, K + 1)]
+            d, out, finite = self.steps.draft_verify([f[0] for f in feeds], lo, feeds[0][2], x, pos)
             q = None
         else:
             d, q = [[] for _ in range(self.B)], []
             for k in range(1, K + 1):
                 codes, _, valid = slots.window(lo, pos, k)
-                tokens = [[c if c >= 0 else d[b][-c - 1] for c in row] for b, row in enumerate(codes)]
-                q_out, finite = self.steps.draft(k, tokens, lo, valid)
+                q_out, finite = self.steps.draft(k, resolve_codes(codes, d), lo, valid)
                 check_logits_finite(finite.tolist(), pos + k)
                 q.append(self.probs(q_out))
                 for b in range(self.B):

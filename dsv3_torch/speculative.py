@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dsv3.generation import check_generate_args
-from dsv3.speculative import SpeculativeStats, cache_slots, check_speculative, speculative_loop
+from dsv3.speculative import SpeculativeStats, cache_slots, check_speculative, resolve_codes, speculative_loop
 from dsv3_torch.mla import visible_mask
 from dsv3_torch.model import cached_keys
 
@@ -84,8 +84,7 @@ class SpeculativeSteps:
         [pending, d_1 .. d_K] at pos -> (drafts [B,K], verified ids [B,K+1], finite [B] of every call)."""
         d, finite = np.zeros((len(pending), 0), np.int64), np.ones(len(pending), bool)
         for k, ck in enumerate(codes, start=1):
-            tokens = [[c if c >= 0 else int(d[b, -c - 1]) for c in row] for b, row in enumerate(ck)]
-            dk, fk = self.draft(k, tokens, start_pos, valid)
+            dk, fk = self.draft(k, resolve_codes(ck, d), start_pos, valid)
             d, finite = np.concatenate([d, dk[:, None]], axis=1), finite & fk
         out, fv = self.verify([[x, *map(int, row)] for x, row in zip(pending, d)], pos)
         return d, out, finite & fv
