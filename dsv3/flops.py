@@ -208,6 +208,19 @@ def decode_flops_per_token(cfg: ModelConfig, context: int, kind: str = "latent")
     return 2.0 * pc.active_matmul_per_token + cfg.num_hidden_layers * att
 
 
+def expand_latent_keys(cfg: ModelConfig, queries: int) -> bool:
+    """Whether a cached call of ``queries`` new tokens costs fewer FLOPs on keys expanded from the latent cache
+    (``wkv_b`` on every cached key, then naive attention, as in training) than absorbed on the latents.
+
+    Per (query, key) pair absorbed attention takes ``H·(2C + R)`` multiply-adds and naive ``H·(N + R + V)``
+    (``decode_flops_per_token``); expanding a key takes ``H·C·(N + V)``. So expanding pays once
+    ``queries · (2C − N − V) > C · (N + V)``: a prefill (from 171 queries for V3's head shapes, 65 for
+    peer-small's), never a decode step.
+    """
+    C, N, V = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+    return queries * (2 * C - N - V) > C * (N + V)
+
+
 def moe_layer_flops_per_token(cfg: ModelConfig) -> dict[str, float]:
     """Forward FLOPs per token of one MoE layer, and the width of a dense SwiGLU
     MLP doing the same expert FLOPs (``(K + n_shared)·F``; the router's ``2·E·D``

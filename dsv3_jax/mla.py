@@ -5,6 +5,8 @@ Three paths share one set of weights:
 - ``__call__(..., cache=naive)``: decoding on a cache of expanded K [B,L,H,N+R] and V [B,L,H,V].
 - ``__call__(..., cache=latent)``: decoding on MLA's compressed cache, normalised c_kv [B,L,C]
   and rotated k_pe [B,L,R], with the up-projections absorbed into q and o (docs/reference.md §2.1).
+  A call of many queries (a prefill: ``dsv3.flops.expand_latent_keys``) expands the cached latents to
+  K/V and attends as in training instead, which then costs fewer FLOPs.
 
 Numerics follow Hugging Face eager attention: scores = q.k in the model dtype, then times
 cfg.softmax_scale (YaRN mscale^2 included) in the model dtype, masked, softmax in fp32, cast,
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3.config import ModelConfig
+from dsv3.flops import expand_latent_keys
 from dsv3_jax.layers import dense, linear
 from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import apply_rope
@@ -149,7 +152,11 @@ class MLA(nnx.Module):
             o = self.attend(jnp.concatenate([q_nope, q_pe], axis=-1), cache["k"], cache["v"], mask)
         else:
             cache = {"c_kv": upd(cache["c_kv"], c_kv), "k_pe": upd(cache["k_pe"], k_pe)}
-            o = self.attend_latent(q_nope, q_pe, cache["c_kv"], cache["k_pe"], mask)
+            if expand_latent_keys(self.cfg, S):  # a prefill: the cached latents expanded, as in training
+                k, v = self.expand(cache["c_kv"], cache["k_pe"])
+                o = self.attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, mask)
+            else:
+                o = self.attend_latent(q_nope, q_pe, cache["c_kv"], cache["k_pe"], mask)
         return dense(self.wo, o), cache
 
     def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> dict:

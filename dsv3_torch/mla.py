@@ -15,6 +15,10 @@ Three ways to attend, all the same function of the weights:
       q_lat = q_nope W_UK;   score = (q_lat.c_kv + q_pe.k_pe) * scale
       o     = W_UV (sum_t p_t c_kv_t)
 
+A cached call of many queries (a prefill: ``dsv3.flops.expand_latent_keys``, from 65 queries at
+peer-small's head shapes) expands the cached latents to K/V and attends as in training (torch's fused
+kernel in fp32), which then costs fewer FLOPs than absorbing; decode steps stay absorbed.
+
 Tensor layout: q/k/v are [B,H,S,*] here (the layout torch's SDPA takes), [B,S,H,*] in
 dsv3_jax. Masks are bool, True = visible (the Hugging Face attention_mask convention): [S,T]
 (causal, shared by the batch) or [B,1,S,T] (per row, ``visible_mask``: causal and padding).
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.flops import expand_latent_keys
 from dsv3_torch.layers import linear
 from dsv3_torch.norm import RMSNorm
 from dsv3_torch.rope import apply_rope
@@ -130,11 +135,12 @@ class MLA(nn.Module):
 
     def _attend_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal self-attention over the whole window (S == T) by torch's fused kernel -> o [B,S,H*V].
+        """Attention by torch's fused kernel -> o [B,S,H*V].
 
-        mask: None (causal) or [B,1,S,T] bool (True = visible, ``visible_mask``).
+        mask: None (causal over the whole window, S == T) or [S,T] / [B,1,S,T] bool (True = visible,
+        ``causal_mask`` / ``visible_mask``).
 
-        Private: a torch-only fast path of ``attend`` for the fp32 training forward.
+        Private: a torch-only fast path of ``attend`` for the fp32 training forward and prefill.
         fp32 only: the same function as attend with the explicit scale,
         rounded differently (the scale is applied inside the kernel and the
         softmax is computed blockwise), ~1e-7 relative apart. bf16 keeps the
@@ -192,25 +198,35 @@ class MLA(nn.Module):
             if start_pos != 0:
                 raise ValueError("start_pos > 0 needs a cache")
             k, v = self.expand(c_kv, k_pe)
-            q = torch.cat([q_nope, q_pe], dim=-1)
-            if q.dtype == torch.float32:
-                o = self._attend_sdpa(q, k, v, mask)
-            else:
-                o = self.attend(q, k, v, causal_mask(0, S, S, x.device) if mask is None else mask)
-            return self.wo(o)
-        if mask is None:
-            mask = causal_mask(start_pos, S, end, x.device)
+            return self.wo(self._attend_window(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, start_pos))
+        prefill = expand_latent_keys(self.cfg, S)  # as many queries as make expanded keys the cheaper path
         if "c_kv" in cache:
             cache["c_kv"][:, start_pos:end] = c_kv
             cache["k_pe"][:, start_pos:end] = k_pe
-            o = self.attend_latent(q_nope, q_pe, cache["c_kv"][:, :end], cache["k_pe"][:, :end], mask)
+            if not prefill:
+                o = self.attend_latent(q_nope, q_pe, cache["c_kv"][:, :end], cache["k_pe"][:, :end],
+                                       causal_mask(start_pos, S, end, x.device) if mask is None else mask)
+                return self.wo(o), cache
+            k_all, v_all = self.expand(cache["c_kv"][:, :end], cache["k_pe"][:, :end])
         else:
             k, v = self.expand(c_kv, k_pe)  # [B,H,S,*]
             cache["k"][:, start_pos:end] = k.transpose(1, 2)
             cache["v"][:, start_pos:end] = v.transpose(1, 2)
             k_all, v_all = cache["k"][:, :end].transpose(1, 2), cache["v"][:, :end].transpose(1, 2)
-            o = self.attend(torch.cat([q_nope, q_pe], dim=-1), k_all, v_all, mask)
-        return self.wo(o), cache
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        if prefill:
+            return self.wo(self._attend_window(q, k_all, v_all, mask, start_pos)), cache
+        return self.wo(self.attend(q, k_all, v_all, causal_mask(start_pos, S, end, x.device) if mask is None
+                                   else mask)), cache
+
+    def _attend_window(self, q, k, v, mask, start_pos: int) -> torch.Tensor:
+        """The training forward's attention of the S queries at start_pos.. on the T = start_pos + S keys
+        -> o [B,S,H*V]: fp32 by torch's fused kernel (``_attend_sdpa``), bf16 by ``attend``. mask None: causal."""
+        S, T = q.shape[2], k.shape[2]
+        if q.dtype == torch.float32:
+            return self._attend_sdpa(q, k, v, causal_mask(start_pos, S, T, q.device) if mask is None and start_pos
+                                     else mask)
+        return self.attend(q, k, v, causal_mask(start_pos, S, T, q.device) if mask is None else mask)
 
     def init_cache(self, batch: int, max_len: int, kind: str = "latent") -> dict:
         """One layer's empty cache: latent {c_kv [B,L,C], k_pe [B,L,R]} or naive {k [B,L,H,N+R], v [B,L,H,V]}."""

@@ -59,6 +59,23 @@ def test_cached_decoding_equals_full_forward(model, tokens, full_logits, kind):
     chex.assert_trees_all_close(np.concatenate(outs, 1), full_logits, rtol=0, atol=1e-5)
 
 
+def test_prefill_sized_call_attends_like_training(model):
+    """A cached call of at least 17 queries (tiny's head shapes: dsv3.flops.expand_latent_keys) attends on
+    keys expanded from the latent cache; then decode steps attend absorbed. Both give the full forward's
+    logits."""
+    from dsv3.flops import expand_latent_keys
+
+    assert expand_latent_keys(CFG, 17) and not expand_latent_keys(CFG, 16)
+    x = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 20)), jnp.int32)
+    cache = model.init_cache(2, 24)
+    first, cache = _step(model, x[:, :18], cache, jnp.int32(0))
+    outs = [np.asarray(first)]
+    for p in (18, 19):
+        lg, cache = _step(model, x[:, p:p + 1], cache, jnp.int32(p))
+        outs.append(np.asarray(lg))
+    chex.assert_trees_all_close(np.concatenate(outs, 1), np.asarray(model(x)), rtol=0, atol=1e-5)
+
+
 def test_decode_step_compiles_once(model, tokens):
     f = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))
     cache = model.init_cache(3, 16, "latent")

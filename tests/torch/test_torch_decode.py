@@ -50,6 +50,27 @@ def test_chunks_extend_a_non_empty_cache(kind):
     assert err <= TOL, f"{kind}: {err:.3g}"
 
 
+@pytest.mark.parametrize("kind", ["latent", "naive"])
+def test_prefill_sized_chunks_attend_like_training(kind):
+    """A cached call of at least 17 queries (tiny's head shapes: dsv3.flops.expand_latent_keys) attends on
+    keys expanded from the cache with the fused kernel, from position 0 (causal) and after a non-empty cache
+    (the absolute-position mask); shorter calls stay absorbed. Both give the full forward's logits."""
+    from dsv3.flops import expand_latent_keys
+
+    m = _model()
+    assert expand_latent_keys(m.cfg, 17) and not expand_latent_keys(m.cfg, 16)
+    x = torch.randint(0, m.cfg.vocab_size, (2, 41))
+    with torch.no_grad():
+        full = m(x)
+        cache = m.init_cache(2, 41, kind=kind)
+        outs, pos = [], 0
+        for n in (20, 1, 3, 17):
+            outs.append(m.forward_cached(x[:, pos:pos + n], cache, pos)[0])
+            pos += n
+    err = (torch.cat(outs, 1) - full).abs().max().item()
+    assert err <= TOL, f"{kind}: {err:.3g}"
+
+
 def test_latent_cache_holds_only_normalised_latent_and_rotated_rope_key():
     m = _model()
     cfg = m.cfg
