@@ -13,7 +13,8 @@ from dsv3 import ModelConfig, flops
 # tiny with num_hidden_layers=2: the JAX tests compile every program of a 2-layer model, not 3
 TINY2 = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
 QUICK = ["--quick", "--batch", "2", "--seq", "16", "--reps", "2", "--warmup", "0",
-         "--decode-reps", "2", "--contexts", "16,1024", "--spec-batches", "2", "--spec-new", "3"]
+         "--decode-reps", "2", "--contexts", "16,1024", "--spec-batches", "2", "--spec-new", "3",
+         "--long-prompt", "40", "--long-new", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,14 @@ def _check_speculative(res, md, framework):
     assert f"| {framework} b2 greedy |" in md
 
 
+def _check_long(res, md, framework):
+    """The long-prompt row: 3 tokens after a 40-token prompt, end to end."""
+    (r,) = _ok(res, "long", framework)
+    assert r["prompt_tokens"] == 40 and r["new_tokens"] == 3 and len(r["out_tokens"]) == 3
+    assert "### Long prompt, end to end" in md and f"| {r['name']} | 40 | 3 |" in md
+    return r
+
+
 def _ok(res, section, framework):
     rows = [r for r in res["rows"] if r["section"] == section and r["framework"] == framework]
     errors = [r["error"] for r in rows if "error" in r]
@@ -92,6 +101,8 @@ def test_bench_torch_and_hf_end_to_end(tmp_path, one_torch_thread):
     ours = [r for r in train if not r["mtp"]][0]
     assert hf[0]["loss_first"] == pytest.approx(ours["main_loss_first"], abs=1e-4)
     assert "| HF eager-attn eager-experts |" in md
+    # the long prompt: transformers' generate on the same weights gives the same greedy tokens
+    assert _check_long(res, md, "torch")["out_tokens"] == _check_long(res, md, "hf")["out_tokens"]
 
 
 @pytest.mark.slow
@@ -112,6 +123,7 @@ def test_bench_jax_end_to_end(tmp_path, tiny2_json):
     assert lat["cache_values_per_token_per_layer"] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
     nai = [r for r in dec if r["kind"] == "naive"][0]
     assert nai["cache_values_per_token_per_layer"] == cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    _check_long(res, md, "jax")
 
 
 def _row(section, name, framework, median, **kw):

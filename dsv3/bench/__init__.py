@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-SECTIONS = ("peak", "train", "compile", "hf", "prefill", "decode", "moe", "speculative")
+SECTIONS = ("peak", "train", "compile", "hf", "prefill", "decode", "moe", "speculative", "long")
 FRAMEWORKS = ("torch", "jax")
 DECODE_STEPS = 8  # one-token steps timed per decoding row (the cache holds context + these)
 
@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec-batches", default="1,8", help="batches of the speculative-decoding rows")
     parser.add_argument("--spec-new", type=int, default=None,
                         help="tokens generated per speculative-decoding row (default 64; --quick 16)")
+    parser.add_argument("--long-prompt", type=int, default=4096,
+                        help="prompt tokens of the long-prompt rows (generation end to end, batch 1, greedy; "
+                             "clipped to the model's positions)")
+    parser.add_argument("--long-new", type=int, default=64, help="tokens generated after the long prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-foreach", action="store_true",
                         help="HF rows: foreach AdamW (default: per-tensor, as dsv3_torch.train)")
@@ -213,6 +217,12 @@ def _parse(args):
         args.spec_batches = [int(b) for b in str(args.spec_batches).split(",") if b.strip()]
     except ValueError:
         raise _Usage(f"--spec-batches must be a comma list of batch sizes (got {args.spec_batches!r})") from None
+    if args.long_new < 1 or args.long_prompt < 1:
+        raise _Usage("--long-prompt and --long-new must be positive")
+    args.long_prompt = min(args.long_prompt, cfg.max_position_embeddings - args.long_new)
+    if args.long_prompt < 1:
+        raise _Usage(f"--long-new {args.long_new} leaves no room for a prompt within "
+                     f"max_position_embeddings={cfg.max_position_embeddings}")
     if args.checkpoint and args.config:
         raise _Usage("--checkpoint holds its own config: leave out --config")
     return cfg, name, frameworks
@@ -284,10 +294,10 @@ def _adapter(ctx, framework: str):
 
 
 def _run_rows(ctx, frameworks, skip) -> None:
-    """Every row: torch, then JAX, then the Hugging Face reference (training step and prefill)."""
+    """Every row: torch, then JAX, then the Hugging Face reference (training step, prefill, long prompt)."""
     from dsv3.bench import rows, rows_hf
 
-    sections = [s for s in ("train", "prefill", "decode", "moe", "speculative") if s not in skip]
+    sections = [s for s in ("train", "prefill", "decode", "moe", "speculative", "long") if s not in skip]
     for fw in (f for f in FRAMEWORKS if f in frameworks):
         ctx.log(fw)
         rows.run_rows(ctx, _adapter(ctx, fw), sections)
@@ -296,7 +306,7 @@ def _run_rows(ctx, frameworks, skip) -> None:
         if not rows_hf.available():
             ctx.log("  transformers not installed: no HF reference rows")
             return
-        rows.run_rows(ctx, _adapter(ctx, "hf"), [s for s in sections if s in ("train", "prefill")])
+        rows.run_rows(ctx, _adapter(ctx, "hf"), [s for s in sections if s in ("train", "prefill", "long")])
 
 
 def _end_peaks(ctx, peaks, frameworks, skip) -> None:
@@ -329,6 +339,7 @@ def _results(ctx, name, frameworks, env, peaks, wall_s) -> dict:
         "decode_steps": ctx.decode_steps, "reps": args.reps, "warmup": args.warmup,
         "decode_reps": args.decode_reps, "seed": args.seed, "frameworks": frameworks,
         "checkpoint": args.checkpoint, "spec_batches": args.spec_batches, "spec_new": args.spec_new,
+        "long_prompt": args.long_prompt, "long_new": args.long_new,
         "skip": sorted(args.skip), "torch_threads": _torch_threads(),
         "mtp_depths": cfg.num_nextn_predict_layers, "layers": cfg.num_hidden_layers,
         "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,

@@ -36,7 +36,7 @@ def _target(name: str, value, threshold, ok: Optional[bool], note: str = "") -> 
 def evaluate_targets(res: dict) -> list[dict]:
     """The issue's targets, reported (never asserted)."""
     return [*_train_targets(res), *_decode_targets(res), *_moe_targets(res), *_mtp_targets(res),
-            *_speculative_targets(res)]
+            *_speculative_targets(res), *_long_targets(res)]
 
 
 def _ratio_target(name: str, a: Optional[dict], b: Optional[dict], threshold: str, want: float) -> dict:
@@ -148,6 +148,14 @@ def _speculative_targets(res: dict) -> list[dict]:
 
 
 # -------------------------------------------------------------------- markdown
+def _long_targets(res: dict) -> list[dict]:
+    """Generation after a long prompt, end to end, >= 1.5x transformers (same weights, prompt and tokens)."""
+    hf = _best(_rows(res, "long", framework="hf"))
+    return [_target(f"{r['framework']} long prompt end to end >= 1.5x transformers", round(hf["median_s"] / r["median_s"], 2),
+                    ">= 1.5", hf["median_s"] / r["median_s"] >= 1.5, f"{r['name']}: {r['median_s']:.2f} s")
+            for r in _rows(res, "long") if hf and r["framework"] != "hf"]
+
+
 def _f(x, fmt="{:.1f}", none="–"):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return none
@@ -174,6 +182,7 @@ def markdown(res: dict) -> str:
                 f"prompts; {'weights of ' + m['checkpoint'] if m.get('checkpoint') else 'random weights'}; "
                 f"DeepSeek-V3 reports 85-90% acceptance, 1.8x)", SPEC_COLUMNS, _section(res, "speculative"), 1,
                 _spec_cells)
+    L += _long_table(res)
     L += _targets_table(res)
     errors = [r for r in res["rows"] if "error" in r]
     if errors:
@@ -250,6 +259,28 @@ def _spec_cells(r: dict) -> list[str]:
         return [r["name"]]
     return [r["name"], f"{r['plain_tokens_per_s']:.1f}", f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}×",
             _f(r["acceptance_rate"], "{:.1%}"), _f(r["mean_accepted_length"], "{:.2f}"), str(r["verify_calls"])]
+
+
+LONG_COLUMNS = ("| row | prompt | new tokens | seconds | IQR | first (s) | vs transformers | tokens of transformers |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|")
+
+
+def _long_table(res: dict) -> list[str]:
+    """Generation after a long prompt (batch 1, greedy, end to end): each row's time against transformers',
+    and whether it generated the same tokens."""
+    rows = _section(res, "long")
+    hf = _best(_rows(res, "long", framework="hf"))
+
+    def cells(r: dict) -> list[str]:
+        if "error" in r:
+            return [r["name"]]
+        vs = f"{hf['median_s'] / r['median_s']:.2f}×" if hf else "–"
+        same = "–" if not hf or r is hf else str(r["out_tokens"] == hf["out_tokens"])
+        return [r["name"], str(r["prompt_tokens"]), str(r["new_tokens"]), f"{r['median_s']:.2f}",
+                f"{r['iqr_rel']:.0%}", f"{r['first_s']:.2f}", vs, same]
+
+    return _table("### Long prompt, end to end (batch 1, greedy: the cached prefill, then one token a call)",
+                  LONG_COLUMNS, rows, 1, cells)
 
 
 def _timing_cells(r: dict) -> list[str]:

@@ -5,7 +5,8 @@ times one kind of work the same way for every framework; what differs per
 framework (building the model, making the batch, one step, synchronising,
 peak memory) comes from an :class:`Adapter` (``rows_torch``, ``rows_jax``,
 ``rows_hf``). Speculative decoding (plain ``generate`` against ``speculative="mtp"`` on the same
-prompts) is timed for torch and JAX. The matmul peak sweep is ``peak.measure_peak``.
+prompts) is timed for torch and JAX; generation after a long prompt for torch, JAX and transformers. The
+matmul peak sweep is ``peak.measure_peak``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Adapter:
       fields)} from the numpy arrays of :func:`moe_inputs`;
     - ``matmuls(M, K, N)``: {"nn": A[M,K] @ B[K,N], "nt": A @ W[N,K].T} as calls of no arguments, and
       ``peak_info()``, the peak sweep's record of the device;
+    - ``long_generator()``: ``f(prompt, max_new_tokens)``, greedy generation of one prompt (a list of token
+      ids) on the bench's weights without MTP, returning the new tokens;
     - ``generators()`` (torch and JAX only): (generate, speculative_generate) of the framework, bound to
       the model with its MTP depth on the bench's weights: ``f(prompts, max_new_tokens, **kw)``.
     """
@@ -83,6 +86,8 @@ def run_rows(ctx: Ctx, ad: Adapter, sections) -> None:
             ctx.guard("moe", ad.framework, ad.framework, lambda: _moe_rows(ctx, ad))
         if "speculative" in sections and ctx.has_mtp and hasattr(ad, "generators"):
             ctx.guard("speculative", ad.framework, ad.framework, lambda: _speculative_rows(ctx, ad))
+        if "long" in sections:
+            ctx.guard("long", ad.framework, ad.framework, lambda: _long_row(ctx, ad))
 
 
 # ------------------------------------------------------------ training step
@@ -249,3 +254,24 @@ def _speculative_rows(ctx: Ctx, ad: Adapter) -> None:
                         verify_calls=st.verify_calls, same_tokens_as_plain=same)
 
             ctx.guard("speculative", name, ad.framework, row, batch=B, mode=mode)
+
+
+# ------------------------------------------------------------- long prompt
+def long_prompt(ctx: Ctx) -> list[int]:
+    """The long-prompt rows' prompt: ``--long-prompt`` random tokens (seed 4), the same for every framework."""
+    return np.random.default_rng(4).integers(0, ctx.cfg.vocab_size, ctx.args.long_prompt).tolist()
+
+
+def _long_row(ctx: Ctx, ad: Adapter) -> None:
+    """Greedy generation of ``--long-new`` tokens after the long prompt, batch 1, end to end (the cached
+    prefill of the prompt, then one token a call), timed after a first (compiling) call."""
+    generate, prompt, n = ad.long_generator(), long_prompt(ctx), ctx.args.long_new
+    out = {}
+
+    def run():
+        out["tokens"] = [int(t) for t in generate(prompt, n)]
+
+    with ad.inference(), PeakMemory(ctx.device, ad.framework) as mem:
+        t = measure(run, _no_sync, warmup=0, reps=ctx.reps)
+    ctx.add("long", f"{ad.framework} prompt {len(prompt)} + {n}", ad.framework, t, tokens=n, mem=mem,
+            prompt_tokens=len(prompt), new_tokens=n, out_tokens=out["tokens"])

@@ -1,7 +1,7 @@
 """The reference rows' adapter: Hugging Face transformers' DeepseekV3ForCausalLM
 trained on the same weights and the same batch (no MTP, no router-bias update:
 HF has neither), with eager attention and each available experts backend;
-training step and prefill only.
+training step and prefill, and generation after a long prompt (eager experts).
 
 Weights travel as the project's canonical state -> ``dsv3.checkpoint.save_canonical``
 (HF names, per-expert tensors) in a temporary directory -> ``from_pretrained``.
@@ -64,6 +64,21 @@ class HFAdapter(TorchAdapter):
     def prefill_rows(self):
         for experts in EXPERT_BACKENDS:
             yield Row(f"HF eager-attn {experts}-experts", partial(self._forward, experts), {"variant": experts})
+
+    def long_generator(self):
+        """``generate`` (greedy, the KV cache of transformers) with eager attention and experts; exactly
+        ``n`` new tokens (no EOS stop)."""
+        import torch
+
+        model = self.load("eager").eval()
+
+        def generate(prompt, n):
+            x = torch.tensor([prompt], device=self.ctx.device)
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+            return out[0, len(prompt):].tolist()
+
+        return generate
 
     def _forward(self, experts: str):
         model, x = self.load(experts).eval(), self.tokens(self.ctx.inputs)

@@ -73,6 +73,12 @@ class JaxAdapter(Adapter):
         return (lambda ps, n, **kw: dsv3_jax.generate(model, ps, n, **kw),
                 lambda ps, n, **kw: speculative_generate(model, ps, n, **kw))
 
+    def long_generator(self):
+        import dsv3_jax
+
+        model = self.build(mtp=False)
+        return lambda prompt, n: dsv3_jax.generate(model, [prompt], n)[0]
+
     def decoder(self):
         import jax
         import jax.numpy as jnp

@@ -63,6 +63,12 @@ class TorchAdapter(Adapter):
         return (lambda ps, n, **kw: dsv3_torch.generate(model, ps, n, **kw),
                 lambda ps, n, **kw: speculative_generate(model, ps, n, **kw))
 
+    def long_generator(self):
+        import dsv3_torch
+
+        model = self.build(mtp=False).eval()
+        return lambda prompt, n: dsv3_torch.generate(model, [prompt], n)[0]
+
     def first_moe(self, model):
         return model.layers[self.ctx.cfg.first_k_dense_replace].ffn
 
