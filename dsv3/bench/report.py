@@ -147,7 +147,6 @@ def _speculative_targets(res: dict) -> list[dict]:
     return t
 
 
-# -------------------------------------------------------------------- markdown
 def _long_targets(res: dict) -> list[dict]:
     """Generation after a long prompt, end to end, >= 1.5x transformers (same weights, prompt and tokens)."""
     hf = _best(_rows(res, "long", framework="hf"))
@@ -156,6 +155,7 @@ def _long_targets(res: dict) -> list[dict]:
             for r in _rows(res, "long") if hf and r["framework"] != "hf"]
 
 
+# -------------------------------------------------------------------- markdown
 def _f(x, fmt="{:.1f}", none="–"):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return none
