@@ -68,9 +68,8 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: ja
     return jnp.where(temperature == 0, greedy, sampled)
 
 
-@partial(jax.jit, static_argnums=0)
-def _decode(graph, state, tokens, cache, start_pos, key, temperature, top_k, top_p, attention_mask=None):
-    """Feed tokens [B, S] at start_pos (traced) to the model nnx.merge(graph, state); sample from the last
+def _feed_and_sample(graph, state, tokens, cache, start_pos, key, temperature, top_k, top_p, attention_mask=None):
+    """Feed tokens [B, S] at start_pos to the model nnx.merge(graph, state); sample from the last
     position (settings traced: _settings).
 
     -> (next [B], finite [B]: whether each row's logits were all finite, cache)."""
@@ -78,6 +77,12 @@ def _decode(graph, state, tokens, cache, start_pos, key, temperature, top_k, top
     last = logits[:, -1]
     finite = jnp.all(jnp.isfinite(last), axis=-1)
     return _sample(last, key, temperature, top_k, top_p), finite, cache
+
+
+# the steps: start_pos traced (one program for every position)
+_decode = jax.jit(_feed_and_sample, static_argnums=0)
+# the prompt at entry 0: start_pos a Python int, so a long prompt attends in causal query blocks (dsv3_jax.mla)
+_prefill = jax.jit(_feed_and_sample, static_argnums=(0, 4))
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -115,9 +120,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
             mask = [[0] * shift + list(m) for m in (mask or [[1] * L for _ in tokens])]
             tokens = [[PAD_ID] * shift + list(t) for t in tokens]
         attention_mask = None if mask is None else jnp.asarray(mask, jnp.int32)
-        at = pos if pos == 0 else pos + shift
-        sampled, finite, kv = _decode(graph, state, jnp.asarray(tokens, jnp.int32), kv, jnp.int32(at), sub,
-                                      *sampling, attention_mask=attention_mask)
+        run, at = (_prefill, 0) if pos == 0 else (_decode, jnp.int32(pos + shift))
+        sampled, finite, kv = run(graph, state, jnp.asarray(tokens, jnp.int32), kv, at, sub, *sampling,
+                                  attention_mask=attention_mask)
         check_logits_finite(np.asarray(finite).tolist(), last)
         return np.asarray(sampled).tolist()
 

@@ -16,6 +16,12 @@ True = visible (the Hugging Face attention_mask convention, as dsv3_torch); with
 ``attend_latent`` (absorbed) return o [B,S,H*V]; ``wo`` is applied in ``__call__``. Heads are [B,S,H,*]
 here ([B,H,S,*] in dsv3_torch, the layout torch's SDPA takes).
 
+Long calls attend in query blocks: where the first query's position is a Python int (the training forward;
+a prefill at entry 0, ``dsv3_jax.generate``) and the call has at least 2 * ATTEND_BLOCK queries, each block
+of ATTEND_BLOCK queries attends to the keys up to its own last position only (the later ones are masked for
+it anyway): half the score and value FLOPs of a long causal call, and [B,H,ATTEND_BLOCK,T] scores at a time
+instead of [B,H,S,T]. Shorter calls (every training step of the default run) are one block.
+
 Shape legend: B batch, S query time, T key time (L cache length), D model width, H heads,
 Q q LoRA rank, C kv latent (kv_lora_rank), N nope head dim, R rope dim, V value head dim.
 Flax kernels are [in, out] (transposed torch weights).
@@ -32,6 +38,9 @@ from dsv3.flops import expand_latent_keys
 from dsv3_jax.layers import dense, linear
 from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import apply_rope
+
+
+ATTEND_BLOCK = 512  # queries per block of a long call (module doc)
 
 
 def causal_mask(start_pos, S: int, T: int) -> jax.Array:
@@ -113,13 +122,26 @@ class MLA(nnx.Module):
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (B, T, H, cfg.qk_rope_head_dim))
         return jnp.concatenate([k_nope, k_pe], axis=-1), v
 
-    def attend(self, q, k, v, mask):
-        """q [B,S,H,N+R], k [B,T,H,N+R], v [B,T,H,V], mask [S,T] or [B,1,S,T] (True = visible) -> o [B,S,H*V]."""
+    def attend(self, q, k, v, mask, start=None):
+        """q [B,S,H,N+R], k [B,T,H,N+R], v [B,T,H,V], mask [S,T] or [B,1,S,T] (True = visible) -> o [B,S,H*V].
+
+        start: the first query's position as a Python int, where the mask is causal from it: a long call
+        then attends in query blocks (module doc); None (a traced position), one block."""
         B, S = q.shape[:2]
+        if start is None or S < 2 * ATTEND_BLOCK:
+            return self._attend_block(q, k, v, mask).reshape(B, S, -1)
+        blocks = []
+        for a in range(0, S, ATTEND_BLOCK):
+            b = min(a + ATTEND_BLOCK, S)
+            t = min(start + b, k.shape[1])  # keys beyond the block's last position are masked for all of it
+            blocks.append(self._attend_block(q[:, a:b], k[:, :t], v[:, :t], mask[..., a:b, :t]))
+        return jnp.concatenate(blocks, axis=1).reshape(B, S, -1)
+
+    def _attend_block(self, q, k, v, mask):
+        """attend's maths on one block of queries -> o [B,S,H,V]."""
         scores = _scale(jnp.einsum("bshd,bthd->bhst", q, k), self.scale)
         p = masked_softmax(scores, mask, q.dtype)
-        o = jnp.einsum("bhst,bthv->bshv", p, v)
-        return o.reshape(B, S, -1)
+        return jnp.einsum("bhst,bthv->bshv", p, v)
 
     # --------------------------------------------------------------- forward
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, start_pos=0,
@@ -140,7 +162,7 @@ class MLA(nnx.Module):
         if cache is None:  # training / full forward: naive path, causal
             k, v = self.expand(c_kv, k_pe)
             o = self.attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v,
-                            causal_mask(0, S, S) if mask is None else mask)
+                            causal_mask(0, S, S) if mask is None else mask, start=0)
             return dense(self.wo, o)
         L = next(iter(cache.values())).shape[1]
         if mask is None:
@@ -154,7 +176,8 @@ class MLA(nnx.Module):
             cache = {"c_kv": upd(cache["c_kv"], c_kv), "k_pe": upd(cache["k_pe"], k_pe)}
             if expand_latent_keys(self.cfg, S):  # a prefill: the cached latents expanded, as in training
                 k, v = self.expand(cache["c_kv"], cache["k_pe"])
-                o = self.attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, mask)
+                o = self.attend(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, mask,
+                                start=start_pos if isinstance(start_pos, int) else None)
             else:
                 o = self.attend_latent(q_nope, q_pe, cache["c_kv"], cache["k_pe"], mask)
         return dense(self.wo, o), cache

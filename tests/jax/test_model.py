@@ -76,6 +76,31 @@ def test_prefill_sized_call_attends_like_training(model):
     chex.assert_trees_all_close(np.concatenate(outs, 1), np.asarray(model(x)), rtol=0, atol=1e-5)
 
 
+def test_long_calls_attend_in_causal_query_blocks(model, monkeypatch):
+    """With ATTEND_BLOCK = 4, a 20-token training forward and a 20-token prefill at entry 0 (a Python int)
+    attend in 5 query blocks, block j on the keys up to its last position (4 (j + 1)); both give the
+    one-block logits. A traced start position stays one block (on the whole cache)."""
+    import dsv3_jax.mla as mla
+
+    x = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 20)), jnp.int32)
+    one_block = np.asarray(model(x))  # the program of test_prefill_sized_call_attends_like_training
+    keys = []  # fresh nnx.jit functions below: traced with the patched block
+    block = mla.MLA._attend_block
+    monkeypatch.setattr(mla, "ATTEND_BLOCK", 4)
+    monkeypatch.setattr(mla.MLA, "_attend_block", lambda self, q, k, v, m: (keys.append(k.shape[1]),
+                                                                             block(self, q, k, v, m))[1])
+    blocked = np.asarray(nnx.jit(lambda m, t: m.logits(t))(model, x))
+    assert keys == [4, 8, 12, 16, 20] * CFG.num_hidden_layers
+    keys.clear()
+    prefill, _ = nnx.jit(lambda m, t, c: m.forward_cached(t, c, 0))(model, x, model.init_cache(2, 24))
+    assert keys == [4, 8, 12, 16, 20] * CFG.num_hidden_layers
+    keys.clear()
+    traced, _ = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))(model, x, model.init_cache(2, 24), jnp.int32(0))
+    assert keys == [24] * CFG.num_hidden_layers
+    for out in (blocked, prefill, traced):
+        chex.assert_trees_all_close(np.asarray(out), one_block, rtol=0, atol=1e-5)
+
+
 def test_decode_step_compiles_once(model, tokens):
     f = nnx.jit(lambda m, t, c, p: m.forward_cached(t, c, p))
     cache = model.init_cache(3, 16, "latent")
