@@ -61,10 +61,14 @@ def _draft(model, k, h_prev, tokens, valid, cache, mtp_cache, start_pos):
     return (*_out(dense(model.head, mod.norm(h_last))), h, cache, mtp_cache)
 
 
-@partial(jax.jit, static_argnums=0)
-def _main_step(graph, state, *args, **kw):
+def _main_on(graph, state, *args, **kw):
     """`_main` on the model nnx.merge(graph, state)."""
     return _main(nnx.merge(graph, state), *args, **kw)
+
+
+_main_step = jax.jit(_main_on, static_argnums=0)  # start_pos traced: one program for every verify
+# the prompt at entry 0: start_pos a Python int, so a long prompt attends in causal query blocks (dsv3_jax.mla)
+_prefill_step = jax.jit(_main_on, static_argnums=(0, 4))
 
 
 @partial(jax.jit, static_argnums=(0, 2))
@@ -118,8 +122,9 @@ class SpeculativeSteps:
 
     def _main(self, tokens: list[list[int]], start_pos: int, mask=None):
         self.model._check_tokens(np.asarray(tokens), start_pos, cache_len=self.main_cache.max_len)
-        ids, logits, finite, self.hidden, self.main_cache = _main_step(
-            self.graph, self.state, jnp.asarray(tokens, jnp.int32), self.main_cache, jnp.int32(start_pos), self.hidden,
+        step, at = (_prefill_step, 0) if start_pos == 0 else (_main_step, jnp.int32(start_pos))
+        ids, logits, finite, self.hidden, self.main_cache = step(
+            self.graph, self.state, jnp.asarray(tokens, jnp.int32), self.main_cache, at, self.hidden,
             None if mask is None else jnp.asarray(mask, bool))
         return self._fetch(ids, logits, finite)
 
