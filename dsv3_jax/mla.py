@@ -17,10 +17,11 @@ True = visible (the Hugging Face attention_mask convention, as dsv3_torch); with
 here ([B,H,S,*] in dsv3_torch, the layout torch's SDPA takes).
 
 Long calls attend in query blocks: where the first query's position is a Python int (the training forward;
-the prefill at entry 0 of ``dsv3_jax.generate`` and of speculative decoding) and the call has at least 2 * ATTEND_BLOCK queries, each block
-of ATTEND_BLOCK queries attends to the keys up to its own last position only (the later ones are masked for
-it anyway): half the score and value FLOPs of a long causal call, and [B,H,ATTEND_BLOCK,T] scores at a time
-instead of [B,H,S,T]. Shorter calls (every training step of the default run) are one block.
+the prefill at entry 0 of ``dsv3_jax.generate`` and of speculative decoding) and the call has at least
+2 * ATTEND_BLOCK queries, each block of ATTEND_BLOCK queries attends to the keys up to its own last position
+only (the later ones are masked for it anyway): half the score and value FLOPs of a long causal call, and
+[B,H,ATTEND_BLOCK,T] scores at a time instead of [B,H,S,T]. Shorter calls (every training step of the
+default run) are one block.
 
 Shape legend: B batch, S query time, T key time (L cache length), D model width, H heads,
 Q q LoRA rank, C kv latent (kv_lora_rank), N nope head dim, R rope dim, V value head dim.
