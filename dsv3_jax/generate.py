@@ -20,7 +20,6 @@ depend on the buckets: its real tokens keep their positions and the padded entri
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Optional, Sequence
 
 import jax

@@ -254,8 +254,9 @@ def _eval_step(bf16_cfg: ModelConfig | None, layout: tuple[bool, str]):
 def _split_train_step(bf16_cfg, model, optimizer, mesh=None):
     """The step of ``_train_step_fn`` under ``jax.jit`` on the split state of this model and optimizer:
     their graphs are walked once, here, not on every call as ``nnx.jit`` would (measured in one process,
-    alternating: the tiny preset's step 18.4 -> 7.6 ms; on peer-small, 834 vs 848 ms, within noise). Each call reads the arrays of the model's and optimizer's variables, runs the step and
-    writes the new arrays back into the same variables (every load in this package sets values in place, so
+    alternating: the tiny preset's step 18.4 -> 7.6 ms; on peer-small, 834 vs 848 ms, within noise). Each
+    call reads the arrays of the model's and optimizer's variables, runs the step and writes the new arrays
+    back into the same variables (every load in this package sets values in place, so
     the variables stay those of the module). On a mesh (model and optimizer already placed) the new state is
     pinned to the shardings it came in with (so GSPMD cannot drift them) and the old arrays are donated.
     Same call signature as an ``nnx.jit`` step (the model and optimizer arguments are these)."""
