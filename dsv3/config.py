@@ -495,6 +495,15 @@ PRESETS: dict[str, ModelConfig] = {
         q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         rope_scaling_type=None, max_position_embeddings=4096, num_nextn_predict_layers=1,
     ),
+    # The bench's larger work (`dsv3 bench --preset medium`): matmuls nearer a CPU's peak shapes, V3's
+    # routing shape scaled down (64 routed experts, top-6 in 8 groups of which 4 are kept), one MTP depth.
+    "medium": ModelConfig(
+        vocab_size=256, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256,
+        num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=16,
+        n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=6, n_group=8, topk_group=4,
+        q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        rope_scaling_type=None, max_position_embeddings=4096, num_nextn_predict_layers=1,
+    ),
     # The published model (docs/reference.md §1). Build only abstractly.
     "v3-671b": ModelConfig(),
 }

@@ -232,6 +232,112 @@ def moe_layer_flops_per_token(cfg: ModelConfig) -> dict[str, float]:
             "total": experts + 2.0 * cfg.n_routed_experts * D, "dense_equivalent_width": width}
 
 
+# ------------------------------------------------------------ matmul shapes
+@dataclass(frozen=True)
+class Matmul:
+    """``count`` products ``C[b, m, n] = A[b, m, k] · B[b, k, n]`` of one step (b = 1: a 2-D matmul).
+
+    ``layout`` is how the operands are stored: ``nn`` A·B; ``nt`` A·Wᵀ with W ``[n, k]`` (a Linear's
+    forward); ``tn`` Aᵀ·B with A ``[k, m]`` (a weight gradient, Xᵀ·dY). ``count`` may be fractional: causal
+    attention computes ``(T + 1) / 2T`` of each ``[T, T]`` product (the FLOP convention above), and a routed
+    expert's rows are the balanced ``N·K/E``.
+    """
+
+    b: int
+    m: int
+    k: int
+    n: int
+    layout: str
+    count: float
+    what: str
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.b * self.m * self.k * self.n * self.count
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, str]:
+        return self.b, self.m, self.k, self.n, self.layout
+
+
+def _linear(rows: int, d_in: int, d_out: int, count: float, what: str, train: bool) -> list[Matmul]:
+    """y[rows, out] = x · Wᵀ; in training also dx = dy · W and dW = dyᵀ · x."""
+    out = [Matmul(1, rows, d_in, d_out, "nt", count, what)]
+    if train:
+        out += [Matmul(1, rows, d_out, d_in, "nn", count, what + " dx"),
+                Matmul(1, d_out, rows, d_in, "tn", count, what + " dW")]
+    return out
+
+
+def _attention(cfg: ModelConfig, batch: int, seq: int, count: float, train: bool) -> list[Matmul]:
+    """Scores q·kᵀ and the weighted sum p·v per (sequence, head), causal share of the [T, T] products; in
+    training dp = do·vᵀ, dv = pᵀ·do, dq = ds·k, dk = dsᵀ·q."""
+    b, T, qk, v = batch * cfg.num_attention_heads, seq, cfg.qk_head_dim, cfg.v_head_dim
+    c = count * causal_mean_keys(seq) / seq
+    out = [Matmul(b, T, qk, T, "nt", c, "attention scores"), Matmul(b, T, T, v, "nn", c, "attention p·v")]
+    if train:
+        out += [Matmul(b, T, v, T, "nt", c, "attention dp"), Matmul(b, T, T, v, "tn", c, "attention dv"),
+                Matmul(b, T, T, qk, "nn", c, "attention dq"), Matmul(b, T, T, qk, "tn", c, "attention dk")]
+    return out
+
+
+def _mla(cfg: ModelConfig, batch: int, seq: int, count: float, train: bool) -> list[Matmul]:
+    N, D, H = batch * seq, cfg.hidden_size, cfg.num_attention_heads
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    if cfg.q_lora_rank is None:
+        out = _linear(N, D, H * cfg.qk_head_dim, count, "wq", train)
+    else:
+        out = _linear(N, D, cfg.q_lora_rank, count, "wq_a", train)
+        out += _linear(N, cfg.q_lora_rank, H * cfg.qk_head_dim, count, "wq_b", train)
+    out += _linear(N, D, C + R, count, "wkv_a", train)
+    out += _linear(N, C, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), count, "wkv_b", train)
+    out += _attention(cfg, batch, seq, count, train)
+    return out + _linear(N, H * cfg.v_head_dim, D, count, "wo", train)
+
+
+def _swiglu(rows: int, d: int, width: int, count: float, what: str, train: bool) -> list[Matmul]:
+    return (_linear(rows, d, width, 2 * count, what + " w1/w3", train)
+            + _linear(rows, width, d, count, what + " w2", train))
+
+
+def _moe(cfg: ModelConfig, tokens: int, count: float, train: bool) -> list[Matmul]:
+    """Router, the E routed experts on their balanced share of the routed rows, the shared experts."""
+    D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    routed = tokens * cfg.num_experts_per_tok  # rows over all experts
+    rows = max(1, round(routed / E))
+    out = _linear(tokens, D, E, count, "router", train)
+    out += _swiglu(rows, D, F, count * routed / rows, "routed expert", train)
+    if cfg.n_shared_experts:
+        out += _swiglu(tokens, D, cfg.n_shared_experts * F, count, "shared experts", train)
+    return out
+
+
+def step_matmuls(cfg: ModelConfig, batch: int, seq_len: int, mtp: bool = True, train: bool = True) -> list[Matmul]:
+    """Every matmul of one step over ``batch`` windows of ``seq_len`` tokens (forward, and with ``train``
+    its backward), equal shapes merged: their FLOPs sum to ``train_flops_per_step`` (or
+    ``forward_flops_per_step``). ``dsv3 bench`` times each shape alone and sums the times into the
+    step's matmul floor."""
+    N, D, V = batch * seq_len, cfg.hidden_size, cfg.vocab_size
+    L, n_dense = cfg.num_hidden_layers, cfg.first_k_dense_replace
+    out = _mla(cfg, batch, seq_len, L, train)
+    out += _swiglu(N, D, cfg.intermediate_size, n_dense, "dense MLP", train)
+    out += _moe(cfg, N, cfg.n_moe_layers, train)
+    out += _linear(N, D, V, 1, "head", train)
+    depths = cfg.num_nextn_predict_layers if mtp else 0
+    if depths:
+        out += _linear(N, 2 * D, D, depths, "MTP eh_proj", train)
+        out += _mla(cfg, batch, seq_len, depths, train) + _moe(cfg, N, depths, train)
+        out += _linear(N, D, V, depths, "head", train)
+    merged: dict[tuple, Matmul] = {}
+    for mm in out:
+        if mm.shape in merged:
+            old = merged[mm.shape]
+            what = old.what if mm.what in old.what.split(", ") else f"{old.what}, {mm.what}"
+            mm = Matmul(*mm.shape, old.count + mm.count, what)
+        merged[mm.shape] = mm
+    return list(merged.values())
+
+
 # ------------------------------------------------------------------- KV cache
 def kv_cache_values_per_token(cfg: ModelConfig) -> dict[str, int]:
     """Cached values per token over the main model's layers (see the module doc)."""

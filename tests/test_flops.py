@@ -91,6 +91,30 @@ def test_forward_flops_is_two_active_params_plus_attention(name):
     assert flops.train_flops_per_step(cfg, 8, T, mtp=False) == pytest.approx(8 * T * 3 * got)
 
 
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("mtp", [True, False])
+def test_step_matmuls_sum_to_the_step_flops(name, mtp):
+    """The bench's floor times these products: their FLOPs are the step's, forward and training."""
+    cfg = ModelConfig.preset(name)
+    for train, want in ((True, flops.train_flops_per_step), (False, flops.forward_flops_per_step)):
+        mms = flops.step_matmuls(cfg, 8, 256, mtp=mtp, train=train)
+        assert sum(m.flops for m in mms) == pytest.approx(want(cfg, 8, 256, mtp=mtp), rel=1e-12)
+        assert len({m.shape for m in mms}) == len(mms)  # equal shapes merged
+        assert {m.layout for m in mms} == ({"nn", "nt", "tn"} if train else {"nn", "nt"})
+
+
+def test_step_matmuls_of_peer_small_by_hand():
+    """peer-small, 8 x 256 tokens: each routed expert's balanced share is 2048 * 4 / 16 = 512 rows, its w1 and
+    w3 run 16 experts x 3 MoE layers x 2 times a forward; a head's scores cover the causal half of [256, 256]."""
+    cfg = ModelConfig.preset("small")
+    mms = {m.shape: m for m in flops.step_matmuls(cfg, 8, 256, mtp=False)}
+    w13 = mms[(1, 512, 256, 128, "nt")]
+    assert w13.count == 96 and w13.what == "routed expert w1/w3"
+    assert mms[(1, 128, 512, 256, "tn")].what == "routed expert w1/w3 dW"  # dW[F, D] = dyᵀ · x
+    scores = mms[(64, 256, 48, 256, "nt")]  # batch 8 x 8 heads; q·kᵀ over qk_head_dim 48
+    assert scores.count == pytest.approx(4 * 257 / 512) and scores.what == "attention scores"
+
+
 def test_forward_flops_hand_count_tiny():
     """Count every matmul of the tiny preset by hand, one token, window T."""
     c = ModelConfig.preset("tiny")

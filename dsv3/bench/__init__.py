@@ -6,7 +6,9 @@ eager attention with each experts backend), prefill forward, decoding tokens/s
 at several context lengths with the absorbed latent cache and the naive
 expanded cache, and the MoE layer alone against a dense SwiGLU of the same
 active FLOPs. Utilisation is model FLOPs (``dsv3/flops.py``) over the matmul
-peak measured in the same run, per framework and dtype.
+peak measured in the same run, per framework and dtype; each training row also
+stands against its step's matmul floor (``peak.measure_floor``: the step's own
+matmuls, each timed alone).
 
 Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``. Targets
 are reported with pass/miss, never asserted. Heavy imports (torch, jax,
@@ -20,7 +22,7 @@ import os
 import sys
 import time
 
-SECTIONS = ("peak", "train", "compile", "hf", "prefill", "decode", "moe", "speculative", "long")
+SECTIONS = ("peak", "floor", "train", "compile", "hf", "prefill", "decode", "moe", "speculative", "long")
 FRAMEWORKS = ("torch", "jax")
 DECODE_STEPS = 8  # one-token steps timed per decoding row (the cache holds context + these)
 
@@ -65,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens of the long-prompt rows (generation end to end, batch 1, greedy; "
                              "clipped to the model's positions)")
     parser.add_argument("--long-new", type=int, default=64, help="tokens generated after the long prompt")
+    parser.add_argument("--bf16-rows", action="store_true",
+                        help="with --dtype fp32: also torch eager and JAX jit training steps in bf16 (bf16 "
+                             "compute, fp32 master weights), MTP off, against their own bf16 matmul peak and floor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-foreach", action="store_true",
                         help="HF rows: foreach AdamW (default: per-tensor, as dsv3_torch.train)")
@@ -184,6 +189,8 @@ def run(args) -> int:
             f"torch threads {_torch_threads()}, load {env['loadavg_start']}")
     peaks = _peaks(ctx, frameworks, args.skip, "start") if "peak" not in args.skip else {}
     ctx.peaks = {k: v["peak_gflops"] for k, v in peaks.items()}  # Ctx.add reads GFLOP/s per framework
+    if "floor" not in args.skip and "train" not in args.skip:
+        ctx.floors = _floors(ctx, frameworks, args.skip)  # the train rows read their floor
     _run_rows(ctx, frameworks, args.skip)
     if "peak" not in args.skip and not args.quick:
         _end_peaks(ctx, peaks, frameworks, args.skip)
@@ -273,24 +280,26 @@ def _make_ctx(args, cfg):
     env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper() if args.omp_wait_policy else os.environ.get("OMP_WAIT_POLICY")
     ctx = Ctx(args=args, cfg=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
               contexts=_contexts(args, cfg, DECODE_STEPS), decode_batch=args.decode_batch or args.batch,
-              decode_steps=DECODE_STEPS, warmup=args.warmup, reps=args.reps)
+              decode_steps=DECODE_STEPS, warmup=args.warmup, reps=args.reps,
+              extra_dtypes=["bf16"] if args.bf16_rows and args.dtype != "bf16" else [])
     ctx.log = lambda s: print(s, flush=True)
     set_work(ctx, args.seed)
     return ctx, env
 
 
-def _adapter(ctx, framework: str):
+def _adapter(ctx, framework: str, dtype=None):
+    """The framework's adapter; ``dtype`` (for the peak and floor of --bf16-rows) instead of the run's."""
     if framework == "jax":
         from dsv3.bench.rows_jax import JaxAdapter
 
-        return JaxAdapter(ctx)
+        return JaxAdapter(ctx, dtype)
     if framework == "hf":
         from dsv3.bench.rows_hf import HFAdapter
 
         return HFAdapter(ctx)
     from dsv3.bench.rows_torch import TorchAdapter
 
-    return TorchAdapter(ctx)
+    return TorchAdapter(ctx, dtype)
 
 
 def _run_rows(ctx, frameworks, skip) -> None:
@@ -322,7 +331,7 @@ def _end_peaks(ctx, peaks, frameworks, skip) -> None:
         best = max(v["peak_gflops"], p["peak_gflops"])
         if best > ctx.peaks[fw]:
             for r in ctx.rows:
-                if r.get("mfu") is not None and framework_peak_key(r["framework"]) == fw:
+                if r.get("mfu") is not None and framework_peak_key(r["framework"], r.get("dtype")) == fw:
                     r["mfu"] = r["gflops"] / best
         p["peak_gflops"] = best
 
@@ -339,29 +348,57 @@ def _results(ctx, name, frameworks, env, peaks, wall_s) -> dict:
         "decode_steps": ctx.decode_steps, "reps": args.reps, "warmup": args.warmup,
         "decode_reps": args.decode_reps, "seed": args.seed, "frameworks": frameworks,
         "checkpoint": args.checkpoint, "spec_batches": args.spec_batches, "spec_new": args.spec_new,
-        "long_prompt": args.long_prompt, "long_new": args.long_new,
+        "long_prompt": args.long_prompt, "long_new": args.long_new, "extra_dtypes": ctx.extra_dtypes,
         "skip": sorted(args.skip), "torch_threads": _torch_threads(),
         "mtp_depths": cfg.num_nextn_predict_layers, "layers": cfg.num_hidden_layers,
         "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
         "env": env, "versions": _versions(), "git": _git(), "loadavg_end": loadavg(), "wall_s": wall_s,
     }
     return {"meta": meta, "flops": flops.summary(cfg, args.seq, args.batch, dtype=args.dtype),
-            "peaks": peaks, "rows": ctx.rows}
+            "peaks": peaks, "floors": ctx.floors, "rows": ctx.rows}
+
+
+def _matmul_adapters(ctx, frameworks, skip):
+    """(key, adapter) of each framework and dtype whose matmuls are measured: torch (also when only the HF
+    rows use it) and JAX in the run's dtype, and with --bf16-rows the same in bf16 ("torch bf16")."""
+    dtypes = [None] + (["bf16"] if ctx.extra_dtypes else [])
+    for fw in FRAMEWORKS:
+        if fw in frameworks or (fw == "torch" and "hf" not in skip):
+            for dt in dtypes:
+                ad = _adapter(ctx, fw, dt)
+                yield ad.peak_key, ad
 
 
 def _peaks(ctx, frameworks, skip, when: str) -> dict:
-    """The matmul peak of torch (also when only the HF rows use it) and of JAX."""
+    """The matmul peak of each framework and dtype."""
     from dsv3.bench import peak
 
     out = {}
-    for fw in FRAMEWORKS:
-        if fw in frameworks or (fw == "torch" and "hf" not in skip):
-            ctx.log(f"matmul peak sweep ({when}): {fw} {ctx.dtype}")
-            try:
-                out[fw] = peak.measure_peak(_adapter(ctx, fw), ctx.args.quick)
-                ctx.log(f"  {fw}: {out[fw]['peak_gflops']:.1f} GFLOP/s at {out[fw]['peak_shape']}")
-            except Exception as e:  # noqa: BLE001 - reported
-                ctx.log(f"  {fw} peak failed: {e}")
+    for key, ad in _matmul_adapters(ctx, frameworks, skip):
+        ctx.log(f"matmul peak sweep ({when}): {ad.peak_key.split()[0]} {ad.dtype_name}")
+        try:
+            out[key] = peak.measure_peak(ad, ctx.args.quick)
+            ctx.log(f"  {key}: {out[key]['peak_gflops']:.1f} GFLOP/s at {out[key]['peak_shape']}")
+        except Exception as e:  # noqa: BLE001 - reported
+            ctx.log(f"  {key} peak failed: {e}")
+    return out
+
+
+def _floors(ctx, frameworks, skip) -> dict:
+    """The training step's matmul floor per framework and dtype (torch's also serves the HF rows), MTP on and
+    off (the extra dtype's rows: off)."""
+    from dsv3.bench import peak
+
+    out = {}
+    for key, ad in _matmul_adapters(ctx, frameworks, skip):
+        mtps = [True, False] if ctx.has_mtp and ad.dtype_name == ctx.dtype else [False]
+        ctx.log(f"matmul floor of the training step: {ad.peak_key.split()[0]} {ad.dtype_name}")
+        try:
+            out[key] = f = peak.measure_floor(ad, ctx.cfg, ctx.batch, ctx.seq, mtps, ctx.args.quick)
+            ctx.log("  " + ", ".join(f"MTP {k} {v * 1e3:.1f} ms" for k, v in f["floor_s"].items())
+                    + f" ({len(f['matmuls'])} distinct matmuls)")
+        except Exception as e:  # noqa: BLE001 - reported
+            ctx.log(f"  {key} floor failed: {e}")
     return out
 
 

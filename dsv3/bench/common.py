@@ -32,6 +32,8 @@ class Ctx:
     tokens: Optional[np.ndarray] = None  # [B, T + 1] int32: inputs [:, :-1], labels [:, 1:]
     rows: list = field(default_factory=list)
     peaks: dict = field(default_factory=dict)  # framework -> peak GFLOP/s
+    floors: dict = field(default_factory=dict)  # framework -> peak.measure_floor's record
+    extra_dtypes: list = field(default_factory=list)  # --bf16-rows: ["bf16"], training rows in that dtype too
     log: Callable[[str], None] = print
 
     def weights(self, mtp: bool) -> dict:
@@ -75,7 +77,7 @@ class Ctx:
             if model_flops:
                 row["model_flops"] = model_flops
                 row["gflops"] = model_flops / timing.median_s / 1e9
-                peak = self.peaks.get(framework_peak_key(framework))
+                peak = self.peaks.get(framework_peak_key(framework, extra.get("dtype")))
                 row["mfu"] = row["gflops"] / peak if peak else None
         if mem is not None:
             row.update(mem.as_dict())
@@ -105,19 +107,27 @@ class Ctx:
     def train_flops(self, mtp: bool) -> float:
         return flops.train_flops_per_step(self.cfg, self.batch, self.seq, mtp=mtp and self.has_mtp)
 
+    def floor_s(self, framework: str, mtp: bool, dtype: Optional[str] = None) -> Optional[float]:
+        """The training step's matmul floor in this framework (HF: torch's) and dtype (None: the run's), or
+        None when not measured."""
+        f = self.floors.get(framework_peak_key(framework, dtype))
+        return f["floor_s"].get("on" if mtp and self.has_mtp else "off") if f else None
+
     def forward_flops(self) -> float:
         return flops.forward_flops_per_step(self.cfg, self.batch, self.seq, mtp=False)
 
 
-def framework_peak_key(framework: str) -> str:
-    return "jax" if framework == "jax" else "torch"  # HF transformers runs on torch
+def framework_peak_key(framework: str, dtype: Optional[str] = None) -> str:
+    """The key of a row's matmul peak and floor: its framework's ("hf" runs on torch), and for a row in
+    another dtype than the run's (--bf16-rows) that dtype too ("torch bf16")."""
+    return ("jax" if framework == "jax" else "torch") + (f" {dtype}" if dtype else "")
 
 
-def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = False):
+def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = False, dtype: Optional[str] = None):
     """The training engineer's step (``dsv3_<framework>.train.make_backend``, what
     ``dsv3 train`` runs), on the bench's weights and batch.
 
-    Returns (step, description); ``step()`` runs one optimizer step (forward,
+    ``dtype`` ("fp32" | "bf16"): instead of the run's. Returns (step, description); ``step()`` runs one optimizer step (forward,
     backward, clip, AdamW, router-bias update) and returns the loss as a float
     (which also synchronises); ``step.last`` holds the backend's metrics of the
     latest step (main_loss, grad_norm, ...).
@@ -131,7 +141,8 @@ def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = Fal
     tcfg = TrainConfig(framework=framework, batch_size=ctx.batch, seq_len=ctx.seq, lr=LR, beta1=BETAS[0],
                        beta2=BETAS[1], weight_decay=WEIGHT_DECAY, grad_clip=CLIP,
                        # bf16: the backends' bf16 mode, bf16 compute with fp32 master weights
-                       dtype="bfloat16" if ctx.dtype == "bf16" else "float32", progress=False, plots=False, **kw)
+                       dtype="bfloat16" if (dtype or ctx.dtype) == "bf16" else "float32", progress=False,
+                       plots=False, **kw)
     backend = make_backend(ctx.config(mtp), tcfg)
     backend.load_canonical_state(ctx.weights(mtp))
     desc = f"dsv3_{framework}.train.make_backend(...).train_step" + (" (compile=True)" if compile_ else "")

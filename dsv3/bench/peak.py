@@ -1,4 +1,5 @@
-"""The machine's matmul peak, measured per framework and dtype in the same run.
+"""The machine's matmul peak, and each training step's matmul floor, measured per framework and dtype in
+the same run.
 
 The peak is the best throughput over a sweep of square and rectangular shapes,
 each in both operand layouts the models use (A @ B and the Linear layout A @ W.T),
@@ -6,10 +7,20 @@ small cache-resident ones included (on a CPU a large square product is often
 memory-bound and is *not* the peak). Each shape is timed like every other row
 (first call apart, warm-up, median of several repetitions); the peak is the
 best median throughput.
+
+The floor of a training step is the time of its matmuls alone: every distinct
+product of the step (``dsv3.flops.step_matmuls``: shape, batch and operand
+layout) timed the same way on its own, times how often the step computes it,
+summed. A step can only come near it by doing nothing but those matmuls, each at
+the speed it reaches alone; a model whose matmuls are all smaller than the
+peak's shapes has a floor well above FLOPs / peak. The time of a 1×1×1 product
+(the framework's cost of one call) is taken off each product's time: a compiled
+step does not pay it per product.
 """
 
 from __future__ import annotations
 
+from dsv3 import flops
 from dsv3.bench.timing import call_s, measure
 
 # (M, K, N): C[M, N] = A[M, K] @ B[K, N]
@@ -35,14 +46,19 @@ def _reps_for(one_call_s: float, target_s: float, lo: int = 3, hi: int = 50) -> 
     return int(max(lo, min(hi, target_s / max(one_call_s, 1e-6))))
 
 
+def _time(fn, sync, target_s: float):
+    """One product's timing: reps sized to about target_s after a first call and one warm-up."""
+    one = (call_s(fn, sync) + call_s(fn, sync)) / 2
+    return measure(fn, sync, warmup=1, reps=_reps_for(one, target_s))
+
+
 def _sweep(make_fn, sync, shapes, target_s: float) -> dict:
     """make_fn(M, K, N) -> {layout: fn}: each shape in each operand layout the models use
     ("nn": A @ B; "nt": A @ W.T, the nn.Linear / F.linear layout)."""
     rows = []
     for (M, K, N) in shapes:
         for layout, fn in make_fn(M, K, N).items():
-            one = (call_s(fn, sync) + call_s(fn, sync)) / 2
-            t = measure(fn, sync, warmup=1, reps=_reps_for(one, target_s))
+            t = _time(fn, sync, target_s)
             gflops = 2.0 * M * K * N / t.median_s / 1e9
             rows.append({"shape": [M, K, N], "layout": layout, "median_s": t.median_s, "iqr_rel": t.iqr_rel,
                          "reps": t.reps, "gflops": gflops})
@@ -56,5 +72,31 @@ def measure_peak(ad, quick: bool) -> dict:
     ctx = ad.ctx
     with ad.scope(), ad.inference():
         out = _sweep(ad.matmuls, ad.sync, shapes_for(ctx.device, quick), 0.15 if quick else 0.4)
-    out.update(framework=ad.peak_key, dtype=ctx.dtype, **ad.peak_info())
+    out.update(framework=ad.peak_key, dtype=ad.dtype_name, **ad.peak_info())
     return out
+
+
+def measure_floor(ad, cfg, batch: int, seq: int, mtps, quick: bool) -> dict:
+    """The matmul floor of the training step with MTP on and/or off (``mtps``), for one framework's adapter:
+    {"floor_s": {"on" | "off": seconds}, "call_overhead_s": a 1×1×1 product's time, "matmuls": [each distinct
+    product: shape, layout, what, how often per step with MTP on and off, its median seconds alone and
+    GFLOP/s]}; the floor sums each product's time less the call overhead."""
+    per = {("on" if m else "off"): flops.step_matmuls(cfg, batch, seq, mtp=m) for m in mtps}
+    table: dict[tuple, dict] = {}
+    for key, mms in per.items():
+        for mm in mms:
+            e = table.setdefault(mm.shape, {"b": mm.b, "m": mm.m, "k": mm.k, "n": mm.n, "layout": mm.layout,
+                                            "what": mm.what, "count": {}})
+            e["count"][key] = mm.count
+    target_s = 0.05 if quick else 0.2
+    with ad.scope(), ad.inference():
+        # what a call costs besides its product (dispatch, synchronisation): a compiled step does not pay it
+        # per product, so each product's time alone is counted less this
+        overhead = _time(ad.matmul(1, 1, 1, 1, "nn"), ad.sync, target_s).median_s
+        for (b, M, K, N, layout), e in table.items():
+            t = _time(ad.matmul(b, M, K, N, layout), ad.sync, target_s)
+            e.update(median_s=t.median_s, iqr_rel=t.iqr_rel, reps=t.reps, gflops=2.0 * b * M * K * N / t.median_s / 1e9)
+    floor = {key: sum(e["count"].get(key, 0.0) * max(0.0, e["median_s"] - overhead) for e in table.values())
+             for key in per}
+    return {"framework": ad.peak_key, "dtype": ad.dtype_name, "floor_s": floor, "call_overhead_s": overhead,
+            "matmuls": list(table.values())}

@@ -10,7 +10,9 @@ from typing import Any, Optional
 from dsv3.bench.rows import SPEC_PROMPT
 from dsv3.fileio import atomic_write_text
 
-MAXTEXT_TOK_S = 1450.0  # MaxText on peer-small, CPU fp32, seq 256, batch 8 (the issue's figure)
+# MaxText 0.2.5 (dense dropless MoE, no MTP) on peer-small, CPU fp32, seq 256, batch 8: its training step's
+# tokens/s over transformers' eager-experts step, both measured on one machine.
+MAXTEXT_VS_HF = 0.32
 
 
 def _rows(res: dict, section: str, **match) -> list[dict]:
@@ -49,30 +51,46 @@ def _ratio_target(name: str, a: Optional[dict], b: Optional[dict], threshold: st
 
 def _train_targets(res: dict) -> list[dict]:
     m = res["meta"]
-    # our torch train step >= HF's, on the same work (MTP off: HF has no MTP)
-    t = [_ratio_target("torch train step >= HF (MTP off both)", _best(_rows(res, "train", framework="torch", mtp=False)),
-                       _best(_rows(res, "train", framework="hf")), ">= 1.0", 1.0)]
-    # JAX jit >= 0.9x the fastest torch, same work (MTP as configured)
-    mtp = m["mtp_depths"] > 0
-    jx = _best(_rows(res, "train", framework="jax", mtp=mtp))
-    t.append(_ratio_target("JAX jit >= 0.9x fastest torch", jx, _best(_rows(res, "train", framework="torch", mtp=mtp)),
-                           ">= 0.9", 0.9))
-    # JAX >= 3x MaxText's ~1,450 tok/s (only meaningful for peer-small, CPU fp32, 256 x 8); MaxText's
-    # figure is the reference's work (no MTP), so the MTP-off row when there is one
+
+    def train(dtype=None, **kw):
+        """The fastest training row matching kw, in the run's dtype unless ``dtype`` (--bf16-rows) says."""
+        return _best(_rows(res, "train", dtype=dtype, **kw))
+
+    # our fastest torch step >= 1.25x HF's fastest, on the same work (MTP off: HF has no MTP)
+    t = [_ratio_target("torch train step >= 1.25x HF (MTP off both)", train(framework="torch", mtp=False),
+                       train(framework="hf"), ">= 1.25", 1.25)]
+    # JAX jit >= the fastest torch row, same work, MTP on and off
+    for mtp in ([True, False] if m["mtp_depths"] > 0 else [False]):
+        t.append(_ratio_target(f"JAX jit >= fastest torch (MTP {'on' if mtp else 'off'})",
+                               train(framework="jax", mtp=mtp), train(framework="torch", mtp=mtp), ">= 1.0", 1.0))
+    # JAX >= 3x MaxText, MaxText's step expressed as a ratio to transformers' eager-experts step measured on
+    # one machine (only meaningful for peer-small, CPU fp32, 256 x 8; the reference's work has no MTP)
     comparable = m["is_peer_small_shape"] and m["device"] == "cpu" and m["dtype"] == "fp32" and \
         m["seq"] == 256 and m["batch"] == 8
-    jx_ref = _best(_rows(res, "train", framework="jax", mtp=False)) or jx
-    if jx_ref:
-        r = jx_ref["tokens_per_s"] / MAXTEXT_TOK_S
-        t.append(_target("JAX >= 3x MaxText (1,450 tok/s)", round(r, 2), ">= 3.0",
-                         (r >= 3.0) if comparable else None,
-                         f"{jx_ref['name']}: {jx_ref['tokens_per_s']:.0f} tok/s"
+    jx, hf = train(framework="jax", mtp=False), train(framework="hf", variant="eager")
+    if jx and hf:
+        r = jx["tokens_per_s"] / hf["tokens_per_s"] / MAXTEXT_VS_HF
+        t.append(_target(f"JAX >= 3x MaxText (MaxText = {MAXTEXT_VS_HF}x transformers' eager step)", round(r, 2),
+                         ">= 3.0", (r >= 3.0) if comparable else None,
+                         f"({jx['name']} / {hf['name']}) / {MAXTEXT_VS_HF}"
                          + ("" if comparable else "; not the peer-small CPU fp32 256x8 shape: not comparable")))
-    # fastest step >= 70% of the measured matmul peak in model FLOPs
-    fastest = _best([r for r in _rows(res, "train") if r.get("mfu") is not None], "mfu")
+    # the fastest step's model FLOPs against the measured matmul peak (the aim at the medium size)
+    fastest = _best([r for r in _rows(res, "train", dtype=None) if r.get("mfu") is not None], "mfu")
     if fastest:
-        t.append(_target("fastest train step >= 70% of matmul peak (MFU)", round(fastest["mfu"], 3), ">= 0.70",
-                         fastest["mfu"] >= 0.70, f"{fastest['name']}: {fastest['gflops']:.1f} GFLOP/s"))
+        t.append(_target("fastest train step >= 60% of matmul peak (MFU)", round(fastest["mfu"], 3), ">= 0.60",
+                         fastest["mfu"] >= 0.60, f"{fastest['name']}: {fastest['gflops']:.1f} GFLOP/s"))
+    # each framework's fastest step within 1.3x of its own matmul floor
+    for fw in ("torch", "jax"):
+        r = _best([r for r in _rows(res, "train", framework=fw, dtype=None) if r.get("vs_floor")])
+        if r:
+            t.append(_target(f"{fw}: fastest train step <= 1.3x its matmul floor", round(r["vs_floor"], 2),
+                             "<= 1.3", r["vs_floor"] <= 1.3, f"{r['name']}: floor {r['floor_s'] * 1e3:.1f} ms"))
+    # --bf16-rows: the bf16 step against the same implementation's step in the run's dtype (MTP off)
+    for fw, variant in (("torch", "eager"), ("jax", "jit")):
+        for dt in m.get("extra_dtypes") or []:
+            t.append(_ratio_target(f"{fw} {variant} {dt} step >= 1.5x its {m['dtype']} step (MTP off)",
+                                   train(framework=fw, variant=variant, mtp=False, dtype=dt),
+                                   train(framework=fw, variant=variant, mtp=False), ">= 1.5", 1.5))
     return t
 
 
@@ -125,8 +143,8 @@ def _mtp_targets(res: dict) -> list[dict]:
     t = []
     share = res["flops"]["mtp_flop_share"]
     for fw, variant in (("torch", "eager"), ("torch", "compile"), ("jax", "jit")):
-        on = _rows(res, "train", framework=fw, variant=variant, mtp=True)
-        off = _rows(res, "train", framework=fw, variant=variant, mtp=False)
+        on = _rows(res, "train", framework=fw, variant=variant, mtp=True, dtype=None)
+        off = _rows(res, "train", framework=fw, variant=variant, mtp=False, dtype=None)
         if on and off:
             r = on[0]["median_s"] / off[0]["median_s"]
             t.append(_target(f"{fw} {variant}: MTP time share <= FLOP share", round(r, 3),
@@ -172,6 +190,7 @@ def markdown(res: dict) -> str:
     L = _header(res)
     L += _table("### Training step (forward + backward + AdamW + bias update)", TRAIN_COLUMNS,
                 _section(res, "train"), 2, _train_cells(res))
+    L += _floor_table(res)
     m = res["meta"]
     L += _table(f"### Prefill forward (logits of {m['batch']} × {m['seq']} tokens)", PREFILL_COLUMNS,
                 _section(res, "prefill"), 1, _prefill_cells)
@@ -244,8 +263,8 @@ def _table(title: str, columns: tuple[str, str], rows: list[dict], lead: int, ce
     return L + [""]
 
 
-TRAIN_COLUMNS = ("| implementation | MTP | tokens/s | median ms | IQR | first call s | GFLOP/s | MFU | vs HF | "
-                 "peak RSS MB | first main loss |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+TRAIN_COLUMNS = ("| implementation | MTP | tokens/s | median ms | IQR | first call s | GFLOP/s | MFU | vs floor | "
+                 "vs HF | peak RSS MB | first main loss |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
 PREFILL_COLUMNS = ("| implementation | tokens/s | median ms | IQR | first call s | GFLOP/s | MFU |",
                    "|---|--:|--:|--:|--:|--:|--:|")
 
@@ -300,10 +319,35 @@ def _train_cells(res: dict):
         if "error" in r:
             return lead
         vs = r["tokens_per_s"] / hf["tokens_per_s"] if hf else None
-        return lead + _timing_cells(r) + [_f(vs, "{:.2f}×"), _f(r.get("peak_mb"), "{:.0f}"),
+        return lead + _timing_cells(r) + [_f(r.get("vs_floor"), "{:.2f}×"), _f(vs, "{:.2f}×"),
+                                          _f(r.get("peak_mb"), "{:.0f}"),
                                           _f(r.get("main_loss_first", r.get("loss_first")), "{:.5f}")]
 
     return cells
+
+
+def _floor_table(res: dict) -> list[str]:
+    """Each framework's matmul floor of the training step and the products that make most of it."""
+    floors = res.get("floors") or {}
+    if not floors:
+        return []
+    L = ["### Matmul floor of the training step (`dsv3.flops.step_matmuls`, each product timed alone)", "",
+         "; ".join(f"{fw}: " + ", ".join(f"MTP {k} {v * 1e3:.1f} ms" for k, v in f["floor_s"].items())
+                   + f" (less {f['call_overhead_s'] * 1e6:.0f} µs a product, a 1×1×1 call)" for fw, f in floors.items())
+         + ". Products of 2% of a floor or more (with MTP when measured), largest first:", "",
+         "| framework | products | b × M × K × N | layout | per step | ms alone | GFLOP/s | share of floor |",
+         "|---|---|--:|---|--:|--:|--:|--:|"]
+    for fw, f in floors.items():
+        key = "on" if "on" in f["floor_s"] else "off"
+        total = f["floor_s"][key]
+        mms = sorted((e for e in f["matmuls"] if key in e["count"]), key=lambda e: -e["count"][key] * e["median_s"])
+        for e in mms:
+            share = e["count"][key] * max(0.0, e["median_s"] - f["call_overhead_s"]) / total if total else 0.0
+            if share < 0.02:
+                continue
+            L.append(f"| {fw} | {e['what']} | {e['b']} × {e['m']} × {e['k']} × {e['n']} | {e['layout']} | "
+                     f"{e['count'][key]:g} | {e['median_s'] * 1e3:.3f} | {e['gflops']:.1f} | {share:.0%} |")
+    return L + [""]
 
 
 def _decode_table(res: dict) -> list[str]:

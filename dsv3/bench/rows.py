@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
 from dsv3 import flops
-from dsv3.bench.common import Ctx, framework_peak_key
+from dsv3.bench.common import Ctx, backend_train_step, framework_peak_key
 from dsv3.bench.timing import PeakMemory, measure
 
 
@@ -45,7 +46,8 @@ class Adapter:
     - ``tokens(a)``: int token ids [B, S] on the device; ``next_token(logits)``: the greedy next token [B, 1];
     - ``moe_and_dense(x, dense_w)``: {"moe" | "dense": (forward(), forward_and_backward(), extra row
       fields)} from the numpy arrays of :func:`moe_inputs`;
-    - ``matmuls(M, K, N)``: {"nn": A[M,K] @ B[K,N], "nt": A @ W[N,K].T} as calls of no arguments, and
+    - ``matmul(b, M, K, N, layout)``: one product of :func:`operand_shapes` as a call of no arguments (its
+      ``operands``: the two stored operands), and
       ``peak_info()``, the peak sweep's record of the device;
     - ``long_generator()``: ``f(prompt, max_new_tokens)``, greedy generation of one prompt (a list of token
       ids) on the bench's weights without MTP, returning the new tokens;
@@ -55,12 +57,19 @@ class Adapter:
 
     framework = ""
 
-    def __init__(self, ctx: Ctx):
+    def __init__(self, ctx: Ctx, dtype: Optional[str] = None):
         self.ctx = ctx
+        self.dtype_name = dtype or ctx.dtype  # the matmuls' dtype ("fp32" | "bf16"); None: the run's
 
     @property
     def peak_key(self) -> str:
-        return framework_peak_key(self.framework)
+        return framework_peak_key(self.framework, None if self.dtype_name == self.ctx.dtype else self.dtype_name)
+
+    def extra_dtype_train_rows(self, name: str, variant: str):
+        """--bf16-rows: the training step in each extra dtype, MTP off."""
+        for dt in self.ctx.extra_dtypes:
+            yield Row(f"{name} {dt}", partial(backend_train_step, self.ctx, self.framework, False, dtype=dt),
+                      {"variant": variant, "mtp": False, "dtype": dt})
 
     def scope(self):
         """The context every row of this framework runs in."""
@@ -69,6 +78,18 @@ class Adapter:
     def inference(self):
         """The context of forward-only timing."""
         return contextlib.nullcontext()
+
+    def matmuls(self, M: int, K: int, N: int) -> dict:
+        """The peak sweep's products: {"nn": A[M,K] @ B[K,N], "nt": A @ W[N,K].T}."""
+        return {layout: self.matmul(1, M, K, N, layout) for layout in ("nn", "nt")}
+
+
+def operand_shapes(b: int, M: int, K: int, N: int, layout: str) -> tuple[tuple, tuple]:
+    """The stored operands of C[b, M, N] (``dsv3.flops.Matmul``'s layouts): nn A[M,K]·B[K,N], nt A·W[N,K]ᵀ,
+    tn A[K,M]ᵀ·B; b = 1 is a 2-D product."""
+    a, w = {"nn": ((M, K), (K, N)), "nt": ((M, K), (N, K)), "tn": ((K, M), (K, N))}[layout]
+    lead = (b,) if b > 1 else ()
+    return lead + a, lead + w
 
 
 def run_rows(ctx: Ctx, ad: Adapter, sections) -> None:
@@ -108,9 +129,10 @@ def _train_row(ctx: Ctx, ad: Adapter, row: Row) -> None:
     with PeakMemory(ctx.device, ad.framework) as mem:
         t = measure(timed, ad.sync, warmup=warmup, reps=ctx.reps)
     mtp = row.extra["mtp"]
+    floor = ctx.floor_s(ad.framework, mtp, row.extra.get("dtype"))
     ctx.add("train", row.name, ad.framework, t, tokens=ctx.batch * ctx.seq, model_flops=ctx.train_flops(mtp),
             mem=mem, **row.extra, loss_first=first["loss"], main_loss_first=first["main"],
-            loss_after=float(step()), step_impl=impl)
+            loss_after=float(step()), step_impl=impl, floor_s=floor, vs_floor=floor and t.median_s / floor)
 
 
 # ------------------------------------------------------------------ prefill

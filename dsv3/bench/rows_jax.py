@@ -14,7 +14,7 @@ from functools import partial
 import numpy as np
 
 from dsv3.bench.common import backend_train_step
-from dsv3.bench.rows import Adapter, Row
+from dsv3.bench.rows import Adapter, Row, operand_shapes
 from dsv3.bench.timing import jax_sync
 
 
@@ -33,9 +33,9 @@ def jax_device(device: str):
 class JaxAdapter(Adapter):
     framework = "jax"
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.dtype, self.device = jax_dtype(ctx.dtype), jax_device(ctx.device)
+    def __init__(self, ctx, dtype=None):
+        super().__init__(ctx, dtype)
+        self.dtype, self.device = jax_dtype(self.dtype_name), jax_device(ctx.device)
 
     def sync(self, out) -> None:
         jax_sync(out)
@@ -101,6 +101,7 @@ class JaxAdapter(Adapter):
         for mtp in self.ctx.mtp_settings():
             yield Row("jax jit" + (" +MTP" if mtp else ""), partial(backend_train_step, self.ctx, "jax", mtp),
                       {"variant": "jit", "mtp": mtp})
+        yield from self.extra_dtype_train_rows("jax jit", "jit")
 
     def prefill_rows(self):
         def make():
@@ -146,7 +147,7 @@ class JaxAdapter(Adapter):
         return (lambda: fwd(w, x)), (lambda: grad(w, x)), extra
 
     # ------------------------------------------------------------------ peak
-    def matmuls(self, M, K, N):
+    def matmul(self, b, M, K, N, layout):
         import jax
         import jax.numpy as jnp
 
@@ -154,11 +155,16 @@ class JaxAdapter(Adapter):
             self._rng = np.random.default_rng(0)
             # fp32 on GPU/TPU: the default precision may use reduced-precision passes.
             hi = jax.lax.Precision.HIGHEST
-            self._mm = (jax.jit(lambda a, b: jnp.matmul(a, b, precision=hi)),
-                        jax.jit(lambda a, w: jnp.matmul(a, w.T, precision=hi)))
-        a, b, w = (self.array(self._rng.standard_normal(s, dtype=np.float32)) for s in ((M, K), (K, N), (N, K)))
-        mm, mm_t = self._mm
-        return {"nn": lambda: mm(a, b), "nt": lambda: mm_t(a, w)}
+            t = partial(jnp.swapaxes, axis1=-1, axis2=-2)
+            self._mm = {"nn": jax.jit(lambda x, y: jnp.matmul(x, y, precision=hi)),
+                        "nt": jax.jit(lambda x, w: jnp.matmul(x, t(w), precision=hi)),
+                        "tn": jax.jit(lambda x, y: jnp.matmul(t(x), y, precision=hi))}
+        a, w = (self.array(self._rng.standard_normal(s, dtype=np.float32))
+                for s in operand_shapes(b, M, K, N, layout))
+        mm = self._mm[layout]
+        call = lambda: mm(a, w)  # noqa: E731
+        call.operands = (a, w)
+        return call
 
     def peak_info(self):
         return {"device": str(self.device)}

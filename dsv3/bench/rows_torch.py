@@ -9,7 +9,7 @@ from functools import partial
 import numpy as np
 
 from dsv3.bench.common import backend_train_step
-from dsv3.bench.rows import Adapter, Row
+from dsv3.bench.rows import Adapter, Row, operand_shapes
 from dsv3.bench.timing import torch_sync
 
 
@@ -22,9 +22,9 @@ def torch_dtype(name: str):
 class TorchAdapter(Adapter):
     framework = "torch"
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.sync, self.dtype = torch_sync(ctx.device), torch_dtype(ctx.dtype)
+    def __init__(self, ctx, dtype=None):
+        super().__init__(ctx, dtype)
+        self.sync, self.dtype = torch_sync(ctx.device), torch_dtype(self.dtype_name)
 
     def inference(self):
         import torch
@@ -86,6 +86,7 @@ class TorchAdapter(Adapter):
                 yield Row(f"torch {variant}" + (" +MTP" if mtp else ""),
                           partial(backend_train_step, ctx, "torch", mtp, variant == "compile"),
                           {"variant": variant, "mtp": mtp}, warmup)
+        yield from self.extra_dtype_train_rows("torch eager", "eager")
 
     def prefill_rows(self):
         def make():
@@ -124,15 +125,19 @@ class TorchAdapter(Adapter):
         return (lambda: fn(x)), fwd_bwd, {}
 
     # ------------------------------------------------------------------ peak
-    def matmuls(self, M, K, N):
+    def matmul(self, b, M, K, N, layout):
         import torch
 
         if not hasattr(self, "_gen"):
             self._gen = torch.Generator(device="cpu").manual_seed(0)
-        a, b, w = (torch.randn(*s, generator=self._gen).to(self.ctx.device, self.dtype)
-                   for s in ((M, K), (K, N), (N, K)))
-        c = torch.empty(M, N, device=self.ctx.device, dtype=self.dtype)
-        return {"nn": lambda: torch.mm(a, b, out=c), "nt": lambda: torch.mm(a, w.t(), out=c)}
+        a, w = (torch.randn(*s, generator=self._gen).to(self.ctx.device, self.dtype)
+                for s in operand_shapes(b, M, K, N, layout))
+        x, y = (a.mT if layout == "tn" else a), (w.mT if layout == "nt" else w)
+        c = torch.empty(*x.shape[:-1], N, device=self.ctx.device, dtype=self.dtype)
+        mm = torch.bmm if b > 1 else torch.mm
+        call = lambda: mm(x, y, out=c)  # noqa: E731
+        call.operands = (a, w)
+        return call
 
     def peak_info(self):
         import torch
