@@ -2,7 +2,8 @@
 reference) on the same config, the same weights and the same batch.
 
 Rows: training step (torch eager, torch.compile, JAX jit; MTP on and off; HF
-eager attention with each experts backend), prefill forward, decoding tokens/s
+eager attention with each experts backend; with ``--bf16-rows`` torch eager and
+JAX jit in bf16 too), prefill forward, decoding tokens/s
 at several context lengths with the absorbed latent cache and the naive
 expanded cache, and the MoE layer alone against a dense SwiGLU of the same
 active FLOPs. Utilisation is model FLOPs (``dsv3/flops.py``) over the matmul

@@ -127,7 +127,8 @@ def backend_train_step(ctx: Ctx, framework: str, mtp: bool, compile_: bool = Fal
     """The training engineer's step (``dsv3_<framework>.train.make_backend``, what
     ``dsv3 train`` runs), on the bench's weights and batch.
 
-    ``dtype`` ("fp32" | "bf16"): instead of the run's. Returns (step, description); ``step()`` runs one optimizer step (forward,
+    ``dtype`` ("fp32" | "bf16"): the step's dtype instead of the run's (--bf16-rows).
+    Returns (step, description); ``step()`` runs one optimizer step (forward,
     backward, clip, AdamW, router-bias update) and returns the loss as a float
     (which also synchronises); ``step.last`` holds the backend's metrics of the
     latest step (main_loss, grad_norm, ...).
