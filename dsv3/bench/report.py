@@ -333,7 +333,8 @@ def _floor_table(res: dict) -> list[str]:
         return []
     L = ["### Matmul floor of the training step (`dsv3.flops.step_matmuls`, each product timed alone)", "",
          "; ".join(f"{fw}: " + ", ".join(f"MTP {k} {v * 1e3:.1f} ms" for k, v in f["floor_s"].items())
-                   + f" (less {f['call_overhead_s'] * 1e6:.0f} µs a product, a 1×1×1 call)" for fw, f in floors.items())
+                   + f" (less {f['call_overhead_s'] * 1e6:.0f} µs a product, a 1×1×1 call)"
+                   for fw, f in floors.items())
          + ". Products of 2% of a floor or more (with MTP when measured), largest first:", "",
          "| framework | products | b × M × K × N | layout | per step | ms alone | GFLOP/s | share of floor |",
          "|---|---|--:|---|--:|--:|--:|--:|"]
