@@ -79,6 +79,8 @@ def _check_floor(res, md, framework, cfg, train):
     f = res["floors"][framework]
     shapes = {m.shape for mtp in (True, False) for m in flops.step_matmuls(cfg, 2, 16, mtp=mtp)}
     assert {(e["b"], e["m"], e["k"], e["n"], e["layout"]) for e in f["matmuls"]} == shapes
+    for e in f["matmuls"]:
+        assert e["net_s"] == max(0, e["median_s"] - f["call_overhead_s"])
     for key, mtp in (("on", True), ("off", False)):
         counts = {m.shape: m.count for m in flops.step_matmuls(cfg, 2, 16, mtp=mtp)}
         want = sum(counts.get((e["b"], e["m"], e["k"], e["n"], e["layout"]), 0)

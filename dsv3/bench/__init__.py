@@ -376,7 +376,7 @@ def _peaks(ctx, frameworks, skip, when: str) -> dict:
 
     out = {}
     for key, ad in _matmul_adapters(ctx, frameworks, skip):
-        ctx.log(f"matmul peak sweep ({when}): {ad.peak_key.split()[0]} {ad.dtype_name}")
+        ctx.log(f"matmul peak sweep ({when}): {ad.framework} {ad.dtype_name}")
         try:
             out[key] = peak.measure_peak(ad, ctx.args.quick)
             ctx.log(f"  {key}: {out[key]['peak_gflops']:.1f} GFLOP/s at {out[key]['peak_shape']}")
@@ -393,7 +393,7 @@ def _floors(ctx, frameworks, skip) -> dict:
     out = {}
     for key, ad in _matmul_adapters(ctx, frameworks, skip):
         mtps = [True, False] if ctx.has_mtp and ad.dtype_name == ctx.dtype else [False]
-        ctx.log(f"matmul floor of the training step: {ad.peak_key.split()[0]} {ad.dtype_name}")
+        ctx.log(f"matmul floor of the training step: {ad.framework} {ad.dtype_name}")
         try:
             out[key] = f = peak.measure_floor(ad, ctx.cfg, ctx.batch, ctx.seq, mtps, ctx.args.quick)
             ctx.log("  " + ", ".join(f"MTP {k} {v * 1e3:.1f} ms" for k, v in f["floor_s"].items())

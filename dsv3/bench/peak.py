@@ -79,8 +79,8 @@ def measure_peak(ad, quick: bool) -> dict:
 def measure_floor(ad, cfg, batch: int, seq: int, mtps, quick: bool) -> dict:
     """The matmul floor of the training step with MTP on and/or off (``mtps``), for one framework's adapter:
     {"floor_s": {"on" | "off": seconds}, "call_overhead_s": a 1×1×1 product's time, "matmuls": [each distinct
-    product: shape, layout, what, how often per step with MTP on and off, its median seconds alone and
-    GFLOP/s]}; the floor sums each product's time less the call overhead."""
+    product: shape, layout, what, how often per step with MTP on and off, its median seconds alone, GFLOP/s,
+    and ``net_s``, that time less the call overhead]}; the floor sums each product's ``net_s``."""
     per = {("on" if m else "off"): flops.step_matmuls(cfg, batch, seq, mtp=m) for m in mtps}
     table: dict[tuple, dict] = {}
     for key, mms in per.items():
@@ -95,8 +95,8 @@ def measure_floor(ad, cfg, batch: int, seq: int, mtps, quick: bool) -> dict:
         overhead = _time(ad.matmul(1, 1, 1, 1, "nn"), ad.sync, target_s).median_s
         for (b, M, K, N, layout), e in table.items():
             t = _time(ad.matmul(b, M, K, N, layout), ad.sync, target_s)
-            e.update(median_s=t.median_s, iqr_rel=t.iqr_rel, reps=t.reps, gflops=2.0 * b * M * K * N / t.median_s / 1e9)
-    floor = {key: sum(e["count"].get(key, 0.0) * max(0.0, e["median_s"] - overhead) for e in table.values())
-             for key in per}
+            e.update(median_s=t.median_s, iqr_rel=t.iqr_rel, reps=t.reps, gflops=2.0 * b * M * K * N / t.median_s / 1e9,
+                     net_s=max(0.0, t.median_s - overhead))
+    floor = {key: sum(e["count"].get(key, 0.0) * e["net_s"] for e in table.values()) for key in per}
     return {"framework": ad.peak_key, "dtype": ad.dtype_name, "floor_s": floor, "call_overhead_s": overhead,
             "matmuls": list(table.values())}

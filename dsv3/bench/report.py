@@ -341,9 +341,9 @@ def _floor_table(res: dict) -> list[str]:
     for fw, f in floors.items():
         key = "on" if "on" in f["floor_s"] else "off"
         total = f["floor_s"][key]
-        mms = sorted((e for e in f["matmuls"] if key in e["count"]), key=lambda e: -e["count"][key] * e["median_s"])
+        mms = sorted((e for e in f["matmuls"] if key in e["count"]), key=lambda e: -e["count"][key] * e["net_s"])
         for e in mms:
-            share = e["count"][key] * max(0.0, e["median_s"] - f["call_overhead_s"]) / total if total else 0.0
+            share = e["count"][key] * e["net_s"] / total if total else 0.0
             if share < 0.02:
                 continue
             L.append(f"| {fw} | {e['what']} | {e['b']} × {e['m']} × {e['k']} × {e['n']} | {e['layout']} | "
