@@ -127,13 +127,56 @@ def _block_layout(sizes: jax.Array, M: int, bm: int):
     return bexp, jnp.arange(M) + shift[e_j]
 
 
+# Gathered expert weights the block-sparse backward holds at a time (one chunk of blocks).
+BLOCK_BACKWARD_BYTES = 64 << 20
+
+
+@jax.custom_vjp
+def _block_matmul(xb: jax.Array, w: jax.Array, bexp: jax.Array) -> jax.Array:
+    """xb [nb, bm, K] @ w[bexp] -> [nb, bm, N]: block g times its expert's weights w[bexp[g]] (w [E, K, N]).
+
+    The forward is one batched matmul on the gathered weights. The backward gathers them again, a
+    chunk of blocks at a time (``BLOCK_BACKWARD_BYTES``), in a loop: XLA:CPU drops optimisation
+    barriers, so autodiff's backward (or a plain re-gather, which CSE merges with the forward's)
+    keeps every layer's gathered [nb, K, N] copies alive from the forward to the backward: 10.5 of
+    the 12.1 GiB of temporaries of the medium preset's training step (batch 8 x 256), 3.6 GiB
+    with this backward (docs/bench/README.md, "Measured choices in the code")."""
+    return jnp.einsum("gmk,gkn->gmn", xb, w[bexp])
+
+
+def _block_matmul_fwd(xb, w, bexp):
+    return _block_matmul(xb, w, bexp), (xb, w, bexp)
+
+
+def _block_matmul_bwd(res, g):
+    xb, w, bexp = res
+    nb = bexp.shape[0]
+    c = max(1, min(nb, BLOCK_BACKWARD_BYTES // (w.shape[1] * w.shape[2] * w.dtype.itemsize)))
+    n = -(-nb // c)
+    if n * c > nb:  # whole chunks: zero blocks (expert 0) add nothing to dw; their dx is dropped
+        pad = ((0, n * c - nb), (0, 0), (0, 0))
+        xb, g, bexp = jnp.pad(xb, pad), jnp.pad(g, pad), jnp.pad(bexp, (0, n * c - nb))
+
+    def chunk(dw, i):
+        blocks = lambda a: jax.lax.dynamic_slice_in_dim(a, i * c, c)  # noqa: E731
+        be, gi = blocks(bexp), blocks(g)
+        dx = jnp.einsum("gmn,gkn->gmk", gi, w[be])
+        return dw.at[be].add(jnp.einsum("gmk,gmn->gkn", blocks(xb), gi)), dx
+
+    dw, dx = jax.lax.scan(chunk, jnp.zeros_like(w), jnp.arange(n))
+    return dx.reshape(n * c, *dx.shape[2:])[:nb], dw, None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
 def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int, rows=None):
     """Grouped SwiGLU on expert-sorted rows -> (yb [nb*bm, D] padded rows, pos [M] padded row of
     each sorted row).
 
     xs [M, D] sorted rows, or (with ``rows`` [M]) any [N, D] array gathered through rows, so the
     dispatch gather and the block gather are one. Block g holds expert bexp[g]; its weights are
-    gathered and all blocks run as one batched matmul.
+    gathered and all blocks run as one batched matmul (``_block_matmul``).
 
     The padded-row -> source-row map is built by scatters, so XLA:CPU materialises it once:
     composed index arithmetic would be fused into the [nb*bm, D] gather and recomputed for every
@@ -145,8 +188,8 @@ def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int, rows=None):
     src = jnp.zeros(P, jnp.int32).at[pos].set(jnp.arange(M, dtype=jnp.int32) if rows is None else rows)
     valid = jnp.zeros(P, bool).at[pos].set(True)                           # padding rows: zeros
     xb = jnp.where(valid[:, None], xs[src], 0).reshape(bexp.shape[0], bm, D)
-    h = silu(jnp.einsum("gmd,gdf->gmf", xb, w1[bexp])) * jnp.einsum("gmd,gdf->gmf", xb, w3[bexp])
-    yb = jnp.einsum("gmf,gfd->gmd", h, w2[bexp]).reshape(-1, D)
+    h = silu(_block_matmul(xb, w1, bexp)) * _block_matmul(xb, w3, bexp)
+    yb = _block_matmul(h, w2, bexp).reshape(-1, D)
     return yb, pos
 
 

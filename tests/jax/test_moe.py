@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import dsv3_jax.moe
 from dsv3.config import ModelConfig
 from dsv3_jax.moe import (MoE, Router, RouterBias, _blocksparse_swiglu, _ragged_swiglu, default_block_rows,
                           sort_by_expert)
@@ -61,9 +62,14 @@ def test_expert_paths_agree_with_per_token_reference(moe, skew):
         chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5, custom_message=impl)
 
 
+@pytest.mark.parametrize("chunk_blocks", [None, 3])
 @pytest.mark.parametrize("bm", [1, 16])
-def test_blocksparse_any_block_size_and_gradient(moe, bm):
-    """Every block size gives the ragged_dot result, forward and gradient (static bound never overflows)."""
+def test_blocksparse_any_block_size_and_gradient(moe, bm, chunk_blocks, monkeypatch):
+    """Every block size gives the ragged_dot result, forward and gradient (static bound never overflows),
+    with the backward in one chunk of blocks or in chunks of 3 (37 and 10 blocks: a last chunk padded)."""
+    if chunk_blocks:
+        one_block = CFG.hidden_size * CFG.moe_intermediate_size * 4
+        monkeypatch.setattr(dsv3_jax.moe, "BLOCK_BACKWARD_BYTES", chunk_blocks * one_block)
     rng = np.random.default_rng(2)
     M, D, E = 29, CFG.hidden_size, CFG.n_routed_experts
     sizes = jnp.asarray(np.bincount(rng.integers(0, E, M), minlength=E), jnp.int32)
