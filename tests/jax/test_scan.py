@@ -5,6 +5,8 @@ The 2-layer tiny model (one dense and one MoE layer, the MTP block's MoE) and th
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from flax import nnx
 
 from dsv3.config import ModelConfig
 from dsv3_jax import DeepSeekV3, generate
+from dsv3_jax.model import UNROLLED_REMAT_ON_CPU
 
 CFG = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
 pytestmark = pytest.mark.xdist_group("jax_tiny_2layer")
@@ -107,8 +110,13 @@ def test_scanned_remat_same_loss_and_gradients(unrolled, tokens, reference):
 
 
 def test_unscanned_remat_same_gradients(unrolled, tokens, reference):
-    """remat also applies to an unrolled model, one Block at a time ("full"; the scanned test takes "dots")."""
-    m = DeepSeekV3(CFG, rngs=nnx.Rngs(1), remat="full")
+    """remat also applies to an unrolled model, one Block at a time ("full"; the scanned test takes "dots");
+    on CPU the model warns that it saves no memory there."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = DeepSeekV3(CFG, rngs=nnx.Rngs(1), remat="full")
+    on_cpu = jax.default_backend() == "cpu"
+    assert [str(w.message) for w in caught if "remat" in str(w.message)] == ([UNROLLED_REMAT_ON_CPU] if on_cpu else [])
     m.load_canonical_state(unrolled.canonical_state())
     out, g = _loss_and_grads(m, tokens)
     np.testing.assert_allclose(float(out.loss), float(reference[0].loss), rtol=1e-6, atol=1e-6)
