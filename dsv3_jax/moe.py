@@ -105,9 +105,11 @@ class Router(nnx.Module):
 def default_block_rows(M: int, E: int) -> int:
     """Rows per block for the block-sparse path: a power of two in [8, 256] with E*bm <= M/4, so the
     static bound of M + E*bm computed rows stays within ~25% of the M routed rows (big blocks keep
-    the per-block weight gather small next to the block's matmul)."""
+    the per-block weight gather small next to the block's matmul), but 64 where E*64 <= M/2: XLA:CPU's
+    batched matmuls of fewer rows a block are much slower (the weight gradient's, which sums over the
+    block's rows, at 32 rows a quarter of its speed at 64; docs/bench/README.md)."""
     bm = 8
-    while bm < 256 and E * bm * 2 * 4 <= M:
+    while bm < 256 and (E * bm * 2 * 4 <= M or (bm < 64 and E * bm * 2 * 2 <= M)):
         bm *= 2
     return bm
 
@@ -127,21 +129,42 @@ def _block_layout(sizes: jax.Array, M: int, bm: int):
     return bexp, jnp.arange(M) + shift[e_j]
 
 
-# Gathered expert weights the block-sparse backward holds at a time (one chunk of blocks).
-BLOCK_BACKWARD_BYTES = 64 << 20
+# The block-sparse matmul gathers all its blocks' weights at once up to BLOCK_GATHER_BYTES, and
+# beyond that a chunk of blocks of BLOCK_CHUNK_BYTES at a time (figures: _block_matmul).
+BLOCK_GATHER_BYTES = 32 << 20
+BLOCK_CHUNK_BYTES = 4 << 20
+
+
+def _chunks(xs: tuple, bexp: jax.Array, w: jax.Array):
+    """The blocks in n equal chunks of c: (c, n, the [nb, ...] arrays of xs and bexp padded to n*c
+    blocks). Padding blocks are zero rows of expert 0."""
+    nb, block = bexp.shape[0], w.shape[1] * w.shape[2] * w.dtype.itemsize
+    n = 1 if nb * block <= BLOCK_GATHER_BYTES else -(-nb // max(1, BLOCK_CHUNK_BYTES // block))
+    c = -(-nb // n)  # n chunks of equal size: fewer than n padding blocks
+    pad = lambda a: jnp.pad(a, ((0, n * c - nb),) + ((0, 0),) * (a.ndim - 1))  # noqa: E731
+    return c, n, tuple(map(pad, xs)), pad(bexp)
 
 
 @jax.custom_vjp
 def _block_matmul(xb: jax.Array, w: jax.Array, bexp: jax.Array) -> jax.Array:
     """xb [nb, bm, K] @ w[bexp] -> [nb, bm, N]: block g times its expert's weights w[bexp[g]] (w [E, K, N]).
 
-    The forward is one batched matmul on the gathered weights. The backward gathers them again, a
-    chunk of blocks at a time (``BLOCK_BACKWARD_BYTES``), in a loop: XLA:CPU drops optimisation
-    barriers, so autodiff's backward (or a plain re-gather, which CSE merges with the forward's)
-    keeps every layer's gathered [nb, K, N] copies alive from the forward to the backward: 10.5 of
-    the 12.1 GiB of temporaries of the medium preset's training step (batch 8 x 256), 3.6 GiB
-    with this backward (docs/bench/README.md, "Measured choices in the code")."""
-    return jnp.einsum("gmk,gkn->gmn", xb, w[bexp])
+    Forward and backward run over chunks of blocks in a loop (one chunk when all the gathered
+    weights fit ``BLOCK_GATHER_BYTES``, else chunks of ``BLOCK_CHUNK_BYTES``), each chunk one batched
+    matmul on its blocks' gathered weights; the backward gathers them again. Gathering a large
+    [nb, K, N] at once is slow (the medium preset's 448 MiB per weight took longer than its matmul)
+    and, as autodiff's residual, was held from the forward to the backward for every layer (XLA:CPU
+    drops optimisation barriers, so a re-gather is merged with the forward's by CSE): 10.5 of the
+    12.1 GiB of temporaries of the medium training step. Figures: docs/bench/README.md, "Measured
+    choices in the code"."""
+    c, n, (xp,), bp = _chunks((xb,), bexp, w)
+
+    def chunk(_, i):
+        blocks = lambda a: jax.lax.dynamic_slice_in_dim(a, i * c, c)  # noqa: E731
+        return None, jnp.einsum("gmk,gkn->gmn", blocks(xp), w[blocks(bp)])
+
+    _, y = jax.lax.scan(chunk, None, jnp.arange(n))
+    return y.reshape(n * c, *y.shape[2:])[:bexp.shape[0]]
 
 
 def _block_matmul_fwd(xb, w, bexp):
@@ -150,21 +173,16 @@ def _block_matmul_fwd(xb, w, bexp):
 
 def _block_matmul_bwd(res, g):
     xb, w, bexp = res
-    nb = bexp.shape[0]
-    c = max(1, min(nb, BLOCK_BACKWARD_BYTES // (w.shape[1] * w.shape[2] * w.dtype.itemsize)))
-    n = -(-nb // c)
-    if n * c > nb:  # whole chunks: zero blocks (expert 0) add nothing to dw; their dx is dropped
-        pad = ((0, n * c - nb), (0, 0), (0, 0))
-        xb, g, bexp = jnp.pad(xb, pad), jnp.pad(g, pad), jnp.pad(bexp, (0, n * c - nb))
+    c, n, (xp, gp), bp = _chunks((xb, g), bexp, w)
 
     def chunk(dw, i):
         blocks = lambda a: jax.lax.dynamic_slice_in_dim(a, i * c, c)  # noqa: E731
-        be, gi = blocks(bexp), blocks(g)
+        be, gi = blocks(bp), blocks(gp)
         dx = jnp.einsum("gmn,gkn->gmk", gi, w[be])
-        return dw.at[be].add(jnp.einsum("gmk,gmn->gkn", blocks(xb), gi)), dx
+        return dw.at[be].add(jnp.einsum("gmk,gmn->gkn", blocks(xp), gi)), dx
 
     dw, dx = jax.lax.scan(chunk, jnp.zeros_like(w), jnp.arange(n))
-    return dx.reshape(n * c, *dx.shape[2:])[:nb], dw, None
+    return dx.reshape(n * c, *dx.shape[2:])[:bexp.shape[0]], dw, None
 
 
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)

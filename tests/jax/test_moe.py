@@ -66,10 +66,11 @@ def test_expert_paths_agree_with_per_token_reference(moe, skew):
 @pytest.mark.parametrize("bm", [1, 16])
 def test_blocksparse_any_block_size_and_gradient(moe, bm, chunk_blocks, monkeypatch):
     """Every block size gives the ragged_dot result, forward and gradient (static bound never overflows),
-    with the backward in one chunk of blocks or in chunks of 3 (37 and 10 blocks: a last chunk padded)."""
+    all blocks in one chunk or in chunks of 3 (37 and 10 blocks: a last chunk padded)."""
     if chunk_blocks:
         one_block = CFG.hidden_size * CFG.moe_intermediate_size * 4
-        monkeypatch.setattr(dsv3_jax.moe, "BLOCK_BACKWARD_BYTES", chunk_blocks * one_block)
+        monkeypatch.setattr(dsv3_jax.moe, "BLOCK_GATHER_BYTES", 0)
+        monkeypatch.setattr(dsv3_jax.moe, "BLOCK_CHUNK_BYTES", chunk_blocks * one_block)
     rng = np.random.default_rng(2)
     M, D, E = 29, CFG.hidden_size, CFG.n_routed_experts
     sizes = jnp.asarray(np.bincount(rng.integers(0, E, M), minlength=E), jnp.int32)
@@ -87,9 +88,10 @@ def test_blocksparse_any_block_size_and_gradient(moe, bm, chunk_blocks, monkeypa
 
 def test_default_block_rows_bounds_padding():
     assert default_block_rows(8, 256) == 8
-    for M, E in [(8192, 16), (65536, 256), (100, 8)]:
+    for M, E in [(8192, 16), (65536, 256), (100, 8), (12288, 64)]:
         bm = default_block_rows(M, E)
-        assert 8 <= bm <= 256 and (bm == 8 or E * bm <= M / 4)
+        assert 8 <= bm <= 256 and (bm == 8 or E * bm <= M / 4 or (bm == 64 and E * bm <= M / 2))
+    assert default_block_rows(12288, 64) == 64  # the medium preset's 2048 tokens x top-6 (M/4 alone: 32)
 
 
 def test_moe_forward_matches_reference_and_counts(moe):
