@@ -145,14 +145,30 @@ def _chunks(xs: tuple, bexp: jax.Array, w: jax.Array):
     return c, n, tuple(map(pad, xs)), pad(bexp)
 
 
+def _vma(a: jax.Array) -> frozenset:
+    """The mesh axes a varies over inside shard_map (none outside): the abstract value's
+    ``manual_axis_type.varying`` in jax 0.10 (``vma`` in earlier releases)."""
+    t = jax.typeof(a)
+    m = getattr(t, "manual_axis_type", None)
+    return frozenset(m.varying) if m is not None else frozenset(getattr(t, "vma", ()))
+
+
+def _sum_to(ct: jax.Array, like: jax.Array) -> jax.Array:
+    """A cotangent summed over the mesh axes it varies over and its primal does not (the transpose of
+    shard_map's implicit broadcast of an invariant value)."""
+    extra = tuple(sorted(_vma(ct) - _vma(like)))
+    return jax.lax.psum(ct, extra) if extra else ct
+
+
 @jax.custom_vjp
 def _block_matmul(xb: jax.Array, w: jax.Array, bexp: jax.Array) -> jax.Array:
-    """xb [nb, bm, K] @ w[bexp] -> [nb, bm, N]: block g times its expert's weights w[bexp[g]] (w [E, K, N]).
+    """xb [nb, bm, D] @ w[bexp] -> [nb, bm, F]: block g times its expert's weights w[bexp[g]] (w [E, D, F];
+    D, F stand for any in/out widths).
 
     Forward and backward run over chunks of blocks in a loop (one chunk when all the gathered
     weights fit ``BLOCK_GATHER_BYTES``, else chunks of ``BLOCK_CHUNK_BYTES``), each chunk one batched
     matmul on its blocks' gathered weights; the backward gathers them again. Gathering a large
-    [nb, K, N] at once is slow (the medium preset's 448 MiB per weight took longer than its matmul)
+    [nb, D, F] at once is slow (the medium preset's 448 MiB per weight took longer than its matmul)
     and, as autodiff's residual, was held from the forward to the backward for every layer (XLA:CPU
     drops optimisation barriers, so a re-gather is merged with the forward's by CSE): 10.5 of the
     12.1 GiB of temporaries of the medium training step. Figures: docs/bench/README.md, "Measured
@@ -161,7 +177,7 @@ def _block_matmul(xb: jax.Array, w: jax.Array, bexp: jax.Array) -> jax.Array:
 
     def chunk(_, i):
         blocks = lambda a: jax.lax.dynamic_slice_in_dim(a, i * c, c)  # noqa: E731
-        return None, jnp.einsum("gmk,gkn->gmn", blocks(xp), w[blocks(bp)])
+        return None, jnp.einsum("gmd,gdf->gmf", blocks(xp), w[blocks(bp)])
 
     _, y = jax.lax.scan(chunk, None, jnp.arange(n))
     return y.reshape(n * c, *y.shape[2:])[:bexp.shape[0]]
@@ -178,11 +194,15 @@ def _block_matmul_bwd(res, g):
     def chunk(dw, i):
         blocks = lambda a: jax.lax.dynamic_slice_in_dim(a, i * c, c)  # noqa: E731
         be, gi = blocks(bp), blocks(gp)
-        dx = jnp.einsum("gmn,gkn->gmk", gi, w[be])
-        return dw.at[be].add(jnp.einsum("gmk,gmn->gkn", blocks(xp), gi)), dx
+        dx = jnp.einsum("gmf,gdf->gmd", gi, w[be])
+        return dw.at[be].add(jnp.einsum("gmd,gmf->gdf", blocks(xp), gi)), dx
 
-    dw, dx = jax.lax.scan(chunk, jnp.zeros_like(w), jnp.arange(n))
-    return dx.reshape(n * c, *dx.shape[2:])[:bexp.shape[0]], dw, None
+    dw0 = jnp.zeros_like(w)
+    varying = tuple(sorted((_vma(xp) | _vma(gp) | _vma(bp)) - _vma(w)))  # under shard_map: the carry type
+    if varying:
+        dw0 = jax.lax.pcast(dw0, varying, to="varying")
+    dw, dx = jax.lax.scan(chunk, dw0, jnp.arange(n))
+    return _sum_to(dx.reshape(n * c, *dx.shape[2:])[:bexp.shape[0]], xb), _sum_to(dw, w), None
 
 
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
