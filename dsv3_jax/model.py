@@ -58,8 +58,8 @@ REMAT_POLICIES = {
 }
 # XLA:CPU removes optimisation barriers before its last common-subexpression elimination, so the
 # recomputation jax.checkpoint adds to an unrolled layer merges back into the forward (measured with
-# `.compile().memory_analysis()`, medium preset, batch 8 x 256: temporaries 3.59 GiB with remat "none",
-# 4.65 GiB "full"; scanned, whose backward is another loop body, 2.63 and 1.00 GiB).
+# `.compile().memory_analysis()`, medium preset, batch 8 x 256: temporaries 2.49 GiB with remat "none",
+# 2.48 GiB "full"; scanned, whose backward is another loop body, 2.56 and 0.99 GiB).
 UNROLLED_REMAT_ON_CPU = ("remat on an unrolled model saves no memory on XLA:CPU (it merges the recomputation "
                          "back into the forward); use scan_layers=True (dsv3 train --scan-layers) with remat")
 # One layer's cache entries and their rank unstacked (a stacked cache has one more leading axis).
