@@ -206,9 +206,10 @@ class Experts(nn.Module):
         split/unbind rather than slicing and indexing: their backward is one
         cat/stack, where E slices would each allocate a full-size zero gradient.
         """
+        compiling = torch.compiler.is_compiling()
         outs = [_swiglu(x, w1, w2, w3)
                 for x, w1, w2, w3, n in zip(x_sorted.split(group_sizes), self.w1.unbind(0), self.w2.unbind(0),
-                                            self.w3.unbind(0), group_sizes) if n]
+                                            self.w3.unbind(0), group_sizes) if compiling or n]
         if not outs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -217,6 +218,18 @@ class Experts(nn.Module):
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """One expert on its rows x [n, D] -> [n, D]."""
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def group_sizes(counts: torch.Tensor, rows: int) -> list[int]:
+    """counts [E] (summing to rows) -> the host ints split() takes.
+
+    Under torch.compile (with ``capture_scalar_outputs``) each count is a data-dependent symbol;
+    the last is written as rows minus the others, so that the split rows' total is the static
+    ``rows`` and the code after the experts needs no guard on data."""
+    sizes = counts.tolist()
+    if torch.compiler.is_compiling() and sizes:
+        sizes[-1] = rows - sum(sizes[:-1])
+    return sizes
 
 
 class LocalDispatcher:
@@ -238,7 +251,7 @@ class LocalDispatcher:
     def dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, list[int], Dispatch]:
         d = sort_by_expert(routing.indices, self.n_experts, x.dtype)
         xs = _GatherTokens.apply(x, d.tokens, d.inverse, self.top_k)  # [M, D] expert-sorted
-        return xs, d.counts.tolist(), d
+        return xs, group_sizes(d.counts, xs.shape[0]), d
 
     def compute(self, experts: "Experts", x_sorted: torch.Tensor, group_sizes) -> torch.Tensor:
         """The experts on the dispatched rows (here: all experts, all rows; an expert-parallel

@@ -31,6 +31,23 @@ from dsv3_torch.layers import from_numpy, to_numpy
 from dsv3_torch.model import DeepSeekV3
 
 
+def compile_loss(fn):
+    """torch.compile of the loss as one graph, forward and backward.
+
+    Each MoE layer reads its per-expert row counts to the host (``split`` takes ints). Without
+    ``capture_scalar_outputs`` that read ends the graph, and the MTP loop around it leaves the
+    whole loss to eager apart from the pieces between the reads; the counts then recompile their
+    graphs until automatic dynamic shapes take over. With it the counts are data-dependent symbols
+    in the graph (``dsv3_torch.moe.group_sizes``): one graph, compiled once."""
+    compiled = torch.compile(fn)
+
+    def loss_fn(*args, **kwargs):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return compiled(*args, **kwargs)
+
+    return loss_fn
+
+
 class TorchBackend:
     def __init__(self, cfg: ModelConfig, tcfg: TrainConfig, model: DeepSeekV3 | None = None):
         self.model_cfg, self.tcfg = cfg, tcfg
@@ -49,9 +66,7 @@ class TorchBackend:
                                            foreach=False)
         self.loss_fn = model.compute_loss
         if tcfg.compile:
-            # Automatic dynamic shapes: each MoE layer's per-expert row counts change every step;
-            # dynamic=False guarded on them and recompiled every step until the recompile limit.
-            self.loss_fn = torch.compile(model.compute_loss)
+            self.loss_fn = compile_loss(model.compute_loss)
 
     def _autocast(self):
         if self.tcfg.dtype == "bfloat16":

@@ -24,6 +24,13 @@ ONLY_IN = {
         "silu": "SiLU in fp32 rounded once, as torch's bf16 F.silu kernel does",
         "default_block_rows": "block size of the JAX block-sparse expert matmul (torch loops over experts)",
     },
+    ("moe", "torch"): {
+        "group_sizes": "split() takes host ints; under torch.compile they are data-dependent symbols "
+                       "(JAX: the counts stay an array for the block-sparse matmul)",
+    },
+    ("train", "torch"): {
+        "compile_loss": "torch.compile of the loss with the row counts captured as symbols (JAX: nnx.jit)",
+    },
     ("train", "jax"): {
         "scale_by_lr_arg": "optax transform taking the learning rate per step (torch: param_groups lr)",
         "decay_mask": "optax weight-decay mask (torch: two AdamW param groups)",

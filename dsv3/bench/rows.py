@@ -25,12 +25,11 @@ from dsv3.bench.timing import PeakMemory, measure
 
 class Row(NamedTuple):
     """One training-step or prefill row: ``make()`` builds what is timed (on the bench's
-    weights and batch), ``extra`` goes into the row, ``warmup`` overrides ``ctx.warmup``."""
+    weights and batch), ``extra`` goes into the row."""
 
     name: str
     make: Callable[[], Any]
     extra: dict
-    warmup: Optional[int] = None
 
 
 class Adapter:
@@ -125,9 +124,8 @@ def _train_row(ctx: Ctx, ad: Adapter, row: Row) -> None:
             first["main"] = float(last["main_loss"]) if "main_loss" in last else first["loss"]
         return loss
 
-    warmup = ctx.warmup if row.warmup is None else row.warmup
     with PeakMemory(ctx.device, ad.framework) as mem:
-        t = measure(timed, ad.sync, warmup=warmup, reps=ctx.reps)
+        t = measure(timed, ad.sync, warmup=ctx.warmup, reps=ctx.reps)
     mtp = row.extra["mtp"]
     floor = ctx.floor_s(ad.framework, mtp, row.extra.get("dtype"))
     ctx.add("train", row.name, ad.framework, t, tokens=ctx.batch * ctx.seq, model_flops=ctx.train_flops(mtp),

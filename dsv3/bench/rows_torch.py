@@ -80,12 +80,9 @@ class TorchAdapter(Adapter):
             for mtp in ctx.mtp_settings():
                 if variant == "compile" and ctx.args.quick and not mtp and ctx.has_mtp:
                     continue  # --quick: compile once (MTP on)
-                # torch.compile: automatic dynamic shapes recompile twice after the first call; keep
-                # those recompiles out of the steady state (they are in first_s / warmup_s).
-                warmup = max(ctx.warmup, 3) if variant == "compile" else None
                 yield Row(f"torch {variant}" + (" +MTP" if mtp else ""),
                           partial(backend_train_step, ctx, "torch", mtp, variant == "compile"),
-                          {"variant": variant, "mtp": mtp}, warmup)
+                          {"variant": variant, "mtp": mtp})
         yield from self.extra_dtype_train_rows("torch eager", "eager")
 
     def prefill_rows(self):
