@@ -16,6 +16,12 @@ def linear(d_in: int, d_out: int, dtype: torch.dtype = torch.float32, device=Non
     return nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=device)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x computes in: autocast's where autocast is on for x's device, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A copy as numpy; bf16 becomes ml_dtypes.bfloat16 (same bits)."""
     t = t.detach().cpu()

@@ -39,7 +39,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.flops import expand_latent_keys
-from dsv3_torch.layers import linear
+from dsv3_torch.layers import compute_dtype, linear
 from dsv3_torch.norm import RMSNorm
 from dsv3_torch.rope import apply_rope
 
@@ -221,9 +221,11 @@ class MLA(nn.Module):
 
     def _attend_window(self, q, k, v, mask, start_pos: int) -> torch.Tensor:
         """The training forward's attention of the S queries at start_pos.. on the T = start_pos + S keys
-        -> o [B,S,H*V]: fp32 by torch's fused kernel (``_attend_sdpa``), bf16 by ``attend``. mask None: causal."""
+        -> o [B,S,H*V]: fp32 by torch's fused kernel (``_attend_sdpa``), bf16 by ``attend``, also under bf16
+        autocast, where the CPU fused kernel is slower than the explicit bf16 matmuls (docs/bench/README.md,
+        "bf16"). mask None: causal."""
         S, T = q.shape[2], k.shape[2]
-        if q.dtype == torch.float32:
+        if compute_dtype(q) == torch.float32:
             return self._attend_sdpa(q, k, v, causal_mask(start_pos, S, T, q.device) if mask is None and start_pos
                                      else mask)
         return self.attend(q, k, v, causal_mask(start_pos, S, T, q.device) if mask is None else mask)

@@ -37,7 +37,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.types import Routing
-from dsv3_torch.layers import linear
+from dsv3_torch.layers import compute_dtype, linear
 
 COMBINES = ("grouped", "eager")
 
@@ -207,17 +207,38 @@ class Experts(nn.Module):
         cat/stack, where E slices would each allocate a full-size zero gradient.
         """
         compiling = torch.compiler.is_compiling()
-        outs = [_swiglu(x, w1, w2, w3)
-                for x, w1, w2, w3, n in zip(x_sorted.split(group_sizes), self.w1.unbind(0), self.w2.unbind(0),
-                                            self.w3.unbind(0), group_sizes) if compiling or n]
+        dtype = compute_dtype(x_sorted)
+        # Under autocast each stacked weight is cast once, not once per expert slice (a slice is no
+        # leaf, so autocast's cast cache would not hold it) with a cast-back per slice in backward.
+        w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        pad = LOW_PRECISION_ROW_MULTIPLE if (not compiling and x_sorted.device.type == "cpu"
+                                             and dtype in (torch.bfloat16, torch.float16)) else 1
+        outs = [_swiglu(x, w1_, w2_, w3_, pad)
+                for x, w1_, w2_, w3_, n in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0),
+                                               w3.unbind(0), group_sizes) if compiling or n]
         if not outs:
             return x_sorted.new_zeros(x_sorted.shape)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """One expert on its rows x [n, D] -> [n, D]."""
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+# Rows of an expert are padded to a multiple of this where its matmuls run in bf16/fp16 on the CPU.
+# Those go to oneDNN, which builds (JIT-compiles) a kernel per new shape: about 1 ms, 8x a
+# 323 x 256 x 128 product itself. Routing gives every expert a new row count each step, so unpadded
+# nearly every per-expert product paid it (docs/bench/README.md, "bf16"). fp32 goes to MKL: no padding.
+LOW_PRECISION_ROW_MULTIPLE = 32
+
+
+def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """One expert on its rows x [n, D] -> [n, D]; more than ``multiple`` rows are computed zero-padded
+    to a multiple of it (fewer: as they are, at most ``multiple`` shapes).
+
+    The pad rows' outputs are cut off, so their output gradients are zero and they add nothing to the
+    weight gradients; the real rows' products are those of the unpadded call."""
+    n = x.shape[0]
+    pad = -n % multiple if multiple > 1 and n > multiple else 0  # multiple 1 (compiling): n is no host int
+    if not pad:
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    return _swiglu(F.pad(x, (0, 0, 0, pad)), w1, w2, w3)[:n]
 
 
 def group_sizes(counts: torch.Tensor, rows: int) -> list[int]:

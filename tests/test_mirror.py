@@ -24,6 +24,9 @@ ONLY_IN = {
         "silu": "SiLU in fp32 rounded once, as torch's bf16 F.silu kernel does",
         "default_block_rows": "block size of the JAX block-sparse expert matmul (torch loops over experts)",
     },
+    ("layers", "torch"): {
+        "compute_dtype": "the dtype torch.autocast computes a matmul in (JAX: dtypes are explicit)",
+    },
     ("moe", "torch"): {
         "group_sizes": "split() takes host ints; under torch.compile they are data-dependent symbols "
                        "(JAX: the counts stay an array for the block-sparse matmul)",

@@ -58,11 +58,12 @@ def _backend_step(args):
     from dsv3.bench.common import Ctx, backend_train_step
 
     cfg, name = _config(args)
-    ctx = Ctx(args=args, cfg=cfg, device="cpu", dtype="fp32", batch=args.batch, seq=args.seq, contexts=[],
+    ctx = Ctx(args=args, cfg=cfg, device="cpu", dtype=args.dtype, batch=args.batch, seq=args.seq, contexts=[],
               decode_batch=args.batch, decode_steps=0, warmup=0, reps=0)
     set_work(ctx, seed=0)  # dsv3 bench's default --seed: the same weights and batch
     step, desc = backend_train_step(ctx, args.framework, mtp=args.mtp)
-    return step, f"{name}, batch {args.batch} x seq {args.seq}, MTP {'on' if args.mtp else 'off'}: {desc}"
+    return step, (f"{name}, {args.dtype}, batch {args.batch} x seq {args.seq}, MTP {'on' if args.mtp else 'off'}: "
+                  f"{desc}")
 
 
 def profile_torch(step, steps: int, rows: int) -> str:
@@ -151,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--mtp", action="store_true", help="profile with MTP on (default off, like the HF reference)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="the step's compute dtype (bf16: the backends' bf16 mode, fp32 master weights)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 warm-up steps)")
     p.add_argument("--rows", type=int, default=20)
     args = p.parse_args(argv)

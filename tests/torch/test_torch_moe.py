@@ -70,6 +70,50 @@ def test_experts_run_only_on_their_own_tokens():
     assert torch.isfinite(y[~chose]).all()
 
 
+@pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
+                         ids=["bf16-weights", "bf16-autocast", "fp32"])
+def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights, autocast):
+    """In bf16 on the CPU an expert's rows beyond LOW_PRECISION_ROW_MULTIPLE are computed zero-padded to
+    a multiple of it (a bounded set of matmul shapes; fp32 is not padded); its outputs and all gradients
+    equal the unpadded computation's, expert by expert, bit for bit (the pad rows' outputs are cut off,
+    so their zero output gradients add nothing to the weight gradients)."""
+    from dsv3_torch import moe as moe_mod
+
+    m = moe_mod.LOW_PRECISION_ROW_MULTIPLE
+    sizes = [m + 5, 3, 0, 2 * m, 3 * m - 1, m, 1, m + 1]
+    low = weights == torch.bfloat16 or autocast
+    ex = moe_mod.Experts(CFG.replace(n_routed_experts=len(sizes)), dtype=weights)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(sum(sizes), CFG.hidden_size, dtype=ex.w1.dtype, requires_grad=True)
+    dy = torch.randn(sum(sizes), CFG.hidden_size)
+
+    rows = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda a, w, b=None: rows.append(a.shape[0]) or linear(a, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = ex(x, sizes)
+    monkeypatch.setattr(F, "linear", linear)
+    (y.float() * dy).sum().backward()
+    got = [y.detach(), x.grad] + [p.grad for p in ex.parameters()]
+    # bf16: m + 1, m + 5 -> 2m; 3m - 1 -> 3m; up to m rows as they are
+    assert sorted(set(rows)) == ([1, 3, m, 2 * m, 3 * m] if low else sorted(set(sizes) - {0}))
+
+    x.grad = None
+    ex.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        w1, w2, w3 = (w.to(torch.bfloat16 if low else weights) for w in (ex.w1, ex.w2, ex.w3))
+        ref = torch.cat([moe_mod._swiglu(xe, a, b, c) for xe, a, b, c, n in
+                         zip(x.split(sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0), sizes) if n])
+    (ref.float() * dy).sum().backward()
+    want = [ref.detach(), x.grad] + [p.grad for p in ex.parameters()]
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_dispatch_sorts_pairs_by_expert():
     idx = torch.tensor([[0, 3], [1, 3], [0, 2]])
     d = sort_by_expert(idx, 4)
