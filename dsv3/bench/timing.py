@@ -58,11 +58,20 @@ def call_s(fn: Callable[[], Any], sync: Callable[[Any], None]) -> float:
 
 
 def measure(fn: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int = 2, reps: int = 5) -> Timing:
-    """Time ``fn`` (see module doc)."""
-    gc.collect()
-    first = call_s(fn, sync)
-    warm = [call_s(fn, sync) for _ in range(warmup)]
-    times = [call_s(fn, sync) for _ in range(reps)]
+    """Time ``fn`` (see module doc) with Python's cyclic garbage collector off, as ``timeit`` does: no
+    collection pause lands inside a timed call. (A full ``gc.collect()`` before each measurement did the
+    same job at 0.3 s or more a call once torch, JAX and transformers are loaded, more as the heap grows:
+    the tiny torch bench of tests/test_bench.py took 22.4 s of CPU with it and 7.8 s without, in one
+    process holding those three libraries.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        first = call_s(fn, sync)
+        warm = [call_s(fn, sync) for _ in range(warmup)]
+        times = [call_s(fn, sync) for _ in range(reps)]
+    finally:
+        if enabled:
+            gc.enable()
     return Timing(first_s=first, median_s=statistics.median(times), p25_s=quantile(times, 0.25),
                   p75_s=quantile(times, 0.75), min_s=min(times), max_s=max(times), reps=len(times),
                   times_s=times, warmup_s=warm)
