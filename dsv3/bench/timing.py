@@ -58,16 +58,18 @@ def call_s(fn: Callable[[], Any], sync: Callable[[Any], None]) -> float:
 
 
 def measure(fn: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int = 2, reps: int = 5) -> Timing:
-    """Time ``fn`` (see module doc) with Python's cyclic garbage collector off, as ``timeit`` does: no
-    collection pause lands inside a timed call. (A full ``gc.collect()`` before each measurement did the
-    same job at 0.3 s or more a call once torch, JAX and transformers are loaded, more as the heap grows:
-    the tiny torch bench of tests/test_bench.py took 22.4 s of CPU with it and 7.8 s without, in one
-    process holding those three libraries.)"""
+    """Time ``fn`` (see module doc). The first call and the warm-up run with the garbage collector as the
+    process has it (a first call that compiles allocates freely, and its cost is reported whole); the
+    timed repetitions run with Python's cyclic collector off, as ``timeit`` does, so no collection pause
+    lands inside one. (A full ``gc.collect()`` before each measurement did that job at 0.3 s or more a
+    call once torch, JAX and transformers are loaded, more as the heap grows: the tiny torch bench of
+    tests/test_bench.py took 22.4 s of CPU with it and 7.8 s without, in one process holding those three
+    libraries.)"""
+    first = call_s(fn, sync)
+    warm = [call_s(fn, sync) for _ in range(warmup)]
     enabled = gc.isenabled()
     gc.disable()
     try:
-        first = call_s(fn, sync)
-        warm = [call_s(fn, sync) for _ in range(warmup)]
         times = [call_s(fn, sync) for _ in range(reps)]
     finally:
         if enabled:
