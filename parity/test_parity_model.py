@@ -15,6 +15,7 @@ import dsv3_jax
 import dsv3_torch
 from dsv3.config import ModelConfig
 from dsv3.train_config import decays
+from dsv3_torch.train import adamw
 from parity_util import GRAD_TOL, TOL, assert_close, kl, make_pair, np32, record
 
 # The tiny preset cut to two layers: a dense layer, a MoE layer and the MTP depth's MoE block (every kind of
@@ -240,7 +241,7 @@ def _jax_step(m, o, grads, counts):
 
 
 def test_one_adamw_step_and_bias_update():
-    """torch.optim.AdamW vs optax.adamw (same hyper-parameters, weight decay on the same parameters by
+    """dsv3_torch.train's AdamW (torch's fused kernel) vs optax.adamw (same hyper-parameters, weight decay on the same parameters by
     dsv3.training.decays), then update_router_bias with the step's counts: same weights, same biases.
 
     Both optimizers get torch's gradients (ported by canonical name): the first Adam step is about
@@ -254,7 +255,7 @@ def test_one_adamw_step_and_bias_update():
     groups = [{"params": [p for n, p in params.items() if decays(n, p.ndim)], "weight_decay": WD},
               {"params": [p for n, p in params.items() if not decays(n, p.ndim)], "weight_decay": 0.0}]
     assert groups[0]["params"] and groups[1]["params"]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    opt = adamw(groups, lr=LR, betas=BETAS, eps=EPS)
     gt, out_t = torch_grads(tm, ids, labels)
     opt.step()
     tm.update_router_bias(out_t.counts, GAMMA)

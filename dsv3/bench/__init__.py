@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "compute, fp32 master weights), MTP off, against their own bf16 matmul peak and floor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-foreach", action="store_true",
-                        help="HF rows: foreach AdamW (default: per-tensor, as dsv3_torch.train)")
+                        help="HF rows: foreach AdamW (default: fused, as dsv3_torch.train)")
 
 
 def _config(args):

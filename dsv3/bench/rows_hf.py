@@ -86,16 +86,21 @@ class HFAdapter(TorchAdapter):
 
     def _train_step(self, experts: str):
         """HF forward, the main loss as compute_loss computes it (fp32 CE, labels already shifted),
-        clip, and the optimizer of dsv3_torch.train (decay on matrices only, per-tensor AdamW)."""
+        clip, and the optimizer of dsv3_torch.train (decay on matrices only, its fused AdamW; --hf-foreach:
+        torch's foreach AdamW)."""
         import torch
         import torch.nn.functional as F
+
+        from dsv3.train_config import TrainConfig
+        from dsv3_torch.train import adamw
 
         model = self.load(experts).train()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decays = [p.ndim >= 2 and "norm" not in n for n, p in named]
         groups = [{"params": [p for (_, p), d in zip(named, decays) if d], "weight_decay": WEIGHT_DECAY},
                   {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, foreach=self.ctx.args.hf_foreach)
+        opt = (torch.optim.AdamW(groups, lr=LR, betas=BETAS, foreach=True) if self.ctx.args.hf_foreach
+               else adamw(groups, lr=LR, betas=BETAS, eps=TrainConfig.eps))
         params = [p for _, p in named]
         x, y = self.tokens(self.ctx.inputs), self.tokens(self.ctx.labels)
         V = self.ctx.cfg.vocab_size
