@@ -17,7 +17,8 @@
   classic emitters compile slower (the peer-small train step: 29-31 s against 16-17 s) and run no
   faster; the JAX profile test (tests/test_bench.py) runs its training steps with those defaults.
 - fp32 matmuls at full precision (docs/reference.md §9.2.7; a no-op on CPU, needed on GPU/TPU).
-- ``dsv3.runtime.configure()``: the settings the ``dsv3`` command runs with.
+- ``dsv3.runtime.configure()`` and ``GLIBC_TUNABLES`` with ``glibc.malloc.hugetlb=1``: the settings the
+  ``dsv3`` command runs with.
 - ``OMP_WAIT_POLICY=PASSIVE`` (before torch loads): idle OpenMP threads sleep rather than spin (see below).
 
 This root conftest is loaded before any test module or sub-directory conftest,
@@ -60,6 +61,12 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", TORCHINDUCTOR_CACHE_DIR)
 from dsv3 import runtime  # noqa: E402
 
 runtime.configure()  # the XLA:CPU dot emitter and allocator settings the dsv3 command runs with
+# ... and the huge pages for malloc it restarts with (glibc reads GLIBC_TUNABLES when a process starts): set
+# here, before pytest-xdist starts its workers, every worker and every subprocess a test starts has them.
+# This controlling process itself runs without (it runs the tests only without -n).
+_hugepages = runtime.hugepage_env()
+if _hugepages:
+    os.environ["GLIBC_TUNABLES"] = _hugepages["GLIBC_TUNABLES"]
 
 import jax  # noqa: E402
 

@@ -403,6 +403,8 @@ def cmd_bench(argv: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:  # the command itself (not a call from Python): restart once with huge pages for malloc
+        runtime.restart_with_hugepages()
     argv = list(sys.argv[1:] if argv is None else argv)
     runtime.configure()  # before torch or jax allocate or compile anything
     if argv and argv[0] == "bench":

@@ -38,6 +38,8 @@ def probe() -> dict:
       too late: XLA reads XLA_FLAGS once, when its CPU backend starts).
     - ``mmapped_24MiB``: a fresh 24 MiB malloc was served by mmap (glibc's default 128 KiB threshold)
       rather than from the heap (the 32 MiB threshold set by mallopt). None off Linux.
+    - ``huge_kB_64MiB``: kB of transparent huge pages (``AnonHugePages``) the process gained by writing a
+      fresh 64 MiB malloc (mapped: above any mmap threshold), as XLA's per-execution buffer is.
     """
     import jax
     import jax.numpy as jnp
@@ -60,11 +62,35 @@ def probe() -> dict:
         ptr = libc.malloc(24 << 20)
         out["mmapped_24MiB"] = int(libc.mallinfo2().hblks - before)
         libc.free(ptr)
+        big = libc.malloc(64 << 20)
+        before = _anon_huge_kb()
+        ctypes.memset(big, 1, 64 << 20)
+        out["huge_kB_64MiB"] = _anon_huge_kb() - before
+        libc.free(big)
     return out
 
 
+def _started_with(text: str) -> bool:
+    """``text`` is in the environment this process started with (not one set since)."""
+    with open("/proc/self/environ", "rb") as f:
+        return text.encode() in f.read()
+
+
+def _anon_huge_kb() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
+def _thp_mode() -> str:
+    try:
+        with open(runtime.THP_MODE_FILE) as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
 def _user_set_malloc(env) -> bool:
-    return any(k.startswith("MALLOC_") for k in env) or "malloc" in env.get("GLIBC_TUNABLES", "")
+    return runtime._user_malloc_settings(env)
 
 
 def _subprocess_probe(code: str) -> dict:
@@ -87,19 +113,56 @@ def test_test_session_runs_with_the_command_settings():
     assert not got["ynn_fusion"], "XLA:CPU still emits YNNPACK dot fusions in this test session"
     if sys.platform == "linux" and not _user_set_malloc(os.environ):
         assert got["mmapped_24MiB"] == 0, "glibc malloc still mmaps 24 MiB blocks in this test session"
+    if sys.platform == "linux" and _started_with(runtime.HUGEPAGE_TUNABLE):  # xdist workers (root conftest)
+        assert got["huge_kB_64MiB"] >= 32 << 10, got
 
 
 def test_dsv3_command_runs_with_the_settings_and_the_probe_sees_their_absence():
-    """A subprocess runs the real ``dsv3`` entry point (dsv3.cli.main) with its ``info`` command replaced
-    by the probe: main() applied both settings. The same probe in a bare interpreter sees both missing,
-    so neither check above can pass without the settings."""
+    """A subprocess runs the real ``dsv3`` entry point (dsv3.cli.main, from the command line: it restarts
+    itself once with huge pages for malloc) with its ``info`` command replaced by the probe: main() applied
+    every setting. The same probe in a bare interpreter sees them missing, so no check above can pass
+    without the settings."""
     command = _subprocess_probe(
         "import json, sys\n"
         "import dsv3.cli as cli\n"
         "from test_runtime import probe\n"
         "cli.cmd_info = lambda args: print(json.dumps(probe())) or 0\n"
-        "sys.exit(cli.main(['info', '--preset', 'tiny']))\n")
+        "sys.argv = ['dsv3', 'info', '--preset', 'tiny']\n"
+        "sys.exit(cli.main())\n")
     bare = _subprocess_probe("import json\nfrom test_runtime import probe\nprint(json.dumps(probe()))\n")
     assert not command["ynn_fusion"] and bare["ynn_fusion"]
     if sys.platform == "linux":
         assert command["mmapped_24MiB"] == 0 and bare["mmapped_24MiB"] == 1
+    if runtime.hugepage_env({}) is not None:  # glibc, and the kernel gives huge pages on request
+        assert command["huge_kB_64MiB"] >= 32 << 10, command  # most of the 64 MiB in 2 MiB pages
+        if _thp_mode() == "madvise":
+            assert bare["huge_kB_64MiB"] == 0, bare
+
+
+def test_hugepage_env_adds_the_tunable_once_and_respects_the_user(monkeypatch):
+    monkeypatch.setattr(runtime, "thp_on_request", lambda: True)
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    env = runtime.hugepage_env({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": runtime.HUGEPAGE_TUNABLE}
+    assert runtime.hugepage_env(env) is None  # the restarted process: already set
+    other = runtime.hugepage_env({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"})
+    assert other["GLIBC_TUNABLES"] == "glibc.cpu.hwcaps=-AVX2:" + runtime.HUGEPAGE_TUNABLE
+    for user in ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                 {"MALLOC_ARENA_MAX": "2"}):
+        assert runtime.hugepage_env(user) is None, user
+    monkeypatch.setattr(runtime, "thp_on_request", lambda: False)
+    assert runtime.hugepage_env({}) is None
+    monkeypatch.setattr(runtime, "thp_on_request", lambda: True)
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
+    assert runtime.hugepage_env({}) is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc mallopt")
+def test_our_hugepage_tunable_alone_keeps_the_malloc_settings(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("GLIBC_TUNABLES", runtime.HUGEPAGE_TUNABLE)
+    assert runtime.configure_malloc() == runtime.MALLOC_SETTINGS
+    monkeypatch.setenv("GLIBC_TUNABLES", runtime.HUGEPAGE_TUNABLE + ":glibc.malloc.top_pad=0")
+    assert runtime.configure_malloc() == {}

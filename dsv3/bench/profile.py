@@ -144,6 +144,10 @@ def profile_jax(step, steps: int, rows: int, dump: str) -> str:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # as the dsv3 command: restart once with huge pages for malloc (dsv3.runtime)
+        from dsv3 import runtime
+
+        runtime.restart_with_hugepages()
     p = argparse.ArgumentParser(prog="python -m dsv3.bench.profile", description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", default=None)

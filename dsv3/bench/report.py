@@ -221,6 +221,7 @@ def _header(res: dict) -> list[str]:
           f"jax {m['versions'].get('jax')} · transformers {m['versions'].get('transformers')} · "
           f"load avg start {env.get('loadavg_start')} end {m.get('loadavg_end')} · {env.get('time_utc')}"
           f" · XLA_FLAGS `{env.get('XLA_FLAGS') or ''}` · malloc {_malloc(env.get('malloc'))}"
+          f" · GLIBC_TUNABLES `{env.get('GLIBC_TUNABLES') or ''}`"
           + (f" · commit {m['git']['commit'][:10]}{' (dirty)' if m['git'].get('dirty') else ''}"
              if m.get("git", {}).get("commit") else ""), ""]
     L += ["Median of timed repetitions after warm-up; IQR = inter-quartile range / median; "
