@@ -33,11 +33,12 @@ ONLY_IN = {
     },
     ("train", "torch"): {
         "compile_loss": "torch.compile of the loss with the row counts captured as symbols (JAX: nnx.jit)",
+        "adamw": "torch.optim.AdamW with its fused kernel (JAX: make_tx, the optax optimizer)",
     },
     ("train", "jax"): {
         "scale_by_lr_arg": "optax transform taking the learning rate per step (torch: param_groups lr)",
         "decay_mask": "optax weight-decay mask (torch: two AdamW param groups)",
-        "make_tx": "the optax optimizer (torch: torch.optim.AdamW)",
+        "make_tx": "the optax optimizer (torch: adamw, torch.optim.AdamW)",
     },
 }
 

@@ -38,8 +38,8 @@ def probe() -> dict:
       too late: XLA reads XLA_FLAGS once, when its CPU backend starts).
     - ``mmapped_24MiB``: a fresh 24 MiB malloc was served by mmap (glibc's default 128 KiB threshold)
       rather than from the heap (the 32 MiB threshold set by mallopt). None off Linux.
-    - ``huge_kB_64MiB``: kB of transparent huge pages (``AnonHugePages``) the process gained by writing a
-      fresh 64 MiB malloc (mapped: above any mmap threshold), as XLA's per-execution buffer is.
+    - ``thp_64MiB``: the kernel may back a 64 MiB malloc (above any mmap threshold, as XLA's per-execution
+      buffer is) with transparent huge pages: ``THPeligible`` of its mapping in /proc/self/smaps.
     """
     import jax
     import jax.numpy as jnp
@@ -63,9 +63,7 @@ def probe() -> dict:
         out["mmapped_24MiB"] = int(libc.mallinfo2().hblks - before)
         libc.free(ptr)
         big = libc.malloc(64 << 20)
-        before = _anon_huge_kb()
-        ctypes.memset(big, 1, 64 << 20)
-        out["huge_kB_64MiB"] = _anon_huge_kb() - before
+        out["thp_64MiB"] = _thp_eligible(big)
         libc.free(big)
     return out
 
@@ -76,9 +74,18 @@ def _started_with(text: str) -> bool:
         return text.encode() in f.read()
 
 
-def _anon_huge_kb() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+def _thp_eligible(address: int) -> int:
+    """THPeligible (0 or 1) of the mapping holding ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "THPeligible:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 def _thp_mode() -> str:
@@ -114,7 +121,7 @@ def test_test_session_runs_with_the_command_settings():
     if sys.platform == "linux" and not _user_set_malloc(os.environ):
         assert got["mmapped_24MiB"] == 0, "glibc malloc still mmaps 24 MiB blocks in this test session"
     if sys.platform == "linux" and _started_with(runtime.HUGEPAGE_TUNABLE):  # xdist workers (root conftest)
-        assert got["huge_kB_64MiB"] >= 32 << 10, got
+        assert got["thp_64MiB"] == 1, got
 
 
 def test_dsv3_command_runs_with_the_settings_and_the_probe_sees_their_absence():
@@ -134,9 +141,9 @@ def test_dsv3_command_runs_with_the_settings_and_the_probe_sees_their_absence():
     if sys.platform == "linux":
         assert command["mmapped_24MiB"] == 0 and bare["mmapped_24MiB"] == 1
     if runtime.hugepage_env({}) is not None:  # glibc, and the kernel gives huge pages on request
-        assert command["huge_kB_64MiB"] >= 32 << 10, command  # most of the 64 MiB in 2 MiB pages
+        assert command["thp_64MiB"] == 1, command
         if _thp_mode() == "madvise":
-            assert bare["huge_kB_64MiB"] == 0, bare
+            assert bare["thp_64MiB"] == 0, bare
 
 
 def test_hugepage_env_adds_the_tunable_once_and_respects_the_user(monkeypatch):
