@@ -1,7 +1,7 @@
 """Process settings for CPU runs, applied by the ``dsv3`` command (and the test
 session) before any framework allocates or compiles.
 
-Both were found by profiling ``dsv3 bench`` on the peer-small shape (2-core
+Each was found by profiling ``dsv3 bench`` on the peer-small shape (2-core
 CPU, fp32); the measured effects are in ``docs/bench/README.md``.
 
 * **glibc malloc keeps freed memory** (``mallopt``): by default blocks above
@@ -9,7 +9,7 @@ CPU, fp32); the measured effects are in ``docs/bench/README.md``.
   a step's multi-MB temporaries can be fresh pages, faulted in 4 KiB at a
   time. Blocks up to 32 MiB (the largest threshold glibc allows) are kept on
   a heap that is never trimmed. (XLA's own preallocated buffer of a whole
-  step is larger than 32 MiB and is still mapped per call.)
+  step is larger than 32 MiB and is still mapped per call: the next setting.)
 * **Transparent huge pages for malloc** (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``,
   ``restart_with_hugepages``): glibc then asks the kernel for 2 MiB pages
   (``madvise(MADV_HUGEPAGE)``) for the memory it maps. XLA:CPU maps a fresh
@@ -128,7 +128,8 @@ def restart_with_hugepages() -> None:
 
 
 def configure() -> dict:
-    """Both settings, once per process; returns what is in effect (for reports)."""
+    """The XLA flags and malloc settings, once per process; returns what is in effect (for reports), with
+    GLIBC_TUNABLES (huge pages come from ``restart_with_hugepages``, at process start)."""
     if not _applied:
         _applied["xla_flags_added"] = configure_xla()
         _applied["malloc"] = configure_malloc()
