@@ -89,13 +89,18 @@ def configure_malloc() -> dict:
     return dict(MALLOC_SETTINGS) if ok else {}
 
 
-def thp_on_request() -> bool:
-    """The kernel gives transparent huge pages to memory that asks for them (mode ``always`` or ``madvise``)."""
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode (``always``, ``madvise`` or ``never``; "unavailable" without one)."""
     try:
         with open(THP_MODE_FILE) as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
+def thp_on_request() -> bool:
+    """The kernel gives transparent huge pages to memory that asks for them (mode ``always`` or ``madvise``)."""
+    return thp_mode() in ("always", "madvise")
 
 
 def hugepage_env(environ=None) -> Optional[dict]:

@@ -88,14 +88,6 @@ def _thp_eligible(address: int) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-def _thp_mode() -> str:
-    try:
-        with open(runtime.THP_MODE_FILE) as f:
-            return f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return "unavailable"
-
-
 def _user_set_malloc(env) -> bool:
     return runtime._user_malloc_settings(env)
 
@@ -142,7 +134,7 @@ def test_dsv3_command_runs_with_the_settings_and_the_probe_sees_their_absence():
         assert command["mmapped_24MiB"] == 0 and bare["mmapped_24MiB"] == 1
     if runtime.hugepage_env({}) is not None:  # glibc, and the kernel gives huge pages on request
         assert command["thp_64MiB"] == 1, command
-        if _thp_mode() == "madvise":
+        if runtime.thp_mode() == "madvise":
             assert bare["thp_64MiB"] == 0, bare
 
 
