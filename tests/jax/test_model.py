@@ -76,6 +76,20 @@ def test_prefill_sized_call_attends_like_training(model):
     chex.assert_trees_all_close(np.concatenate(outs, 1), np.asarray(model(x)), rtol=0, atol=1e-5)
 
 
+def test_attend_block_size():
+    """Causal calls of 2 * ATTEND_BLOCK queries or more attend in blocks of ATTEND_BLOCK, larger where that
+    would make over ATTEND_MAX_BLOCKS blocks; shorter calls are one block."""
+    from dsv3_jax.mla import ATTEND_BLOCK, ATTEND_MAX_BLOCKS, attend_block_size
+
+    assert (ATTEND_BLOCK, ATTEND_MAX_BLOCKS) == (128, 8)
+    assert [attend_block_size(S) for S in (1, 255, 256, 300, 1024, 1025, 2048, 4032)] == \
+        [1, 255, 128, 128, 128, 256, 256, 512]
+    for S in range(2 * ATTEND_BLOCK, 5000, 37):
+        size = attend_block_size(S)
+        assert size % ATTEND_BLOCK == 0 and -(-S // size) <= ATTEND_MAX_BLOCKS
+        assert size == ATTEND_BLOCK or -(-S // (size - ATTEND_BLOCK)) > ATTEND_MAX_BLOCKS  # the smallest such
+
+
 def test_long_calls_attend_in_causal_query_blocks(model, monkeypatch):
     """With ATTEND_BLOCK = 4, a 20-token training forward and a 20-token prefill at entry 0 (a Python int)
     attend in 5 query blocks, block j on the keys up to its last position (4 (j + 1)); both give the
