@@ -221,6 +221,26 @@ def expand_latent_keys(cfg: ModelConfig, queries: int) -> bool:
     return queries * (2 * C - N - V) > C * (N + V)
 
 
+CAUSAL_QUERY_BLOCK = 128  # queries per block of a causal call (causal_query_block)
+CAUSAL_MAX_BLOCKS = 8  # longer calls take larger blocks: each block is its own products, traced and compiled in JAX
+
+
+def causal_query_block(queries: int) -> int:
+    """Queries per block where a causal call of ``queries`` queries attends block by block, each block on the
+    keys up to its own last position only (the later keys are masked for all of its queries).
+
+    ``n`` blocks compute ``(n + 1) / 2n`` of the score and value products of one block (3/4 for a 256-token
+    training window in 2 blocks) and hold ``[B, H, block, T]`` scores at a time. Blocks are
+    ``CAUSAL_QUERY_BLOCK`` queries, or the smallest multiple of it that keeps them to ``CAUSAL_MAX_BLOCKS``
+    (a 4032-token prompt: 8 blocks of 512); below ``2 · CAUSAL_QUERY_BLOCK`` queries, one block (returns
+    ``queries``). Figures: docs/bench/README.md, "Measured choices in the code".
+    """
+    if queries < 2 * CAUSAL_QUERY_BLOCK:
+        return queries
+    per = -(-queries // CAUSAL_MAX_BLOCKS)
+    return -(-per // CAUSAL_QUERY_BLOCK) * CAUSAL_QUERY_BLOCK
+
+
 def moe_layer_flops_per_token(cfg: ModelConfig) -> dict[str, float]:
     """Forward FLOPs per token of one MoE layer, and the width of a dense SwiGLU
     MLP doing the same expert FLOPs (``(K + n_shared)·F``; the router's ``2·E·D``

@@ -16,14 +16,12 @@ True = visible (the Hugging Face attention_mask convention, as dsv3_torch); with
 ``attend_latent`` (absorbed) return o [B,S,H*V]; ``wo`` is applied in ``__call__``. Heads are [B,S,H,*]
 here ([B,H,S,*] in dsv3_torch, the layout torch's SDPA takes).
 
-Causal calls attend in query blocks: where the first query's position is a Python int (the training
-forward; the prefill at entry 0 of ``dsv3_jax.generate`` and of speculative decoding) and the call has at
-least 2 * ATTEND_BLOCK queries, each block of queries attends to the keys up to its own last position only
-(the later ones are masked for it anyway). Blocks are ATTEND_BLOCK queries, or more where that would make
-over ATTEND_MAX_BLOCKS of them (``attend_block_size``): a training step of 256 queries attends in 2 blocks
-(3/4 of the score and value FLOPs), a 4032-token prompt in 8 (about half), and the scores are
-[B,H,block,T] at a time instead of [B,H,S,T]. Shorter calls are one block. (Figures:
-docs/bench/README.md, "Measured choices in the code".)
+Causal calls attend in query blocks (``dsv3.flops.causal_query_block``): where the first query's position
+is a Python int (the training forward; the prefill at entry 0 of ``dsv3_jax.generate`` and of speculative
+decoding) and the call has 256 queries or more, each block of queries attends to the keys up to its own
+last position only (the later ones are masked for it anyway): a 256-token training step in 2 blocks of
+128 (3/4 of the score and value FLOPs), a 4032-token prompt in 8 of 512 (about half). A traced first
+position is one block.
 
 Shape legend: B batch, S query time, T key time (L cache length), D model width, H heads,
 Q q LoRA rank, C kv latent (kv_lora_rank), N nope head dim, R rope dim, V value head dim.
@@ -37,23 +35,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3.config import ModelConfig
-from dsv3.flops import expand_latent_keys
+from dsv3.flops import causal_query_block, expand_latent_keys
 from dsv3_jax.layers import dense, linear
 from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import apply_rope
 
 
-ATTEND_BLOCK = 128  # queries per block of a causal call (module doc)
-ATTEND_MAX_BLOCKS = 8  # longer calls take larger blocks: each block is its own dots, traced and compiled
-
-
-def attend_block_size(S: int) -> int:
-    """Queries per block of a causal call of S queries (module doc): ATTEND_BLOCK, or the multiple of it
-    that keeps the blocks to ATTEND_MAX_BLOCKS; S itself (one block) below 2 * ATTEND_BLOCK."""
-    if S < 2 * ATTEND_BLOCK:
-        return S
-    per = -(-S // ATTEND_MAX_BLOCKS)
-    return -(-per // ATTEND_BLOCK) * ATTEND_BLOCK
 
 
 def causal_mask(start_pos, S: int, T: int) -> jax.Array:
@@ -141,7 +128,7 @@ class MLA(nnx.Module):
         start: the first query's position as a Python int, where the mask is causal from it: a long call
         then attends in query blocks (module doc); None (a traced position), one block."""
         B, S = q.shape[:2]
-        size = S if start is None else attend_block_size(S)
+        size = S if start is None else causal_query_block(S)
         if size >= S:
             return self._attend_block(q, k, v, mask).reshape(B, S, -1)
         blocks = []

@@ -167,3 +167,16 @@ def test_summary_is_json_ready():
     s = flops.summary(ModelConfig.preset("tiny"), 32, batch=2)
     json.dumps(s)
     assert s["train_flops_per_step_mtp"] > s["train_flops_per_step"] > 0
+
+
+def test_causal_query_block():
+    """Causal calls of 2 * CAUSAL_QUERY_BLOCK queries or more attend in blocks of CAUSAL_QUERY_BLOCK, or the
+    smallest multiple of it that makes at most CAUSAL_MAX_BLOCKS blocks; shorter calls are one block."""
+    block, most = flops.CAUSAL_QUERY_BLOCK, flops.CAUSAL_MAX_BLOCKS
+    assert (block, most) == (128, 8)  # the figures below
+    assert [flops.causal_query_block(S) for S in (1, 255, 256, 300, 1024, 1025, 2048, 4032)] == \
+        [1, 255, 128, 128, 128, 256, 256, 512]
+    for S in range(2 * block, 5000, 37):
+        size = flops.causal_query_block(S)
+        assert size % block == 0 and -(-S // size) <= most
+        assert size == block or -(-S // (size - block)) > most

@@ -76,31 +76,18 @@ def test_prefill_sized_call_attends_like_training(model):
     chex.assert_trees_all_close(np.concatenate(outs, 1), np.asarray(model(x)), rtol=0, atol=1e-5)
 
 
-def test_attend_block_size():
-    """Causal calls of 2 * ATTEND_BLOCK queries or more attend in blocks of ATTEND_BLOCK, larger where that
-    would make over ATTEND_MAX_BLOCKS blocks; shorter calls are one block."""
-    from dsv3_jax.mla import ATTEND_BLOCK, ATTEND_MAX_BLOCKS, attend_block_size
-
-    assert (ATTEND_BLOCK, ATTEND_MAX_BLOCKS) == (128, 8)
-    assert [attend_block_size(S) for S in (1, 255, 256, 300, 1024, 1025, 2048, 4032)] == \
-        [1, 255, 128, 128, 128, 256, 256, 512]
-    for S in range(2 * ATTEND_BLOCK, 5000, 37):
-        size = attend_block_size(S)
-        assert size % ATTEND_BLOCK == 0 and -(-S // size) <= ATTEND_MAX_BLOCKS
-        assert size == ATTEND_BLOCK or -(-S // (size - ATTEND_BLOCK)) > ATTEND_MAX_BLOCKS  # the smallest such
-
-
 def test_long_calls_attend_in_causal_query_blocks(model, monkeypatch):
-    """With ATTEND_BLOCK = 4, a 20-token training forward and a 20-token prefill at entry 0 (a Python int)
+    """With 4-query blocks (dsv3.flops.CAUSAL_QUERY_BLOCK = 4), a 20-token training forward and a 20-token prefill at entry 0 (a Python int)
     attend in 5 query blocks, block j on the keys up to its last position (4 (j + 1)); both give the
     one-block logits. A traced start position stays one block (on the whole cache)."""
+    import dsv3.flops
     import dsv3_jax.mla as mla
 
     x = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 20)), jnp.int32)
     one_block = np.asarray(model(x))  # the program of test_prefill_sized_call_attends_like_training
     keys = []  # fresh nnx.jit functions below: traced with the patched block
     block = mla.MLA._attend_block
-    monkeypatch.setattr(mla, "ATTEND_BLOCK", 4)
+    monkeypatch.setattr(dsv3.flops, "CAUSAL_QUERY_BLOCK", 4)
     monkeypatch.setattr(mla.MLA, "_attend_block", lambda self, q, k, v, m: (keys.append(k.shape[1]),
                                                                              block(self, q, k, v, m))[1])
     blocked = np.asarray(nnx.jit(lambda m, t: m.logits(t))(model, x))
