@@ -41,8 +41,6 @@ from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import apply_rope
 
 
-
-
 def causal_mask(start_pos, S: int, T: int) -> jax.Array:
     """[S, T] bool, True where key t is visible to query start_pos + i (t <= start_pos + i).
 

@@ -226,8 +226,8 @@ class MLA(nn.Module):
         "bf16"). mask None: causal.
 
         ``attend`` runs in causal query blocks (``dsv3.flops.causal_query_block``), each block on the keys
-        up to its own last position, which the later ones are masked for anyway: the same output bit for
-        bit, with fewer score and value FLOPs (the fused kernel skips the masked blocks itself)."""
+        up to its own last position, which the later ones are masked for anyway: the same output (bit for bit
+        in the tests), with fewer score and value FLOPs (the fused kernel skips the masked blocks itself)."""
         S, T = q.shape[2], k.shape[2]
         if compute_dtype(q) == torch.float32:
             return self._attend_sdpa(q, k, v, causal_mask(start_pos, S, T, q.device) if mask is None and start_pos

@@ -77,9 +77,10 @@ def test_prefill_sized_call_attends_like_training(model):
 
 
 def test_long_calls_attend_in_causal_query_blocks(model, monkeypatch):
-    """With 4-query blocks (dsv3.flops.CAUSAL_QUERY_BLOCK = 4), a 20-token training forward and a 20-token prefill at entry 0 (a Python int)
-    attend in 5 query blocks, block j on the keys up to its last position (4 (j + 1)); both give the
-    one-block logits. A traced start position stays one block (on the whole cache)."""
+    """With 4-query blocks (dsv3.flops.CAUSAL_QUERY_BLOCK = 4), a 20-token training forward and a 20-token
+    prefill at entry 0 (a Python int) attend in 5 query blocks, block j on the keys up to its last position
+    (4 (j + 1)); both give the one-block logits. A traced start position stays one block (on the whole
+    cache)."""
     import dsv3.flops
     import dsv3_jax.mla as mla
 
