@@ -242,7 +242,8 @@ def _jax_step(m, o, grads, counts):
 
 def test_one_adamw_step_and_bias_update():
     """dsv3_torch.train's AdamW (torch's fused kernel) vs optax.adamw (same hyper-parameters, weight decay on
-    the same parameters by dsv3.training.decays), then update_router_bias with the step's counts: same weights, same biases.
+    the same parameters by dsv3.training.decays), then update_router_bias with the step's counts: same
+    weights, same biases.
 
     Both optimizers get torch's gradients (ported by canonical name): the first Adam step is about
     lr * g / (|g| + eps), which turns the 1e-6-relative gradient noise of entries with |g| ~ eps into

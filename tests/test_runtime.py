@@ -88,10 +88,6 @@ def _thp_eligible(address: int) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-def _user_set_malloc(env) -> bool:
-    return runtime._user_malloc_settings(env)
-
-
 def _subprocess_probe(code: str) -> dict:
     """probe() in a fresh interpreter whose environment has none of the settings, after ``code``."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +106,7 @@ def test_test_session_runs_with_the_command_settings():
     for flag in runtime.XLA_CPU_FLAGS:
         assert flag in got["XLA_FLAGS"].split()
     assert not got["ynn_fusion"], "XLA:CPU still emits YNNPACK dot fusions in this test session"
-    if sys.platform == "linux" and not _user_set_malloc(os.environ):
+    if sys.platform == "linux" and not runtime._user_malloc_settings(os.environ):
         assert got["mmapped_24MiB"] == 0, "glibc malloc still mmaps 24 MiB blocks in this test session"
     if sys.platform == "linux" and _started_with(runtime.HUGEPAGE_TUNABLE):  # xdist workers (root conftest)
         assert got["thp_64MiB"] == 1, got
