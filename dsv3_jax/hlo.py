@@ -18,8 +18,9 @@ list means every device (``num_partitions`` of the module).
 
 **Loops.** A collective inside a ``while`` body (the micro-batch ``scan`` of the training step) is
 multiplied by the loop's trip count when the HLO states it (``known_trip_count`` in the while's
-``backend_config``), nested loops multiplied through; a loop without a known count is counted once
-per body and reported in ``unknown_trip_count``. So the numbers are per execution of the program
+``backend_config``), nested loops multiplied through; a loop without a known count (a trip count that
+depends on the data, as the MoE expert loop's) is counted once per body and, when its body holds
+collectives, reported in ``unknown_trip_count``. So the numbers are per execution of the program
 (one optimizer step).
 """
 
@@ -115,7 +116,8 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
 def collectives(compiled_or_text, num_partitions: int | None = None) -> tuple[list[dict], int]:
     """Every collective instruction of the program: ``[{"name", "kind", "computation", "times",
     "group", "operand_bytes", "bytes"}]`` (``times``: executions per run, loops multiplied through;
-    ``bytes``: per device, all executions), and the number of loops without a known trip count."""
+    ``bytes``: per device, all executions), and the number of loops without a known trip count whose
+    bodies hold collectives (directly or in the computations they call)."""
     text = compiled_or_text if isinstance(compiled_or_text, str) else compiled_or_text.as_text()
     if num_partitions is None:
         m = re.search(r"num_partitions=(\d+)", text)
@@ -124,24 +126,27 @@ def collectives(compiled_or_text, num_partitions: int | None = None) -> tuple[li
     if entry is None:  # a bare list of instructions
         comps, entry = {"entry": text.splitlines()}, "entry"
     mult: dict[str, int] = {}  # how often each computation runs per execution of the entry computation
-    unknown = 0
+    in_unknown: dict[str, set[int]] = {}  # computation -> the loops without a trip count it runs inside
+    n_loops = 0
 
-    def visit(name: str, k: int) -> None:
-        nonlocal unknown
+    def visit(name: str, k: int, loops: frozenset = frozenset()) -> None:
+        nonlocal n_loops
         mult[name] = mult.get(name, 0) + k
+        in_unknown.setdefault(name, set()).update(loops)
         for line in comps.get(name, ()):
             body = re.search(r"\bbody=%?([\w.\-]+)", line)
             if body and " while(" in line:
                 trip = _TRIP.search(line)
                 if trip is None:
-                    unknown += 1
-                visit(body.group(1), k * (int(trip.group(1)) if trip else 1))
+                    n_loops += 1
+                visit(body.group(1), k * (int(trip.group(1)) if trip else 1),
+                      loops if trip else loops | {n_loops})
                 continue
             for callee in re.findall(r"\b(?:calls|branch_computations|true_computation|false_computation)="
                                      r"\{?%?([\w.\-, %]+)\}?", line):
                 for c in re.split(r"[,\s]+", callee.replace("%", "")):
                     if c in comps and c != name:
-                        visit(c, k)
+                        visit(c, k, loops)
 
     visit(entry, 1)
     found = []
@@ -167,13 +172,13 @@ def collectives(compiled_or_text, num_partitions: int | None = None) -> tuple[li
                     ob = res // 2 if op.group(2) and kind != "all-reduce" else res
             found.append({"name": m.group(1), "kind": kind, "computation": name, "times": k, "group": g,
                           "operand_bytes": ob, "bytes": k * moved_bytes(kind, ob, g)})
-    return found, unknown
+    return found, len(set().union(*(in_unknown[c["computation"]] for c in found)))
 
 
 def count_collectives(compiled_or_text, num_partitions: int | None = None) -> dict:
     """Per kind: ``{"count": executions per run, "bytes": bytes per device}``, plus ``"total_bytes"``
-    and ``"unknown_trip_count"`` (loops whose bodies were counted once). ``compiled_or_text``: a
-    ``jax.stages.Compiled`` or HLO module text."""
+    and ``"unknown_trip_count"`` (loops without a trip count around collectives, their bodies counted
+    once). ``compiled_or_text``: a ``jax.stages.Compiled`` or HLO module text."""
     found, unknown = collectives(compiled_or_text, num_partitions)
     out: dict = {k: {"count": 0, "bytes": 0.0} for k in KINDS}
     for c in found:
