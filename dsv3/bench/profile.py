@@ -98,6 +98,8 @@ def _hlo_metadata(dump: str) -> dict[str, tuple[str, str, str]]:
 
 def component(opcode: str, op_name: str) -> str:
     dot = opcode == "dot"
+    if "expert_loop" in op_name:  # dsv3_jax.moe's expert loop: its matmuls, and its slices, SwiGLU and updates
+        return "MoE: expert matmuls" if dot else "MoE: expert loop slices, SwiGLU, updates"
     if any(k in op_name for k in MOE_KEYS):
         return "MoE: expert matmuls" if dot else "MoE: dispatch, gathers, combine"
     if any(k in op_name for k in ATTN_KEYS):
@@ -124,6 +126,8 @@ def profile_jax(step, steps: int, rows: int, dump: str) -> str:
     calls: dict = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("args", {}).get("hlo_module", "").endswith("train_step"):
+            if e["name"] in meta and meta[e["name"]][1] == "while":
+                continue  # a loop's time is that of its body's kernels, which have their own events
             calls[e["name"]].append(e["dur"])
     # each kernel at its median call times its calls: a call the OS delayed (the other core busy)
     # counts at the kernel's typical duration instead of adding the delay to its component
