@@ -9,7 +9,7 @@ over every axis. Each step runs in ``jax.shard_map`` over the whole mesh, per de
             expert group's n*S tokens; sort their (token, slot) pairs so the pairs of this shard's
             El experts come first, grouped by expert (stable: by token within an expert);
   compute   the grouped SwiGLU on those rows with this shard's El experts (the module's own
-            block-sparse / ragged_dot paths);
+            expert loop / block-sparse / ragged_dot paths);
   combine   each pair's output times its routing weight, summed over the slots of this shard's
             experts in slot order (fp32), then ``psum_scatter`` over ``expert``: every token
             receives the sum of its K slots from the shards that hold them, in its own shard.
@@ -17,7 +17,8 @@ over every axis. Each step runs in ``jax.shard_map`` over the whole mesh, per de
 Dropless: no capacity factor, no token dropped, the routing is the single-device routing (it is
 computed before the exchange, on the global batch). The static row bound per device is every
 gathered pair, n*S*K -- the worst case of all of the group's pairs landing on one shard -- so a
-skewed batch never overflows; on CPU the block-sparse matmul runs over that bound.
+skewed batch never overflows; on CPU the expert loop computes only this shard's rows (the block-sparse
+matmul runs over that bound).
 The expert counts for the bias update are the global ``bincount`` of the routing, computed outside
 the ``shard_map`` on the global batch, so every shard applies the same update.
 
@@ -41,7 +42,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dsv3.types import Routing
-from dsv3_jax.moe import _blocksparse_swiglu, _ragged_swiglu, default_block_rows
+from dsv3_jax.moe import _blocksparse_swiglu, _loop_swiglu, _ragged_swiglu, default_block_rows, default_chunk_rows
 
 TOKENS = ("data", "fsdp", "expert")  # tokens split over every axis (dsv3_jax.sharding.BATCH_AXES)
 
@@ -97,6 +98,8 @@ class ExpertParallelDispatcher(nnx.Module):
             G, El = xs.shape[0], w1.shape[0]
             if impl == "ragged":  # rows past sum(sizes) (other shards' pairs) belong to no group
                 return _ragged_swiglu(xs, sizes, w1, w2, w3)
+            if impl == "loop":  # the same: the loop computes the local experts' rows only
+                return _loop_swiglu(xs, sizes, w1, w2, w3, default_chunk_rows(G, El))
             # block-sparse needs every row in a group: other shards' rows ride with the last local
             # expert (computed, then masked out by combine; they get no gradient).
             sizes = sizes.at[El - 1].add(G - jnp.sum(sizes))
@@ -130,8 +133,11 @@ class ExpertParallelDispatcher(nnx.Module):
 
 def use_expert_parallel(model, mesh: jax.sharding.Mesh) -> int:
     """Give every MoE of ``model`` an ExpertParallelDispatcher on ``mesh`` (when its expert axis has
-    more than one shard); returns how many MoE layers were switched."""
+    more than one shard); returns how many MoE layers were switched. On a mesh of several devices
+    without one, the local dispatchers are marked as partitioned by GSPMD (``LocalDispatcher.gspmd``)."""
     if int(mesh.shape.get("expert", 1)) <= 1:
+        for moe in model.moe_layers():
+            moe.dispatcher.gspmd = mesh.devices.size > 1
         return 0
     n = 0
     for moe in model.moe_layers():

@@ -9,13 +9,17 @@ replace it without touching the router or the experts' maths:
             weights from the UNBIASED s, normalised (+1e-20) and scaled.
   dispatch  LocalDispatcher.dispatch: (token, slot) pairs sorted by expert (dropless; no token is
             ever dropped) -> (x_sorted [M, D], group_sizes [E] int32, plan).
-  compute   Experts: SwiGLU per expert on its contiguous rows, by one of two grouped matmuls:
+  compute   Experts: SwiGLU per expert on its contiguous rows, by one of three grouped matmuls:
+            "loop": a loop over the experts and, inside, over chunks of ``c`` of the expert's rows
+                (trip counts from group_sizes, so only the routed rows plus each expert's last
+                partial chunk are computed), each chunk three 2-D matmuls with the expert's own
+                weights (no gather), with its own backward in the same loops (CPU);
             "blocksparse": each expert's rows padded to whole blocks of ``bm`` rows, one batched
                 matmul over at most ceil(N*K/bm) + E blocks, each block with its expert's weights
-                gathered (fast on CPU: cost ~ routed FLOPs);
+                gathered (cost ~ routed FLOPs plus the static bound's padding);
             "ragged": ``jax.lax.ragged_dot`` (grouped GEMM on GPU/TPU; on CPU it lowers to a
                 masked all-experts matmul, E/K times the routed FLOPs, docs/reference.md §11).
-            "auto" picks blocksparse on CPU and ragged elsewhere.
+            "auto" picks loop on CPU and ragged elsewhere.
   combine   LocalDispatcher.combine, scheme "grouped" (default): out * w in fp32, summed over the K slots in slot order, one cast;
             "eager": (out * w) cast to the model dtype per slot and summed in the model dtype in
             ascending expert id (HF experts_implementation="eager", docs/reference.md §4.5). Equal in fp32.
@@ -24,12 +28,14 @@ The router bias is a ``RouterBias`` variable (not an ``nnx.Param``): gradients, 
 weight decay never touch it; only ``DeepSeekV3.update_router_bias`` changes it.
 
 Shape legend: B batch, T time, N = B*T tokens, D model width, E routed experts, G groups,
-K experts per token, M = N*K (token, slot) pairs, F expert width, bm rows per block, nb blocks.
+K experts per token, M = N*K (token, slot) pairs, F expert width, bm rows per block, nb blocks,
+c rows per chunk of the expert loop.
 Flax kernels: w1/w3 [E, D, F], w2 [E, F, D] (torch: [E, F, D], [E, D, F]).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +46,7 @@ from dsv3.config import ModelConfig
 from dsv3.types import Routing
 from dsv3_jax.layers import const, linear, normal_init
 
-EXPERT_IMPLS = ("auto", "blocksparse", "ragged")
+EXPERT_IMPLS = ("auto", "loop", "blocksparse", "ragged")
 COMBINES = ("grouped", "eager")
 
 
@@ -231,6 +237,110 @@ def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int, rows=None):
     return yb, pos
 
 
+def default_chunk_rows(M: int, E: int) -> int:
+    """Rows per chunk of the expert loop: the largest power of two in [64, 256] within an expert's
+    balanced share M/E (each expert computes its rows rounded up to whole chunks). Peer-small (512 rows
+    an expert) 256, the medium preset (192) 128: the fastest there of 64, 128 and 256
+    (docs/bench/README.md, "Measured choices in the code")."""
+    c = 64
+    while c < 256 and 2 * c <= M // E:
+        c *= 2
+    return c
+
+
+def _zeros(shape, dtype, *like) -> jax.Array:
+    """Zeros that vary over the mesh axes any of ``like`` varies over (inside shard_map: a loop carry
+    that the loop body's values update must have their type from the start)."""
+    z = jnp.zeros(shape, dtype)
+    axes = tuple(sorted(frozenset().union(*map(_vma, like))))
+    return jax.lax.pcast(z, axes, to="varying") if axes else z
+
+
+def _each_chunk(sizes: jax.Array, c: int, body, carry):
+    """carry = body(e, start, row0, carry) for every chunk of every expert: expert e's rows are
+    [start, start + sizes[e]) of the expert-sorted rows, its chunks start at row0 = start + j*c.
+    Experts run in ascending order, so the rows a chunk writes past its expert's end (the last chunk's
+    tail) belong to a later expert (or to the padding) and are written again by it."""
+    starts = jnp.cumsum(sizes) - sizes
+
+    def expert(e, carry):
+        s = starts[e]
+        return jax.lax.fori_loop(0, (sizes[e] + c - 1) // c, lambda j, cr: body(e, s, s + j * c, cr), carry)
+
+    return jax.lax.fori_loop(0, sizes.shape[0], expert, carry)
+
+
+def _swiglu_act(a: jax.Array, b: jax.Array) -> jax.Array:
+    return silu(a) * b
+
+
+def _rows(a: jax.Array, r, c: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(a, r, c)
+
+
+def _put(a: jax.Array, v: jax.Array, r) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(a, v, r, 0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _loop_swiglu(xs, sizes, w1, w2, w3, c: int):
+    """Grouped SwiGLU on expert-sorted rows xs [M, D] (expert e's rows the sizes[e] after the earlier
+    experts' ones) -> [M, D]: a loop over experts and their chunks of c rows (``_each_chunk``), each
+    chunk silu(x w1[e]) * (x w3[e]) then w2[e]. Rows past sum(sizes) (another shard's, under expert
+    parallelism) are no expert's: they come out zero, or as a last chunk's tail, and get no gradient.
+
+    Forward and backward are one loop each (the custom VJP): the backward zeroes the cotangent rows
+    outside the chunk's expert, so a chunk's weight gradients sum its own rows only, and accumulates
+    each expert's weight gradients in place; the forward keeps x w1 and x w3 for it."""
+    return _loop_swiglu_fwd(xs, sizes, w1, w2, w3, c)[0]
+
+
+def _loop_swiglu_fwd(xs, sizes, w1, w2, w3, c):
+    M, D = xs.shape
+    F = w1.shape[2]
+    xp = jnp.pad(xs, ((0, c), (0, 0)))  # the last chunk may reach c - 1 rows past M
+
+    def chunk(e, s, r, carry):
+        y, A, B = carry
+        x = _rows(xp, r, c)
+        a, b = x @ w1[e], x @ w3[e]
+        return _put(y, _swiglu_act(a, b) @ w2[e], r), _put(A, a, r), _put(B, b, r)
+
+    like = (xs, w1, w2, w3)
+    init = (_zeros((M + c, D), xs.dtype, *like), _zeros((M + c, F), xs.dtype, *like),
+            _zeros((M + c, F), xs.dtype, *like))
+    with jax.named_scope("expert_loop"):  # the name profiles attribute the loop's kernels by
+        y, A, B = _each_chunk(sizes, c, chunk, init)
+    return y[:M], (xp, A, B, sizes, w1, w2, w3)
+
+
+def _loop_swiglu_bwd(c, res, g):
+    xp, A, B, sizes, w1, w2, w3 = res
+    M, D = g.shape
+    gp = jnp.pad(g, ((0, c), (0, 0)))
+    offsets = jnp.arange(c)
+
+    def chunk(e, s, r, carry):
+        dx, d1, d2, d3 = carry
+        gy = jnp.where((r - s + offsets < sizes[e])[:, None], _rows(gp, r, c), 0)  # this expert's rows only
+        x, a, b = _rows(xp, r, c), _rows(A, r, c), _rows(B, r, c)
+        h, act_vjp = jax.vjp(_swiglu_act, a, b)
+        da, db = act_vjp(gy @ w2[e].T)
+        d1 = d1.at[e].add(x.T @ da)
+        d2 = d2.at[e].add(h.T @ gy)
+        d3 = d3.at[e].add(x.T @ db)
+        return _put(dx, da @ w1[e].T + db @ w3[e].T, r), d1, d2, d3
+
+    like = (xp, gp, A, B, w1, w2, w3)
+    init = (_zeros((M + c, D), g.dtype, *like),) + tuple(_zeros(w.shape, w.dtype, *like) for w in (w1, w2, w3))
+    with jax.named_scope("expert_loop"):
+        dx, d1, d2, d3 = _each_chunk(sizes, c, chunk, init)
+    return (_sum_to(dx[:M], xp), None, _sum_to(d1, w1), _sum_to(d2, w2), _sum_to(d3, w3))
+
+
+_loop_swiglu.defvjp(_loop_swiglu_fwd, _loop_swiglu_bwd)
+
+
 def _ragged_swiglu(xs, sizes, w1, w2, w3):
     """Grouped SwiGLU with jax.lax.ragged_dot (the reference grouped GEMM)."""
     h = silu(jax.lax.ragged_dot(xs, w1, sizes)) * jax.lax.ragged_dot(xs, w3, sizes)
@@ -253,7 +363,7 @@ class Experts(nnx.Module):
     def resolved_impl(self) -> str:
         if self.impl != "auto":
             return self.impl
-        return "blocksparse" if jax.default_backend() == "cpu" else "ragged"
+        return "loop" if jax.default_backend() == "cpu" else "ragged"
 
     def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array, impl: str | None = None) -> jax.Array:
         """x_sorted [M, D] grouped by expert, group_sizes [E] int32 -> y_sorted [M, D] (model dtype)."""
@@ -262,10 +372,12 @@ class Experts(nnx.Module):
         impl = impl or self.resolved_impl()
         if impl == "ragged":
             return _ragged_swiglu(x_sorted, group_sizes, w1, w2, w3)
+        if impl == "loop":
+            return _loop_swiglu(x_sorted, group_sizes, w1, w2, w3, default_chunk_rows(M, E))
         if impl == "blocksparse":
             yb, pos = _blocksparse_swiglu(x_sorted, group_sizes, w1, w2, w3, default_block_rows(M, E))
             return yb[pos]
-        raise ValueError(f"expert impl must be 'blocksparse' or 'ragged', got {impl!r}")
+        raise ValueError(f"expert impl must be one of {EXPERT_IMPLS[1:]}, got {impl!r}")
 
 
 class Dispatch(NamedTuple):
@@ -295,12 +407,17 @@ class LocalDispatcher(nnx.Module):
       combine(y_sorted [M, D], plan, routing) -> y [N, D] (in the dtype of the dispatched x)
     An nnx.Module (no variables) so that ``scheme`` is part of the graph: nnx.jit retraces when it changes.
     scheme: "grouped" (default) or "eager" (bit parity with HF eager experts in bf16).
+    gspmd: the rows are spread over the devices of a mesh without an expert axis and GSPMD partitions
+    the layer (``dsv3_jax.expert_parallel.use_expert_parallel`` sets it). The experts' "auto" then
+    runs block-sparse instead of the loop: GSPMD splits the batch of blocks over the devices, but not
+    the loop's chunks at data-dependent rows, which it would run whole on every device with each
+    expert's weights gathered inside the loop.
     """
 
-    def __init__(self, n_experts: int, top_k: int, scheme: str = "grouped"):
+    def __init__(self, n_experts: int, top_k: int, scheme: str = "grouped", gspmd: bool = False):
         if scheme not in COMBINES:
             raise ValueError(f"combine scheme must be one of {COMBINES}, got {scheme!r}")
-        self.n_experts, self.top_k, self.scheme = n_experts, top_k, scheme
+        self.n_experts, self.top_k, self.scheme, self.gspmd = n_experts, top_k, scheme, gspmd
 
     def dispatch(self, x: jax.Array, routing: Routing) -> tuple[jax.Array, jax.Array, Dispatch]:
         d = sort_by_expert(routing.indices, self.n_experts, x.dtype)
@@ -309,7 +426,8 @@ class LocalDispatcher(nnx.Module):
     def compute(self, experts: "Experts", x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """The experts on the dispatched rows (here: all experts, all rows; an expert-parallel
         dispatcher runs each shard's experts on its own rows)."""
-        return experts(x_sorted, group_sizes)
+        impl = experts.resolved_impl()
+        return experts(x_sorted, group_sizes, "blocksparse" if self.gspmd and impl == "loop" else impl)
 
     def combine(self, y_sorted: jax.Array, plan: Dispatch, routing: Routing) -> jax.Array:
         """Weighted sum over slots. Slots are in ascending expert id, so a running sum over k

@@ -23,6 +23,7 @@ ONLY_IN = {
         "RouterBias": "an nnx.Variable type keeps the bias out of nnx.Param (torch: a registered buffer)",
         "silu": "SiLU in fp32 rounded once, as torch's bf16 F.silu kernel does",
         "default_block_rows": "block size of the JAX block-sparse expert matmul (torch loops over experts)",
+        "default_chunk_rows": "rows per matmul of the JAX expert loop (torch's loop takes each expert's rows whole)",
     },
     ("layers", "torch"): {
         "compute_dtype": "the dtype torch.autocast computes a matmul in (JAX: dtypes are explicit)",
@@ -58,8 +59,10 @@ MEMBER_ONLY_IN = {
     ("RMSNorm", "torch"): {"extra_repr": "torch's module repr hook"},
     ("RotaryEmbedding", "torch"): {"inv_freq": "torch keeps the fp32 tensor; JAX recomputes it as a static "
                                                "numpy constant (a jax array attribute would be a pytree leaf)"},
-    ("Experts", "jax"): {"impl": "JAX grouped-matmul backend (blocksparse | ragged); torch has one loop",
+    ("Experts", "jax"): {"impl": "JAX grouped-matmul backend (loop | blocksparse | ragged); torch has one loop",
                          "resolved_impl": "JAX grouped-matmul backend for the current device"},
+    ("LocalDispatcher", "jax"): {"gspmd": "JAX: the layer is partitioned by GSPMD on a mesh (the experts then run "
+                                          "block-sparse); torch's meshes shard explicitly"},
 }
 
 

@@ -172,8 +172,9 @@ def orbax_checks(be, tcfg) -> dict:
     return res
 
 
-# (impl, mesh): both grouped-matmul paths, three expert layouts; each pair is one compile.
-EP_CASES = (("blocksparse", "expert=8"), ("blocksparse", "data=2,fsdp=2,expert=2"), ("ragged", "fsdp=4,expert=2"))
+# (impl, mesh): the three grouped-matmul paths, three expert layouts; each pair is one compile.
+EP_CASES = (("loop", "expert=8"), ("blocksparse", "expert=8"), ("blocksparse", "data=2,fsdp=2,expert=2"),
+            ("ragged", "fsdp=4,expert=2"))
 
 
 def ep_checks() -> dict:

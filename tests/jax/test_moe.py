@@ -1,4 +1,5 @@
-"""dsv3_jax MoE: block-sparse == ragged_dot == per-token dense reference; routing rules; bias handling.
+"""dsv3_jax MoE: expert loop == block-sparse == ragged_dot == per-token dense reference; routing rules; bias
+handling.
 
 Trees and arrays are compared with chex (``assert_trees_all_close`` / ``assert_trees_all_equal``), shapes
 with ``chex.assert_shape``; the MoE layer and the router are checked with and without jit (``chex.variants``).
@@ -15,8 +16,8 @@ from flax import nnx
 
 import dsv3_jax.moe
 from dsv3.config import ModelConfig
-from dsv3_jax.moe import (MoE, Router, RouterBias, _blocksparse_swiglu, _ragged_swiglu, default_block_rows,
-                          sort_by_expert)
+from dsv3_jax.moe import (MoE, Router, RouterBias, _blocksparse_swiglu, _loop_swiglu, _ragged_swiglu,
+                          default_block_rows, default_chunk_rows, sort_by_expert)
 
 CFG = ModelConfig.preset("tiny").replace(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2)
 
@@ -56,7 +57,7 @@ def test_expert_paths_agree_with_per_token_reference(moe, skew):
     else:
         idx = jnp.asarray(np.sort(np.stack([rng.choice(E, K, replace=False) for _ in range(N)]), -1), jnp.int32)
     ref = jax.jit(per_token_reference)(x, idx, *_weights(moe))
-    for impl in ("blocksparse", "ragged"):
+    for impl in ("loop", "blocksparse", "ragged"):
         out = nnx.jit(lambda e, x, idx: through_dispatch(e, x, idx, impl))(moe.experts, x, idx)
         chex.assert_shape(out, (N, K, CFG.hidden_size))
         chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5, custom_message=impl)
@@ -84,6 +85,52 @@ def test_blocksparse_any_block_size_and_gradient(moe, bm, chunk_blocks, monkeypa
     g_rg = jax.jit(jax.grad(loss(f_rg), argnums=(0, 1, 2, 3)))(xs, *w)
     chex.assert_trees_all_equal_shapes(g_bs, (xs, *w))
     chex.assert_trees_all_close(g_bs, g_rg, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("c", [1, 4, 64])
+def test_expert_loop_any_chunk_size_and_gradient(moe, c, dtype):
+    """Every chunk size gives the ragged_dot result, forward and gradient: chunks of 1 row, of 4 (experts
+    of 0 to 9 rows: empty experts, partial last chunks whose tails reach the next experts' rows and the
+    padding), and one chunk longer than all 29 rows. bf16 within bf16 rounding of ragged_dot's."""
+    rng = np.random.default_rng(2)
+    M, D, E = 29, CFG.hidden_size, CFG.n_routed_experts
+    sizes = jnp.asarray([0, 9, 3, 0, 5, 1, 7, 4], jnp.int32)  # two empty experts
+    assert sizes.shape == (E,) and int(sizes.sum()) == M
+    xs = jnp.asarray(rng.standard_normal((M, D)), dtype)
+    w = tuple(a.astype(dtype) for a in _weights(moe))
+    f_lp = lambda xs, *w: _loop_swiglu(xs, sizes, *w, c)
+    f_rg = lambda xs, *w: _ragged_swiglu(xs, sizes, *w)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    chex.assert_trees_all_close(jax.jit(f_lp)(xs, *w), f_rg(xs, *w), **tol)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a).astype(jnp.float32)))
+    g_lp = jax.jit(jax.grad(loss(f_lp), argnums=(0, 1, 2, 3)))(xs, *w)
+    g_rg = jax.jit(jax.grad(loss(f_rg), argnums=(0, 1, 2, 3)))(xs, *w)
+    chex.assert_trees_all_equal_shapes_and_dtypes(g_lp, (xs, *w))
+    chex.assert_trees_all_close(g_lp, g_rg, **tol)
+
+
+def test_expert_loop_rows_past_the_groups_get_no_gradient(moe):
+    """Under expert parallelism a shard's rows past sum(sizes) belong to other shards' experts: the loop
+    computes the groups' rows as ragged_dot does and gives the other rows no gradient."""
+    rng = np.random.default_rng(6)
+    M, D, E = 29, CFG.hidden_size, CFG.n_routed_experts
+    sizes = jnp.asarray(np.bincount(rng.integers(0, E, 21), minlength=E), jnp.int32)  # 21 of 29 rows
+    xs = jnp.asarray(rng.standard_normal((M, D)), jnp.float32)
+    w = _weights(moe)
+    f_lp = lambda xs, *w: _loop_swiglu(xs, sizes, *w, 4)[:21]
+    f_rg = lambda xs, *w: _ragged_swiglu(xs, sizes, *w)[:21]
+    chex.assert_trees_all_close(jax.jit(f_lp)(xs, *w), f_rg(xs, *w), rtol=1e-5, atol=1e-6)
+    g_lp = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f_lp(*a))), argnums=(0, 1, 2, 3)))(xs, *w)
+    g_rg = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f_rg(*a))), argnums=(0, 1, 2, 3)))(xs, *w)
+    chex.assert_trees_all_close(g_lp, g_rg, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(g_lp[0][21:]))
+
+
+def test_default_chunk_rows():
+    assert default_chunk_rows(8192, 16) == 256  # peer-small: 2048 tokens x top-4 over 16 experts
+    assert default_chunk_rows(12288, 64) == 128  # medium: 2048 tokens x top-6 over 64 experts
+    assert default_chunk_rows(37 * 3, 8) == 64 and default_chunk_rows(65536, 64) == 256
 
 
 def test_default_block_rows_bounds_padding():
@@ -141,20 +188,23 @@ def test_router_bias_is_not_a_param(moe):
     assert all("bias" not in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads))
 
 
-def test_experts_gradients_blocksparse_equal_ragged(moe):
+def test_experts_gradients_loop_and_blocksparse_equal_ragged(moe):
     """Through the real dispatch (sort, block layout, un-sort): d/dx and d/dw agree between paths."""
     rng = np.random.default_rng(5)
     N, K, E = 23, CFG.num_experts_per_tok, CFG.n_routed_experts
     x = jnp.asarray(rng.standard_normal((N, CFG.hidden_size)), jnp.float32)
     idx = jnp.asarray(np.sort(np.stack([rng.choice(E, K, replace=False) for _ in range(N)]), -1), jnp.int32)
     grads = {}
-    for impl in ("blocksparse", "ragged"):
+    for impl in ("loop", "blocksparse", "ragged"):
         f = lambda e, x, impl=impl: jnp.sum(jnp.sin(through_dispatch(e, x, idx, impl)))
         grads[impl] = nnx.jit(nnx.grad(f, argnums=(0, 1)))(moe.experts, x)
-    (gw_b, gx_b), (gw_r, gx_r) = grads["blocksparse"], grads["ragged"]
-    chex.assert_trees_all_close(gx_b, gx_r, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close({n: gw_b[n][...] for n in ("w1", "w2", "w3")},
-                                {n: gw_r[n][...] for n in ("w1", "w2", "w3")}, rtol=1e-5, atol=1e-6)
+    gw_r, gx_r = grads["ragged"]
+    for impl in ("loop", "blocksparse"):
+        gw, gx = grads[impl]
+        chex.assert_trees_all_close(gx, gx_r, rtol=1e-5, atol=1e-6, custom_message=impl)
+        chex.assert_trees_all_close({n: gw[n][...] for n in ("w1", "w2", "w3")},
+                                    {n: gw_r[n][...] for n in ("w1", "w2", "w3")}, rtol=1e-5, atol=1e-6,
+                                    custom_message=impl)
 
 
 class MoEWithAndWithoutJit(chex.TestCase):
