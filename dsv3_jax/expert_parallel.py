@@ -98,8 +98,8 @@ class ExpertParallelDispatcher(nnx.Module):
             G, El = xs.shape[0], w1.shape[0]
             if impl == "ragged":  # rows past sum(sizes) (other shards' pairs) belong to no group
                 return _ragged_swiglu(xs, sizes, w1, w2, w3)
-            if impl == "loop":  # the same: the loop computes the local experts' rows only
-                return _loop_swiglu(xs, sizes, w1, w2, w3, default_chunk_rows(G, El))
+            if impl == "loop":  # the same: the loop computes the local experts' rows only (G/E each, balanced)
+                return _loop_swiglu(xs, sizes, w1, w2, w3, default_chunk_rows(G, self.n_experts))
             # block-sparse needs every row in a group: other shards' rows ride with the last local
             # expert (computed, then masked out by combine; they get no gradient).
             sizes = sizes.at[El - 1].add(G - jnp.sum(sizes))
