@@ -127,6 +127,27 @@ def test_expert_loop_rows_past_the_groups_get_no_gradient(moe):
     assert not np.any(np.asarray(g_lp[0][21:]))
 
 
+def test_gspmd_partitioned_local_dispatch_runs_block_sparse(moe, monkeypatch):
+    """On a mesh without an expert axis (LocalDispatcher.gspmd, set by use_expert_parallel) "auto" runs
+    block-sparse, whose blocks GSPMD splits over the devices, instead of the loop; on one device, the loop."""
+    from dsv3_jax.moe import LocalDispatcher
+
+    calls = []
+    monkeypatch.setattr(dsv3_jax.moe, "_loop_swiglu", lambda *a: calls.append("loop") or _ragged_swiglu(*a[:5]))
+    monkeypatch.setattr(dsv3_jax.moe, "_blocksparse_swiglu",
+                        lambda *a: calls.append("blocksparse") or _blocksparse_swiglu(*a))
+    rng = np.random.default_rng(7)
+    E, K = CFG.n_routed_experts, CFG.num_experts_per_tok
+    sizes = jnp.asarray(np.bincount(rng.integers(0, E, 12), minlength=E), jnp.int32)
+    xs = jnp.asarray(rng.standard_normal((12, CFG.hidden_size)), jnp.float32)
+    assert moe.experts.impl == "auto" and moe.experts.resolved_impl() == "loop"
+    ref = _ragged_swiglu(xs, sizes, *_weights(moe))
+    for gspmd in (True, False):
+        out = LocalDispatcher(E, K, gspmd=gspmd).compute(moe.experts, xs, sizes)
+        chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert calls == ["blocksparse", "loop"]
+
+
 def test_default_chunk_rows():
     assert default_chunk_rows(8192, 16) == 256  # peer-small: 2048 tokens x top-4 over 16 experts
     assert default_chunk_rows(12288, 64) == 128  # medium: 2048 tokens x top-6 over 64 experts
