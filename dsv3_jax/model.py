@@ -123,7 +123,7 @@ def _is_traced(x) -> bool:
 class DeepSeekV3(nnx.Module):
     """DeepSeek-V3 (MLA + DeepSeekMoE + MTP). ``model(tokens [B,T] int) -> logits [B,T,V]`` (model dtype).
 
-    moe_impl: "auto" | "blocksparse" | "ragged" (grouped expert matmul, see moe.py);
+    moe_impl: "auto" | "loop" | "blocksparse" | "ragged" (grouped expert matmul, see moe.py);
     combine: "grouped" | "eager" (routed-output accumulation, docs/reference.md §4.5);
     scan_layers: hold the main layers as two stacked Blocks run by a scan (``dense_stack``,
     ``moe_stack``; ``layers`` is then None; module docstring); remat: "none" | "full" | "dots".
