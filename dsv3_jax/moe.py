@@ -238,12 +238,12 @@ def _blocksparse_swiglu(xs, sizes, w1, w2, w3, bm: int, rows=None):
 
 
 def default_chunk_rows(M: int, E: int) -> int:
-    """Rows per chunk of the expert loop: the largest power of two in [64, 256] within an expert's
-    balanced share M/E (each expert computes its rows rounded up to whole chunks). Peer-small (512 rows
-    an expert) 256, the medium preset (192) 128: the fastest there of 64, 128 and 256
-    (docs/bench/README.md, "Measured choices in the code")."""
-    c = 64
-    while c < 256 and 2 * c <= M // E:
+    """Rows per chunk of the expert loop: the largest power of two in [8, 256] within half an expert's
+    balanced share M/E (each expert computes its rows rounded up to whole chunks, so small chunks waste
+    less and large ones run faster). Peer-small training (512 rows an expert) 256, the medium preset (192)
+    64, a decoding step of 8 tokens (2) 8 (docs/bench/README.md, "Measured choices in the code")."""
+    c = 8
+    while c < 256 and 4 * c <= M // E:
         c *= 2
     return c
 

@@ -150,8 +150,9 @@ def test_gspmd_partitioned_local_dispatch_runs_block_sparse(moe, monkeypatch):
 
 def test_default_chunk_rows():
     assert default_chunk_rows(8192, 16) == 256  # peer-small: 2048 tokens x top-4 over 16 experts
-    assert default_chunk_rows(12288, 64) == 128  # medium: 2048 tokens x top-6 over 64 experts
-    assert default_chunk_rows(37 * 3, 8) == 64 and default_chunk_rows(65536, 64) == 256
+    assert default_chunk_rows(12288, 64) == 64  # medium: 2048 tokens x top-6 over 64 experts
+    assert default_chunk_rows(32, 16) == 8  # a decoding step of 8 tokens, peer-small
+    assert default_chunk_rows(2048, 16) == 64 and default_chunk_rows(65536, 64) == 256
 
 
 def test_default_block_rows_bounds_padding():
