@@ -166,6 +166,14 @@ def _sum_to(ct: jax.Array, like: jax.Array) -> jax.Array:
     return jax.lax.psum(ct, extra) if extra else ct
 
 
+def _zeros(shape, dtype, *like) -> jax.Array:
+    """Zeros that vary over the mesh axes any of ``like`` varies over (inside shard_map: a loop carry
+    that the loop body's values update must have their type from the start)."""
+    z = jnp.zeros(shape, dtype)
+    axes = tuple(sorted(frozenset().union(*map(_vma, like))))
+    return jax.lax.pcast(z, axes, to="varying") if axes else z
+
+
 @jax.custom_vjp
 def _block_matmul(xb: jax.Array, w: jax.Array, bexp: jax.Array) -> jax.Array:
     """xb [nb, bm, D] @ w[bexp] -> [nb, bm, F]: block g times its expert's weights w[bexp[g]] (w [E, D, F];
@@ -203,11 +211,7 @@ def _block_matmul_bwd(res, g):
         dx = jnp.einsum("gmf,gdf->gmd", gi, w[be])
         return dw.at[be].add(jnp.einsum("gmd,gmf->gdf", blocks(xp), gi)), dx
 
-    dw0 = jnp.zeros_like(w)
-    varying = tuple(sorted((_vma(xp) | _vma(gp) | _vma(bp)) - _vma(w)))  # under shard_map: the carry type
-    if varying:
-        dw0 = jax.lax.pcast(dw0, varying, to="varying")
-    dw, dx = jax.lax.scan(chunk, dw0, jnp.arange(n))
+    dw, dx = jax.lax.scan(chunk, _zeros(w.shape, w.dtype, xp, gp, bp, w), jnp.arange(n))
     return _sum_to(dx.reshape(n * c, *dx.shape[2:])[:bexp.shape[0]], xb), _sum_to(dw, w), None
 
 
@@ -246,14 +250,6 @@ def default_chunk_rows(M: int, E: int) -> int:
     while c < 256 and 4 * c <= M // E:
         c *= 2
     return c
-
-
-def _zeros(shape, dtype, *like) -> jax.Array:
-    """Zeros that vary over the mesh axes any of ``like`` varies over (inside shard_map: a loop carry
-    that the loop body's values update must have their type from the start)."""
-    z = jnp.zeros(shape, dtype)
-    axes = tuple(sorted(frozenset().union(*map(_vma, like))))
-    return jax.lax.pcast(z, axes, to="varying") if axes else z
 
 
 def _each_chunk(sizes: jax.Array, c: int, body, carry):
