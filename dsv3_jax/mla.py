@@ -137,10 +137,13 @@ class MLA(nnx.Module):
         return jnp.concatenate(blocks, axis=1).reshape(B, S, -1)
 
     def _attend_block(self, q, k, v, mask):
-        """attend's maths on one block of queries -> o [B,S,H,V]."""
+        """attend's maths on one block of queries -> o [B,S,H,V].
+
+        p.v is computed heads-major ([B,H,S,V]) and then transposed: written straight into [B,S,H,V], XLA:CPU
+        ran that product at a quarter of its speed (docs/bench/README.md, "Measured choices in the code")."""
         scores = _scale(jnp.einsum("bshd,bthd->bhst", q, k), self.scale)
         p = masked_softmax(scores, mask, q.dtype)
-        return jnp.einsum("bhst,bthv->bshv", p, v)
+        return jnp.einsum("bhst,bthv->bhsv", p, v).transpose(0, 2, 1, 3)
 
     # --------------------------------------------------------------- forward
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, start_pos=0,
