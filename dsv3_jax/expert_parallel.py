@@ -42,7 +42,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dsv3.types import Routing
-from dsv3_jax.moe import _blocksparse_swiglu, _loop_swiglu, _ragged_swiglu, default_block_rows, default_chunk_rows
+from dsv3_jax.moe import (_blocksparse_swiglu, _loop_swiglu, _ragged_swiglu, default_block_rows, default_chunk_rows,
+                         stable_argsort)
 
 TOKENS = ("data", "fsdp", "expert")  # tokens split over every axis (dsv3_jax.sharding.BATCH_AXES)
 
@@ -81,7 +82,7 @@ class ExpertParallelDispatcher(nnx.Module):
             le = (I - jax.lax.axis_index("expert") * El).reshape(-1)    # [G] local expert id
             mine = (le >= 0) & (le < El)
             key = jnp.where(mine, le, El)                               # other shards' pairs last
-            order = jnp.argsort(key, stable=True).astype(jnp.int32)
+            order = stable_argsort(key, El + 1)
             sizes = jnp.bincount(key, length=El + 1)[:El].astype(jnp.int32)
             return X[order // K], sizes, order, mine[order]
 

@@ -24,6 +24,7 @@ ONLY_IN = {
         "silu": "SiLU in fp32 rounded once, as torch's bf16 F.silu kernel does",
         "default_block_rows": "block size of the JAX block-sparse expert matmul (torch loops over experts)",
         "default_chunk_rows": "rows per matmul of the JAX expert loop (torch's loop takes each expert's rows whole)",
+        "stable_argsort": "XLA:CPU's stable argsort is 5x slower than a sort of unique keys (torch.argsort's is fast)",
     },
     ("layers", "torch"): {
         "compute_dtype": "the dtype torch.autocast computes a matmul in (JAX: dtypes are explicit)",

@@ -17,7 +17,7 @@ from flax import nnx
 import dsv3_jax.moe
 from dsv3.config import ModelConfig
 from dsv3_jax.moe import (MoE, Router, RouterBias, _blocksparse_swiglu, _loop_swiglu, _ragged_swiglu,
-                          default_block_rows, default_chunk_rows, sort_by_expert)
+                          default_block_rows, default_chunk_rows, sort_by_expert, stable_argsort)
 
 CFG = ModelConfig.preset("tiny").replace(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2)
 
@@ -146,6 +146,14 @@ def test_gspmd_partitioned_local_dispatch_runs_block_sparse(moe, monkeypatch):
         out = LocalDispatcher(E, K, gspmd=gspmd).compute(moe.experts, xs, sizes)
         chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
     assert calls == ["blocksparse", "loop"]
+
+
+@pytest.mark.parametrize("bound", [1, 5, 16, 2**28])  # 2**28: keys * M would overflow int32, argsort's path
+def test_stable_argsort_is_argsort(bound):
+    keys = jnp.asarray(np.random.default_rng(bound).integers(0, min(bound, 1000), 97), jnp.int32)
+    got = stable_argsort(keys, bound)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.argsort(np.asarray(keys), kind="stable"))
 
 
 def test_default_chunk_rows():
