@@ -287,27 +287,35 @@ def _loop_swiglu(xs, sizes, w1, w2, w3, c: int):
 
     Forward and backward are one loop each (the custom VJP): the backward zeroes the cotangent rows
     outside the chunk's expert, so a chunk's weight gradients sum its own rows only, and accumulates
-    each expert's weight gradients in place; the forward keeps x w1 and x w3 for it."""
-    return _loop_swiglu_fwd(xs, sizes, w1, w2, w3, c)[0]
+    each expert's weight gradients in place; the forward keeps x w1 and x w3 for it (a call without a
+    gradient, e.g. inference, does not)."""
+    return _loop_forward(xs, sizes, w1, w2, w3, c, keep=False)[0]
 
 
-def _loop_swiglu_fwd(xs, sizes, w1, w2, w3, c):
+def _loop_forward(xs, sizes, w1, w2, w3, c: int, keep: bool):
+    """-> (y [M, D], xs padded by c rows, and with ``keep`` x w1 and x w3 of every row [M + c, F])."""
     M, D = xs.shape
     F = w1.shape[2]
     xp = jnp.pad(xs, ((0, c), (0, 0)))  # the last chunk may reach c - 1 rows past M
 
     def chunk(e, s, r, carry):
-        y, A, B = carry
         x = _rows(xp, r, c)
         a, b = x @ w1[e], x @ w3[e]
-        return _put(y, _swiglu_act(a, b) @ w2[e], r), _put(A, a, r), _put(B, b, r)
+        y = _put(carry[0], _swiglu_act(a, b) @ w2[e], r)
+        return (y, _put(carry[1], a, r), _put(carry[2], b, r)) if keep else (y,)
 
     like = (xs, w1, w2, w3)
-    init = (_zeros((M + c, D), xs.dtype, *like), _zeros((M + c, F), xs.dtype, *like),
-            _zeros((M + c, F), xs.dtype, *like))
+    init = (_zeros((M + c, D), xs.dtype, *like),)
+    if keep:
+        init += (_zeros((M + c, F), xs.dtype, *like), _zeros((M + c, F), xs.dtype, *like))
     with jax.named_scope("expert_loop"):  # the name profiles attribute the loop's kernels by
-        y, A, B = _each_chunk(sizes, c, chunk, init)
-    return y[:M], (xp, A, B, sizes, w1, w2, w3)
+        y, *kept = _each_chunk(sizes, c, chunk, init)
+    return (y[:M], xp, *kept)
+
+
+def _loop_swiglu_fwd(xs, sizes, w1, w2, w3, c):
+    y, xp, A, B = _loop_forward(xs, sizes, w1, w2, w3, c, keep=True)
+    return y, (xp, A, B, sizes, w1, w2, w3)
 
 
 def _loop_swiglu_bwd(c, res, g):
