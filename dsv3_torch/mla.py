@@ -72,6 +72,11 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype)
     return F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
+# The most score entries (B*H*S*T, 256 MiB in fp32) an fp32 call attends to by the explicit matmuls under
+# torch.compile (MLA._attend_window); longer windows keep the fused kernel, which keeps no probabilities.
+COMPILED_EXPLICIT_SCORES = 1 << 26
+
+
 class MLA(nn.Module):
     """Attention block: wq | (wq_a, q_norm, wq_b), wkv_a, kv_norm, wkv_b, wo."""
 
@@ -223,13 +228,17 @@ class MLA(nn.Module):
         """The training forward's attention of the S queries at start_pos.. on the T = start_pos + S keys
         -> o [B,S,H*V]: fp32 by torch's fused kernel (``_attend_sdpa``), bf16 by ``attend``, also under bf16
         autocast, where the CPU fused kernel is slower than the explicit bf16 matmuls (docs/bench/README.md,
-        "bf16"). mask None: causal.
+        "bf16"). Under torch.compile fp32 also takes ``attend`` where the call's scores are at most
+        ``COMPILED_EXPLICIT_SCORES`` entries: Inductor fuses the scale, mask and softmax and their backward
+        around the matmuls, a faster step than the fused kernel's (docs/bench/README.md, "Measured choices
+        in the code"), and the probabilities it keeps for the backward stay small. mask None: causal.
 
         ``attend`` runs in causal query blocks (``dsv3.flops.causal_query_block``), each block on the keys
         up to its own last position, which the later ones are masked for anyway: the same output (bit for bit
         in the tests), with fewer score and value FLOPs (the fused kernel skips the masked blocks itself)."""
-        S, T = q.shape[2], k.shape[2]
-        if compute_dtype(q) == torch.float32:
+        B, H, S, T = *q.shape[:3], k.shape[2]
+        explicit = torch.compiler.is_compiling() and B * H * S * T <= COMPILED_EXPLICIT_SCORES
+        if compute_dtype(q) == torch.float32 and not explicit:
             return self._attend_sdpa(q, k, v, causal_mask(start_pos, S, T, q.device) if mask is None and start_pos
                                      else mask)
         mask = causal_mask(start_pos, S, T, q.device) if mask is None else mask
