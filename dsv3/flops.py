@@ -41,6 +41,7 @@ Conventions (the documented formula)
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict
+from functools import partial
 
 from dsv3.config import ModelConfig
 
@@ -280,13 +281,24 @@ class Matmul:
         return self.b, self.m, self.k, self.n, self.layout
 
 
-def _linear(rows: int, d_in: int, d_out: int, count: float, what: str, train: bool) -> list[Matmul]:
-    """y[rows, out] = x · Wᵀ; in training also dx = dy · W and dW = dyᵀ · x."""
-    out = [Matmul(1, rows, d_in, d_out, "nt", count, what)]
-    if train:
-        out += [Matmul(1, rows, d_out, d_in, "nn", count, what + " dx"),
+KERNELS = ("out_in", "in_out")
+
+
+def _linear(rows: int, d_in: int, d_out: int, count: float, what: str, train: bool,
+            kernels: str = "out_in", dx: str | None = None) -> list[Matmul]:
+    """A Linear's products. ``kernels="out_in"`` (torch, W [out, in]): y = x · Wᵀ (nt), dx = dy · W (nn),
+    dW = dyᵀ · x (tn, [out, in]); ``"in_out"`` (Flax, W [in, out]): y = x · W (nn), dx = dy · Wᵀ (nt),
+    dW = xᵀ · dy (tn, [in, out]). ``dx`` overrides the layout of dx (an expert loop that transposes its
+    weights once)."""
+    if kernels == "out_in":
+        out = [Matmul(1, rows, d_in, d_out, "nt", count, what)]
+        back = [Matmul(1, rows, d_out, d_in, dx or "nn", count, what + " dx"),
                 Matmul(1, d_out, rows, d_in, "tn", count, what + " dW")]
-    return out
+    else:
+        out = [Matmul(1, rows, d_in, d_out, "nn", count, what)]
+        back = [Matmul(1, rows, d_out, d_in, dx or "nt", count, what + " dx"),
+                Matmul(1, d_in, rows, d_out, "tn", count, what + " dW")]
+    return out + back if train else out
 
 
 def _attention(cfg: ModelConfig, batch: int, seq: int, count: float, train: bool) -> list[Matmul]:
@@ -301,53 +313,62 @@ def _attention(cfg: ModelConfig, batch: int, seq: int, count: float, train: bool
     return out
 
 
-def _mla(cfg: ModelConfig, batch: int, seq: int, count: float, train: bool) -> list[Matmul]:
+def _mla(cfg: ModelConfig, batch: int, seq: int, count: float, train: bool, kernels: str) -> list[Matmul]:
     N, D, H = batch * seq, cfg.hidden_size, cfg.num_attention_heads
     C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    lin = partial(_linear, count=count, train=train, kernels=kernels)
     if cfg.q_lora_rank is None:
-        out = _linear(N, D, H * cfg.qk_head_dim, count, "wq", train)
+        out = lin(N, D, H * cfg.qk_head_dim, what="wq")
     else:
-        out = _linear(N, D, cfg.q_lora_rank, count, "wq_a", train)
-        out += _linear(N, cfg.q_lora_rank, H * cfg.qk_head_dim, count, "wq_b", train)
-    out += _linear(N, D, C + R, count, "wkv_a", train)
-    out += _linear(N, C, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), count, "wkv_b", train)
+        out = lin(N, D, cfg.q_lora_rank, what="wq_a")
+        out += lin(N, cfg.q_lora_rank, H * cfg.qk_head_dim, what="wq_b")
+    out += lin(N, D, C + R, what="wkv_a")
+    out += lin(N, C, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), what="wkv_b")
     out += _attention(cfg, batch, seq, count, train)
-    return out + _linear(N, H * cfg.v_head_dim, D, count, "wo", train)
+    return out + lin(N, H * cfg.v_head_dim, D, what="wo")
 
 
-def _swiglu(rows: int, d: int, width: int, count: float, what: str, train: bool) -> list[Matmul]:
-    return (_linear(rows, d, width, 2 * count, what + " w1/w3", train)
-            + _linear(rows, width, d, count, what + " w2", train))
+def _swiglu(rows: int, d: int, width: int, count: float, what: str, train: bool, kernels: str,
+            dx: str | None = None) -> list[Matmul]:
+    return (_linear(rows, d, width, 2 * count, what + " w1/w3", train, kernels, dx)
+            + _linear(rows, width, d, count, what + " w2", train, kernels, dx))
 
 
-def _moe(cfg: ModelConfig, tokens: int, count: float, train: bool) -> list[Matmul]:
-    """Router, the E routed experts on their balanced share of the routed rows, the shared experts."""
+def _moe(cfg: ModelConfig, tokens: int, count: float, train: bool, kernels: str) -> list[Matmul]:
+    """Router, the E routed experts on their balanced share of the routed rows, the shared experts. With
+    ``in_out`` kernels the routed experts' dx is ``nn``: dsv3_jax's expert loop transposes its weights
+    once before its backward (``dsv3_jax.moe._loop_swiglu_bwd``)."""
     D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     routed = tokens * cfg.num_experts_per_tok  # rows over all experts
     rows = max(1, round(routed / E))
-    out = _linear(tokens, D, E, count, "router", train)
-    out += _swiglu(rows, D, F, count * routed / rows, "routed expert", train)
+    out = _linear(tokens, D, E, count, "router", train, kernels)
+    out += _swiglu(rows, D, F, count * routed / rows, "routed expert", train, kernels,
+                   dx="nn" if kernels == "in_out" else None)
     if cfg.n_shared_experts:
-        out += _swiglu(tokens, D, cfg.n_shared_experts * F, count, "shared experts", train)
+        out += _swiglu(tokens, D, cfg.n_shared_experts * F, count, "shared experts", train, kernels)
     return out
 
 
-def step_matmuls(cfg: ModelConfig, batch: int, seq_len: int, mtp: bool = True, train: bool = True) -> list[Matmul]:
+def step_matmuls(cfg: ModelConfig, batch: int, seq_len: int, mtp: bool = True, train: bool = True,
+                 kernels: str = "out_in") -> list[Matmul]:
     """Every matmul of one step over ``batch`` windows of ``seq_len`` tokens (forward, and with ``train``
     its backward), equal shapes merged: their FLOPs sum to ``train_flops_per_step`` (or
-    ``forward_flops_per_step``). ``dsv3 bench`` times each shape alone and sums the times into the
-    step's matmul floor."""
+    ``forward_flops_per_step``). ``kernels``: how the framework stores a Linear's weight (``out_in``:
+    torch's [out, in]; ``in_out``: Flax's [in, out]), which sets each product's operand layout
+    (``_linear``). ``dsv3 bench`` times each shape alone and sums the times into the step's matmul floor."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, not {kernels!r}")
     N, D, V = batch * seq_len, cfg.hidden_size, cfg.vocab_size
     L, n_dense = cfg.num_hidden_layers, cfg.first_k_dense_replace
-    out = _mla(cfg, batch, seq_len, L, train)
-    out += _swiglu(N, D, cfg.intermediate_size, n_dense, "dense MLP", train)
-    out += _moe(cfg, N, cfg.n_moe_layers, train)
-    out += _linear(N, D, V, 1, "head", train)
+    out = _mla(cfg, batch, seq_len, L, train, kernels)
+    out += _swiglu(N, D, cfg.intermediate_size, n_dense, "dense MLP", train, kernels)
+    out += _moe(cfg, N, cfg.n_moe_layers, train, kernels)
+    out += _linear(N, D, V, 1, "head", train, kernels)
     depths = cfg.num_nextn_predict_layers if mtp else 0
     if depths:
-        out += _linear(N, 2 * D, D, depths, "MTP eh_proj", train)
-        out += _mla(cfg, batch, seq_len, depths, train) + _moe(cfg, N, depths, train)
-        out += _linear(N, D, V, depths, "head", train)
+        out += _linear(N, 2 * D, D, depths, "MTP eh_proj", train, kernels)
+        out += _mla(cfg, batch, seq_len, depths, train, kernels) + _moe(cfg, N, depths, train, kernels)
+        out += _linear(N, D, V, depths, "head", train, kernels)
     merged: dict[tuple, Matmul] = {}
     for mm in out:
         if mm.shape in merged:

@@ -77,12 +77,13 @@ def _check_long(res, md, framework):
 def _check_floor(res, md, framework, cfg, train):
     """Every distinct matmul of the step (MTP on and off) timed once; each train row against its floor."""
     f = res["floors"][framework]
-    shapes = {m.shape for mtp in (True, False) for m in flops.step_matmuls(cfg, 2, 16, mtp=mtp)}
+    kernels = "in_out" if framework == "jax" else "out_in"
+    shapes = {m.shape for mtp in (True, False) for m in flops.step_matmuls(cfg, 2, 16, mtp=mtp, kernels=kernels)}
     assert {(e["b"], e["m"], e["k"], e["n"], e["layout"]) for e in f["matmuls"]} == shapes
     for e in f["matmuls"]:
         assert e["net_s"] == max(0, e["median_s"] - f["call_overhead_s"])
     for key, mtp in (("on", True), ("off", False)):
-        counts = {m.shape: m.count for m in flops.step_matmuls(cfg, 2, 16, mtp=mtp)}
+        counts = {m.shape: m.count for m in flops.step_matmuls(cfg, 2, 16, mtp=mtp, kernels=kernels)}
         want = sum(counts.get((e["b"], e["m"], e["k"], e["n"], e["layout"]), 0)
                    * max(0, e["median_s"] - f["call_overhead_s"]) for e in f["matmuls"])
         assert f["floor_s"][key] == pytest.approx(want) and f["call_overhead_s"] > 0
@@ -112,9 +113,32 @@ def test_adapter_matmul_layouts(framework):
             a, w = (np.asarray(v, np.float64) for v in call.operands)
             assert (a.shape, w.shape) == operand_shapes(b, 5, 7, 11, layout)
             x, y = (np.swapaxes(a, -1, -2) if layout == "tn" else a), (np.swapaxes(w, -1, -2) if layout == "nt" else w)
-            out = np.asarray(call())
+            out = np.asarray(call())  # JAX's: the last of the products its loop repeats
             assert out.shape == ((b,) if b > 1 else ()) + (5, 11)
             np.testing.assert_allclose(out, x @ y, rtol=1e-5, atol=1e-5)
+            assert getattr(call, "products", 1) == (64 if framework == "jax" else 1)
+    if framework == "jax":  # repeats sized to ~2e8 multiply-adds a call, 4 to 64
+        assert ad.matmul(1, 2048, 2048, 2048, "nn").products == 4
+        assert ad.matmul(1, 512, 256, 128, "nt").products == 12
+
+
+def test_floor_time_is_per_product(monkeypatch):
+    """A call that repeats its product n times (JAX's) is timed whole; every figure is divided by n."""
+    from dsv3.bench import peak
+    from dsv3.bench.timing import Timing
+
+    whole = Timing(first_s=8.0, median_s=4.0, p25_s=2.0, p75_s=6.0, min_s=1.0, max_s=9.0, reps=3,
+                   times_s=[1.0, 4.0, 9.0], warmup_s=[8.0])
+    monkeypatch.setattr(peak, "measure", lambda fn, sync, warmup, reps: whole)
+
+    def fn():
+        return None
+
+    assert peak._time(fn, lambda _: None, 0.01) == whole
+    fn.products = 4
+    t = peak._time(fn, lambda _: None, 0.01)
+    assert (t.first_s, t.median_s, t.p25_s, t.p75_s, t.min_s, t.max_s) == (2.0, 1.0, 0.5, 1.5, 0.25, 2.25)
+    assert t.times_s == [0.25, 1.0, 2.25] and t.warmup_s == [2.0] and t.reps == 3 and t.iqr_rel == whole.iqr_rel
 
 
 def _ok(res, section, framework):

@@ -93,14 +93,18 @@ def test_forward_flops_is_two_active_params_plus_attention(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("mtp", [True, False])
-def test_step_matmuls_sum_to_the_step_flops(name, mtp):
-    """The bench's floor times these products: their FLOPs are the step's, forward and training."""
+@pytest.mark.parametrize("kernels", flops.KERNELS)
+def test_step_matmuls_sum_to_the_step_flops(name, mtp, kernels):
+    """The bench's floor times these products: their FLOPs are the step's, forward and training, whichever
+    way the framework stores its weights."""
     cfg = ModelConfig.preset(name)
     for train, want in ((True, flops.train_flops_per_step), (False, flops.forward_flops_per_step)):
-        mms = flops.step_matmuls(cfg, 8, 256, mtp=mtp, train=train)
+        mms = flops.step_matmuls(cfg, 8, 256, mtp=mtp, train=train, kernels=kernels)
         assert sum(m.flops for m in mms) == pytest.approx(want(cfg, 8, 256, mtp=mtp), rel=1e-12)
         assert len({m.shape for m in mms}) == len(mms)  # equal shapes merged
         assert {m.layout for m in mms} == ({"nn", "nt", "tn"} if train else {"nn", "nt"})
+    with pytest.raises(ValueError):
+        flops.step_matmuls(cfg, 8, 256, kernels="in-out")
 
 
 def test_step_matmuls_of_peer_small_by_hand():
@@ -113,6 +117,15 @@ def test_step_matmuls_of_peer_small_by_hand():
     assert mms[(1, 128, 512, 256, "tn")].what == "routed expert w1/w3 dW"  # dW[F, D] = dyᵀ · x
     scores = mms[(64, 256, 48, 256, "nt")]  # batch 8 x 8 heads; q·kᵀ over qk_head_dim 48
     assert scores.count == pytest.approx(4 * 257 / 512) and scores.what == "attention scores"
+    # Flax kernels [in, out]: a Linear's forward is x·W (nn), its dW = xᵀ·dy [D, F]; the expert loop's dx
+    # runs on transposed weights (nn): w1/w3's forward is the same product as w2's dx, and the other way round
+    jx = {m.shape: m for m in flops.step_matmuls(cfg, 8, 256, mtp=False, kernels="in_out")}
+    assert jx[(1, 512, 256, 128, "nn")].what == "routed expert w1/w3, routed expert w2 dx"
+    assert jx[(1, 512, 256, 128, "nn")].count == 96 + 48
+    assert jx[(1, 512, 128, 256, "nn")].what == "routed expert w1/w3 dx, routed expert w2"
+    assert jx[(1, 256, 512, 128, "tn")].what == "routed expert w1/w3 dW"
+    assert jx[(1, 2048, 768, 256, "nt")].what == "dense MLP w1/w3 dx"  # dy·Wᵀ, W [256, 768]
+    assert jx[(64, 256, 48, 256, "nt")] == scores  # attention's products do not depend on the kernels
 
 
 def test_forward_flops_hand_count_tiny():

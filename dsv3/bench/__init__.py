@@ -9,7 +9,7 @@ expanded cache, and the MoE layer alone against a dense SwiGLU of the same
 active FLOPs. Utilisation is model FLOPs (``dsv3/flops.py``) over the matmul
 peak measured in the same run, per framework and dtype; each training row also
 stands against its step's matmul floor (``peak.measure_floor``: the step's own
-matmuls, each timed alone).
+matmuls in the framework's operand layouts, each timed alone).
 
 Writes ``bench.json``, ``bench.md`` and ``bench.png`` to ``--out``. Targets
 are reported with pass/miss, never asserted. Heavy imports (torch, jax,

@@ -10,18 +10,24 @@ best median throughput.
 
 The floor of a training step is the time of its matmuls alone: every distinct
 product of the step (``dsv3.flops.step_matmuls``: shape, batch and operand
-layout) timed the same way on its own, times how often the step computes it,
-summed. A step can only come near it by doing nothing but those matmuls, each at
-the speed it reaches alone; a model whose matmuls are all smaller than the
-peak's shapes has a floor well above FLOPs / peak. The time of a 1×1×1 product
-(the framework's cost of one call) is taken off each product's time: a compiled
-step does not pay it per product.
+layout, the layouts of how the framework stores a Linear's weight: torch
+[out, in], Flax [in, out]) timed the same way on its own, times how often the
+step computes it, summed. A step can only come near it by doing nothing but
+those matmuls, each at the speed it reaches alone; a model whose matmuls are all
+smaller than the peak's shapes has a floor well above FLOPs / peak. The time of
+a 1×1×1 product (the framework's cost of one call) is taken off each product's
+time: a compiled step does not pay it per product. JAX times each product as a
+jitted loop of repeats (``rows_jax.JaxAdapter.matmul``), since XLA:CPU runs a
+small product called on its own up to twice as slow as inside a compiled step;
+its peak sweep likewise.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dsv3 import flops
-from dsv3.bench.timing import call_s, measure
+from dsv3.bench.timing import Timing, call_s, measure
 
 # (M, K, N): C[M, N] = A[M, K] @ B[K, N]
 CPU_SHAPES = [
@@ -46,10 +52,19 @@ def _reps_for(one_call_s: float, target_s: float, lo: int = 3, hi: int = 50) -> 
     return int(max(lo, min(hi, target_s / max(one_call_s, 1e-6))))
 
 
-def _time(fn, sync, target_s: float):
-    """One product's timing: reps sized to about target_s after a first call and one warm-up."""
+def _time(fn, sync, target_s: float) -> Timing:
+    """One product's timing: reps sized to about target_s after a first call and one warm-up. A call that
+    repeats its product (``fn.products`` times, JAX's: ``rows_jax.JaxAdapter.matmul``) is timed whole and
+    its times divided by that count."""
     one = (call_s(fn, sync) + call_s(fn, sync)) / 2
-    return measure(fn, sync, warmup=1, reps=_reps_for(one, target_s))
+    t = measure(fn, sync, warmup=1, reps=_reps_for(one, target_s))
+    n = getattr(fn, "products", 1)
+    if n == 1:
+        return t
+    per = lambda v: v / n  # noqa: E731
+    return replace(t, first_s=per(t.first_s), median_s=per(t.median_s), p25_s=per(t.p25_s), p75_s=per(t.p75_s),
+                   min_s=per(t.min_s), max_s=per(t.max_s), times_s=[per(v) for v in t.times_s],
+                   warmup_s=[per(v) for v in t.warmup_s])
 
 
 def _sweep(make_fn, sync, shapes, target_s: float) -> dict:
@@ -81,7 +96,7 @@ def measure_floor(ad, cfg, batch: int, seq: int, mtps, quick: bool) -> dict:
     {"floor_s": {"on" | "off": seconds}, "call_overhead_s": a 1×1×1 product's time, "matmuls": [each distinct
     product: shape, layout, what, how often per step with MTP on and off, its median seconds alone, GFLOP/s,
     and ``net_s``, that time less the call overhead]}; the floor sums each product's ``net_s``."""
-    per = {("on" if m else "off"): flops.step_matmuls(cfg, batch, seq, mtp=m) for m in mtps}
+    per = {("on" if m else "off"): flops.step_matmuls(cfg, batch, seq, mtp=m, kernels=ad.kernels) for m in mtps}
     table: dict[tuple, dict] = {}
     for key, mms in per.items():
         for mm in mms:

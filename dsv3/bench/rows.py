@@ -55,6 +55,7 @@ class Adapter:
     """
 
     framework = ""
+    kernels = "out_in"  # how a Linear's weight is stored: the floor's operand layouts (dsv3.flops.step_matmuls)
 
     def __init__(self, ctx: Ctx, dtype: Optional[str] = None):
         self.ctx = ctx
