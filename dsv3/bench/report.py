@@ -335,7 +335,7 @@ def _floor_table(res: dict) -> list[str]:
     L = ["### Matmul floor of the training step (`dsv3.flops.step_matmuls`, each product timed alone; "
          "JAX's in a jitted loop of its repeats, as a compiled step runs it)", "",
          "; ".join(f"{fw}: " + ", ".join(f"MTP {k} {v * 1e3:.1f} ms" for k, v in f["floor_s"].items())
-                   + f" (less {f['call_overhead_s'] * 1e6:.0f} µs a product, a 1×1×1 call)"
+                   + f" (less {f['call_overhead_s'] * 1e6:.1f} µs a product, a 1×1×1 call)"
                    for fw, f in floors.items())
          + ". Products of 2% of a floor or more (with MTP when measured), largest first:", "",
          "| framework | products | b × M × K × N | layout | per step | ms each | GFLOP/s | share of floor |",
