@@ -157,9 +157,10 @@ class JaxAdapter(Adapter):
     def matmul(self, b, M, K, N, layout):
         """``products`` repeats of the product in one jitted loop (a call returns the last): XLA:CPU runs
         a small product called alone up to twice as slow as the same product inside a compiled step
-        (512×256×128, nn and nt: 78–105 GFLOP/s alone, 134–168 in a loop of 16; docs/bench/README.md), so timing it
-        alone would overstate the step's matmul time. Each repeat depends on the one before (its result
-        is added, times a zero the compiler cannot see, to one operand element), so none is hoisted."""
+        (512×256×128, nn and nt: 78–105 GFLOP/s alone, 134–168 in a loop of 16; docs/bench/README.md),
+        so timing it alone would overstate the step's matmul time. Each repeat depends on the one before
+        (its result is added, times a zero the compiler cannot see, to one operand element), so none is
+        hoisted."""
         import jax
         import jax.numpy as jnp
 
