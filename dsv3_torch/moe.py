@@ -191,6 +191,10 @@ class Experts(nn.Module):
     slice/index loop, a block-padded bmm and ``torch._grouped_mm`` (whose CPU
     fp32 backward raises in torch 2.13); all agree exactly with the loop in
     fp32 and bf16 (figures: docs/bench/README.md, "Measured choices in the code").
+    Where a gradient is recorded in eager mode with the weights' own dtype (fp32 training), the same
+    per-expert products run in ``_GroupedSwiGLU``, which writes them into whole [M, *] and [E, *, *]
+    buffers: autograd's loop would cat the experts' outputs and input gradients and stack each weight's
+    per-expert gradients, a copy of every weight gradient each step.
     """
 
     def __init__(self, cfg: ModelConfig, dtype=torch.float32, device=None):
@@ -213,6 +217,8 @@ class Experts(nn.Module):
         w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
         pad = LOW_PRECISION_ROW_MULTIPLE if (not compiling and x_sorted.device.type == "cpu"
                                              and dtype in (torch.bfloat16, torch.float16)) else 1
+        if not compiling and pad == 1 and dtype == x_sorted.dtype == w1.dtype and torch.is_grad_enabled():
+            return _GroupedSwiGLU.apply(x_sorted, w1, w2, w3, group_sizes)
         outs = [_swiglu(x, w1_, w2_, w3_, pad)
                 for x, w1_, w2_, w3_, n in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0),
                                                w3.unbind(0), group_sizes) if compiling or n]
@@ -239,6 +245,62 @@ def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tenso
     if not pad:
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
     return _swiglu(F.pad(x, (0, 0, 0, pad)), w1, w2, w3)[:n]
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """x_sorted [M, D] grouped by expert, stacked w1, w3 [E, F, D] and w2 [E, D, F], group_sizes [E]
+    (host ints) -> y_sorted [M, D]: ``Experts.forward``'s per-expert SwiGLU, the same products in the
+    same order (outputs and gradients bit-identical to autograd's loop, tested), written into whole
+    buffers by slice instead of cat and stack.
+
+    forward keeps x w1 and x w3 of every row [M, F] for the backward (autograd's loop kept those and
+    silu(x w1) and the SwiGLU product besides); backward recomputes silu and the product from them.
+    An expert without rows gets zero weight gradients, as from autograd's stack."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, w3, sizes):
+        M, F_ = x.shape[0], w1.shape[1]
+        y, a_all, b_all = x.new_empty(x.shape), x.new_empty(M, F_), x.new_empty(M, F_)
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                r = slice(start, start + n)
+                a, b = torch.mm(x[r], w1[e].t(), out=a_all[r]), torch.mm(x[r], w3[e].t(), out=b_all[r])
+                torch.mm(F.silu(a) * b, w2[e].t(), out=y[r])
+                start += n
+        y[start:].zero_()  # rows past the experts' (none where sizes sum to M)
+        ctx.sizes = sizes
+        ctx.save_for_backward(x, w1, w2, w3, a_all, b_all)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w1, w2, w3, a_all, b_all = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
+        gx = torch.empty_like(x) if need_x else None
+        g1, g2, g3 = (torch.empty_like(w) for w in (w1, w2, w3)) if need_w else (None, None, None)
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            if not n:
+                if need_w:
+                    for g in (g1, g2, g3):
+                        g[e].zero_()
+                continue
+            r = slice(start, start + n)
+            a, b, g_e = a_all[r], b_all[r], gy[r]
+            sa = F.silu(a)
+            dh = g_e.mm(w2[e])
+            da, db = torch.ops.aten.silu_backward(dh * b, a), dh * sa
+            if need_w:
+                torch.mm(g_e.t(), sa * b, out=g2[e])
+                torch.mm(da.t(), x[r], out=g1[e])
+                torch.mm(db.t(), x[r], out=g3[e])
+            if need_x:
+                torch.add(da.mm(w1[e]), db.mm(w3[e]), out=gx[r])
+            start += n
+        if need_x:
+            gx[start:].zero_()
+        return gx, g1, g2, g3, None
 
 
 def group_sizes(counts: torch.Tensor, rows: int) -> list[int]:

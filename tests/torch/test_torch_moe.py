@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv3_torch
 from dsv3 import ModelConfig
@@ -70,13 +71,28 @@ def test_experts_run_only_on_their_own_tokens():
     assert torch.isfinite(y[~chose]).all()
 
 
+class _ForwardMatmulRows(TorchDispatchMode):
+    """Records the rows of every matmul dispatched while active (F.linear and torch.mm both reach aten.mm)."""
+
+    def __enter__(self):
+        self.rows = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.mm:
+            self.rows.append(args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
                          ids=["bf16-weights", "bf16-autocast", "fp32"])
-def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights, autocast):
+def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(weights, autocast):
     """In bf16 on the CPU an expert's rows beyond LOW_PRECISION_ROW_MULTIPLE are computed zero-padded to
     a multiple of it (a bounded set of matmul shapes; fp32 is not padded); its outputs and all gradients
     equal the unpadded computation's, expert by expert, bit for bit (the pad rows' outputs are cut off,
-    so their zero output gradients add nothing to the weight gradients)."""
+    so their zero output gradients add nothing to the weight gradients). fp32 training runs the experts in
+    ``_GroupedSwiGLU`` (whole buffers, no cat or stack): the same products, outputs and gradients as
+    autograd's loop bit for bit, the expert without rows getting zero weight gradients."""
     from dsv3_torch import moe as moe_mod
 
     m = moe_mod.LOW_PRECISION_ROW_MULTIPLE
@@ -90,12 +106,16 @@ def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, wei
     x = torch.randn(sum(sizes), CFG.hidden_size, dtype=ex.w1.dtype, requires_grad=True)
     dy = torch.randn(sum(sizes), CFG.hidden_size)
 
-    rows = []
-    linear = F.linear
-    monkeypatch.setattr(F, "linear", lambda a, w, b=None: rows.append(a.shape[0]) or linear(a, w, b))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = ex(x, sizes)
-    monkeypatch.setattr(F, "linear", linear)
+    grouped = moe_mod._GroupedSwiGLU.apply
+    used = []
+    moe_mod._GroupedSwiGLU.apply = lambda *a: used.append(1) or grouped(*a)
+    try:
+        with _ForwardMatmulRows() as mm, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = ex(x, sizes)
+    finally:
+        moe_mod._GroupedSwiGLU.apply = grouped
+    rows = mm.rows
+    assert bool(used) == (not low)
     (y.float() * dy).sum().backward()
     got = [y.detach(), x.grad] + [p.grad for p in ex.parameters()]
     # bf16: m + 1, m + 5 -> 2m; 3m - 1 -> 3m; up to m rows as they are
@@ -112,6 +132,36 @@ def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, wei
     for a, b in zip(got, want):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_grouped_swiglu_gives_only_the_gradients_asked_for():
+    """_GroupedSwiGLU with frozen weights or a constant input: the other side's gradients equal autograd's
+    loop bit for bit, and none is made for what needs none."""
+    from dsv3_torch import moe as moe_mod
+
+    sizes = [5, 0, 9, 2, 0, 4, 1, 3]
+    ex = moe_mod.Experts(CFG.replace(n_routed_experts=len(sizes)))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.2)
+    x0, dy = torch.randn(sum(sizes), CFG.hidden_size), torch.randn(sum(sizes), CFG.hidden_size)
+    for frozen in (True, False):
+        x = x0.clone().requires_grad_(frozen)
+        ex.requires_grad_(not frozen)
+        ex.zero_grad(set_to_none=True)
+        (ex(x, sizes) * dy).sum().backward()
+        got = [x.grad] + [p.grad for p in ex.parameters()]
+        x.grad = None
+        ex.zero_grad(set_to_none=True)
+        ref = torch.cat([moe_mod._swiglu(xe, a, b, c) for xe, a, b, c, n in
+                         zip(x.split(sizes), ex.w1.unbind(0), ex.w2.unbind(0), ex.w3.unbind(0), sizes) if n])
+        (ref * dy).sum().backward()
+        want = [x.grad] + [p.grad for p in ex.parameters()]
+        assert [g is None for g in got] == [g is None for g in want] == [not frozen] + [frozen] * 3
+        for a, b in zip(got, want):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_dispatch_sorts_pairs_by_expert():
