@@ -43,8 +43,8 @@ class Adapter:
       of no arguments;
     - ``decoder()``: (init_cache(batch, max_len, kind), forward_cached(tokens, cache, pos) -> (logits, cache));
     - ``tokens(a)``: int token ids [B, S] on the device; ``next_token(logits)``: the greedy next token [B, 1];
-    - ``moe_and_dense(x, dense_w)``: {"moe" | "dense": (forward(), forward_and_backward(), extra row
-      fields)} from the numpy arrays of :func:`moe_inputs`;
+    - ``moe_and_dense(x, dense_w, dy)``: {"moe" | "dense": (forward(), forward_and_backward(), extra row
+      fields)} from the numpy arrays of :func:`moe_inputs` (the backward takes dy as the output's gradient);
     - ``matmul(b, M, K, N, layout)``: one product of :func:`operand_shapes` as a call of no arguments (its
       ``operands``: the two stored operands), and
       ``peak_info()``, the peak sweep's record of the device;
@@ -196,15 +196,20 @@ def _decode_row(ctx: Ctx, ad: Adapter, dec, kind: str, n: int, name: str) -> Non
 
 
 # ---------------------------------------------------------------- MoE layer
-def moe_inputs(ctx: Ctx) -> tuple[np.ndarray, tuple]:
-    """Activations [B, T, D] and the dense SwiGLU's (w1 [D, W], w2 [W, D], w3 [D, W]), W the
-    width of the same active FLOPs as the MoE layer; fp32, seed 2."""
+def moe_inputs(ctx: Ctx) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """Activations [B, T, D], the dense SwiGLU's (w1 [D, W], w2 [W, D], w3 [D, W]), W the width of the
+    same active FLOPs as the MoE layer, and the output gradient dy [B, T, D] of the forward + backward
+    rows; fp32, seed 2.
+
+    dy is random, as a training step's is: the gradient of a plain sum (all ones) lets XLA simplify the
+    backward's first products (a dot of a broadcast), and it made JAX's dense forward + backward run at
+    half its speed on a real gradient (docs/bench/README.md, "Measured choices in the code")."""
     D = ctx.cfg.hidden_size
     W = flops.moe_layer_flops_per_token(ctx.cfg)["dense_equivalent_width"]
     rng = np.random.default_rng(2)
     x = rng.standard_normal((ctx.batch, ctx.seq, D), dtype=np.float32)
     dense_w = tuple(rng.standard_normal(s, dtype=np.float32) * 0.02 for s in ((D, W), (W, D), (D, W)))
-    return x, dense_w
+    return x, dense_w, rng.standard_normal(x.shape, dtype=np.float32)
 
 
 def _moe_rows(ctx: Ctx, ad: Adapter) -> None:

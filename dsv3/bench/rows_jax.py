@@ -127,7 +127,7 @@ class JaxAdapter(Adapter):
 
         return jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
 
-    def moe_and_dense(self, x, dense_w):
+    def moe_and_dense(self, x, dense_w, dy):
         import jax
         from flax import nnx
 
@@ -136,22 +136,24 @@ class JaxAdapter(Adapter):
         def moe_apply(p, xx):
             return nnx.merge(graphdef, p, rest)(xx)[0]
 
-        def dense_apply(w, xx):
-            return (jax.nn.silu(xx @ w[0]) * (xx @ w[2])) @ w[1]
+        def dense_apply(w, xx):  # on the rows flattened to 2-D, as dsv3_jax's own MLP (dsv3_jax.layers.dense)
+            x2 = xx.reshape(-1, xx.shape[-1])
+            return ((jax.nn.silu(x2 @ w[0]) * (x2 @ w[2])) @ w[1]).reshape(xx.shape)
 
-        x = self.array(x)
+        x, dy = self.array(x), self.array(dy)
         dense_w = tuple(self.array(w) for w in dense_w)
-        return {"moe": self._fwd_bwd(moe_apply, params, x, {"source": "model.layers[first MoE].ffn"}),
-                "dense": self._fwd_bwd(dense_apply, dense_w, x, {"source": "bench SwiGLU"})}
+        return {"moe": self._fwd_bwd(moe_apply, params, x, dy, {"source": "model.layers[first MoE].ffn"}),
+                "dense": self._fwd_bwd(dense_apply, dense_w, x, dy, {"source": "bench SwiGLU"})}
 
     @staticmethod
-    def _fwd_bwd(apply, w, x, extra):
+    def _fwd_bwd(apply, w, x, dy, extra):
         import jax
         import jax.numpy as jnp
 
         fwd = jax.jit(apply)
-        grad = jax.jit(jax.grad(lambda w_, x_: apply(w_, x_).astype(jnp.float32).sum(), argnums=(0, 1)))
-        return (lambda: fwd(w, x)), (lambda: grad(w, x)), extra
+        loss = lambda w_, x_, dy_: (apply(w_, x_).astype(jnp.float32) * dy_).sum()  # noqa: E731
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return (lambda: fwd(w, x)), (lambda: grad(w, x, dy)), extra
 
     # ------------------------------------------------------------------ peak
     def matmul(self, b, M, K, N, layout):

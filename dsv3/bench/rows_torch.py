@@ -95,7 +95,7 @@ class TorchAdapter(Adapter):
     def next_token(self, logits):
         return logits[:, -1:].argmax(-1)
 
-    def moe_and_dense(self, x, dense_w):
+    def moe_and_dense(self, x, dense_w, dy):
         import torch.nn.functional as F
 
         moe = self.first_moe(self.build().train())
@@ -104,11 +104,11 @@ class TorchAdapter(Adapter):
         def dense(xx):
             return F.linear(F.silu(F.linear(xx, w1)) * F.linear(xx, w3), w2)
 
-        x = self.tensor(x)
-        return {"moe": self._fwd_bwd(lambda xx: moe(xx)[0], x, list(moe.parameters())),
-                "dense": self._fwd_bwd(dense, x, [w1, w2, w3])}
+        x, dy = self.tensor(x), self.tensor(dy).float()
+        return {"moe": self._fwd_bwd(lambda xx: moe(xx)[0], x, list(moe.parameters()), dy),
+                "dense": self._fwd_bwd(dense, x, [w1, w2, w3], dy)}
 
-    def _fwd_bwd(self, fn, x, params):
+    def _fwd_bwd(self, fn, x, params, dy):
         xg = x.detach().clone().requires_grad_(True)
 
         def fwd_bwd():
@@ -116,7 +116,7 @@ class TorchAdapter(Adapter):
                 p.grad = None
             xg.grad = None
             y = fn(xg)
-            y.float().sum().backward()
+            (y.float() * dy).sum().backward()
             return y
 
         return (lambda: fn(x)), fwd_bwd, {}
