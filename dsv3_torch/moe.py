@@ -217,7 +217,7 @@ class Experts(nn.Module):
         w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
         pad = LOW_PRECISION_ROW_MULTIPLE if (not compiling and x_sorted.device.type == "cpu"
                                              and dtype in (torch.bfloat16, torch.float16)) else 1
-        if not compiling and pad == 1 and dtype == x_sorted.dtype == w1.dtype and torch.is_grad_enabled():
+        if not compiling and pad == 1 and dtype == x_sorted.dtype and torch.is_grad_enabled():
             return _GroupedSwiGLU.apply(x_sorted, w1, w2, w3, group_sizes)
         outs = [_swiglu(x, w1_, w2_, w3_, pad)
                 for x, w1_, w2_, w3_, n in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0),

@@ -201,9 +201,9 @@ def moe_inputs(ctx: Ctx) -> tuple[np.ndarray, tuple, np.ndarray]:
     same active FLOPs as the MoE layer, and the output gradient dy [B, T, D] of the forward + backward
     rows; fp32, seed 2.
 
-    dy is random, as a training step's is: the gradient of a plain sum (all ones) lets XLA simplify the
-    backward's first products (a dot of a broadcast), and it made JAX's dense forward + backward run at
-    half its speed on a real gradient (docs/bench/README.md, "Measured choices in the code")."""
+    dy is random, as a training step's is: a plain sum's gradient is a broadcast of ones, and XLA:CPU ran
+    the dense SwiGLU's first backward product on it 4.7 ms against 1.0 ms on a random gradient
+    (docs/bench/README.md, "Measured choices in the code")."""
     D = ctx.cfg.hidden_size
     W = flops.moe_layer_flops_per_token(ctx.cfg)["dense_equivalent_width"]
     rng = np.random.default_rng(2)
