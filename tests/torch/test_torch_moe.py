@@ -86,7 +86,7 @@ class _ForwardMatmulRows(TorchDispatchMode):
 
 @pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
                          ids=["bf16-weights", "bf16-autocast", "fp32"])
-def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(weights, autocast):
+def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights, autocast):
     """In bf16 on the CPU an expert's rows beyond LOW_PRECISION_ROW_MULTIPLE are computed zero-padded to
     a multiple of it (a bounded set of matmul shapes; fp32 is not padded); its outputs and all gradients
     equal the unpadded computation's, expert by expert, bit for bit (the pad rows' outputs are cut off,
@@ -108,12 +108,9 @@ def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(weights, autocas
 
     grouped = moe_mod._GroupedSwiGLU.apply
     used = []
-    moe_mod._GroupedSwiGLU.apply = lambda *a: used.append(1) or grouped(*a)
-    try:
-        with _ForwardMatmulRows() as mm, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = ex(x, sizes)
-    finally:
-        moe_mod._GroupedSwiGLU.apply = grouped
+    monkeypatch.setattr(moe_mod._GroupedSwiGLU, "apply", lambda *a: used.append(1) or grouped(*a))
+    with _ForwardMatmulRows() as mm, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = ex(x, sizes)
     rows = mm.rows
     assert bool(used) == (not low)
     (y.float() * dy).sum().backward()
