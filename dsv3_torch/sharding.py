@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.mesh import AXES, format_mesh, parse_mesh  # noqa: F401 (re-exported)
+from dsv3_torch.train import sum_of_squares
 
 
 # ------------------------------------------------------------------ the mesh
@@ -202,9 +203,7 @@ def clip_grad_norm(params, max_norm: float, mesh: Mesh) -> float:
     """
     grads = [p.grad for p in params if p.grad is not None]
     local = [_local(g) for g in grads]
-    sq = torch.zeros((), dtype=torch.float32, device=local[0].device if local else None)
-    for g in local:
-        sq += (g.float() ** 2).sum()
+    sq = sum_of_squares(local)
     if mesh.shard_size > 1:
         dist.all_reduce(sq, group=mesh.shard_group())
     norm = torch.sqrt(sq)

@@ -277,6 +277,63 @@ def test_torch_bf16_autocast_keeps_fp32_master_weights(config_dir, corpus):
     assert all(v.dtype == np.float32 for v in b16.optimizer_state().values() if v.ndim)
 
 
+def test_torch_sum_of_squares_matches_fp64():
+    """The gradient norm's sum of squares (chunked dot products, no squared temporary) against fp64,
+    on tensors shorter than a chunk, a whole number of chunks and more, a bf16 one and none."""
+    import torch
+
+    from dsv3_torch.train import _NORM_CHUNK, sum_of_squares
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(s, generator=g) for s in ((3,), (7, 5), (2, _NORM_CHUNK), (_NORM_CHUNK + 13,), (300, 700))]
+    ts.append(torch.randn(1000, generator=g).to(torch.bfloat16))
+    got = sum_of_squares(ts)
+    ref = sum(float((t.double() ** 2).sum()) for t in ts)
+    assert got.dtype == torch.float32 and got.shape == ()
+    assert abs(float(got) / ref - 1) < 1e-6
+    assert float(sum_of_squares(ts[:1])) == float((ts[0] ** 2).sum())  # 3 values: exact either way
+    assert float(sum_of_squares([])) == 0.0
+
+
+@pytest.mark.parametrize("clip", [2.0 ** -6, 0.0])
+def test_torch_clipping_in_the_adamw_pass_equals_clipping_the_gradients(config_dir, corpus, clip):
+    """The clipped step (AdamW dividing each gradient by norm / grad_clip in its fused pass) gives the
+    weights, moments and clipped gradients of the explicit g / norm * grad_clip before an unscaled step:
+    bit for bit at a power-of-two grad_clip (the clip below is far under the norm); grad_clip 0 does not
+    clip."""
+    import math
+
+    import torch
+
+    from dsv3_torch.train import TorchBackend, sum_of_squares
+
+    sampler = BatchSampler(corpus.train, 32, seed=3)
+    micro = [sampler.batch(2 * j, 2) for j in range(2)]
+    t = _tcfg(config_dir, "torch", grad_clip=clip)
+    fused, explicit = TorchBackend(TINY, t), TorchBackend(TINY, t)
+    explicit.load_canonical_state(fused.canonical_state())
+
+    @torch.no_grad()
+    def clip_explicitly():
+        grads = [p.grad for p in explicit.model.parameters() if p.grad is not None]
+        norm = torch.sqrt(sum_of_squares(grads))
+        if clip > 0 and math.isfinite(float(norm)) and float(norm) >= clip:
+            for g in grads:
+                g.div_(norm).mul_(clip)
+        explicit.optimizer.grad_scale = None
+        return float(norm)
+
+    explicit._clip = clip_explicitly
+    for step in range(2):
+        a, b = fused.train_step(micro, 1e-3), explicit.train_step(micro, 1e-3)
+        assert a["grad_norm"] == b["grad_norm"] > 100 * 2.0 ** -6
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(fused.model.parameters(), explicit.model.parameters()))
+    sa, sb = fused.canonical_state(), explicit.canonical_state()
+    assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+    oa, ob = fused.optimizer_state(), explicit.optimizer_state()
+    assert all(np.array_equal(oa[k], ob[k]) for k in oa)
+
+
 @pytest.mark.slow
 def test_torch_compile_trains_like_eager_in_one_graph_compiled_once():
     """compile=True: the same losses as eager, the loss (forward and backward, MoE and MTP blocks
