@@ -1,5 +1,6 @@
 """Layer helpers shared by the modules: bias-free Linear construction and init, the 2-D ``dense``
-matmul, numpy conversion. Flax kernels are [in, out] (transposed torch weights).
+matmul, the last-axis softmax and log-softmax, numpy conversion. Flax kernels are [in, out]
+(transposed torch weights).
 
 Shape legend: D_in, D_out the layer's input and output widths.
 """
@@ -65,6 +66,31 @@ def dense(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     """layer(x) for x [..., d_in] as ONE 2-D matmul on [prod(...), d_in]: XLA:CPU runs the backward of a
     matmul on a 3-D [B, T, D] activation slower than on the same rows flattened (docs/bench/README.md)."""
     return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def row_max(x: jax.Array) -> jax.Array:
+    """``jnp.max(x, -1, keepdims=True)``, the same values (a maximum is exact in any order and NaN
+    propagates the same), taken as elementwise maxima of the row's halves down to 32 entries first.
+    XLA:CPU splits a max over a long minor axis into a reduce-window of 32 that ran at a third of a
+    fused elementwise kernel's speed (docs/bench/README.md, "Measured choices in the code")."""
+    n = x.shape[-1]
+    while n > 32 and n % 2 == 0:
+        n //= 2
+        x = jnp.maximum(x[..., :n], x[..., n:])
+    return jnp.max(x, axis=-1, keepdims=True)
+
+
+def softmax(x: jax.Array) -> jax.Array:
+    """``jax.nn.softmax(x, axis=-1)`` (its default, differentiated through) with the row max of
+    `row_max`: the same forward and gradient bit for bit."""
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(row_max(x)))
+    return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+
+def log_softmax(x: jax.Array) -> jax.Array:
+    """``jax.nn.log_softmax(x, axis=-1)`` with the row max of `row_max`: the same bit for bit."""
+    shifted = x - jax.lax.stop_gradient(row_max(x))
+    return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
 
 
 def to_numpy(x: jax.Array) -> np.ndarray:

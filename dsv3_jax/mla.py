@@ -36,7 +36,7 @@ from flax import nnx
 
 from dsv3.config import ModelConfig
 from dsv3.flops import causal_query_block, expand_latent_keys
-from dsv3_jax.layers import dense, linear
+from dsv3_jax.layers import dense, linear, softmax
 from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import apply_rope
 
@@ -63,7 +63,7 @@ def visible_mask(keys: jax.Array, start_pos, S: int) -> jax.Array:
 def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
     """-inf where mask is False, softmax over the last axis in fp32, cast to `dtype`."""
     scores = jnp.where(mask, scores, jnp.asarray(-jnp.inf, scores.dtype))
-    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+    return softmax(scores.astype(jnp.float32)).astype(dtype)
 
 
 def _scale(scores: jax.Array, scale: float) -> jax.Array:

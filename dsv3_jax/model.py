@@ -41,7 +41,7 @@ from dsv3 import checkpoint, names
 from dsv3.config import ModelConfig
 from dsv3.types import LossOutput
 from dsv3_jax.block import Block
-from dsv3_jax.layers import dense, linear, normal_init, to_numpy
+from dsv3_jax.layers import dense, linear, log_softmax, normal_init, to_numpy
 from dsv3_jax.mla import visible_mask
 from dsv3_jax.moe import COMBINES, MoE, MoEOutput, Router, sequence_balance_loss
 from dsv3_jax.mtp import MTPModule
@@ -84,7 +84,7 @@ def cached_keys(cache: "KVCache", new: jax.Array, start_pos) -> tuple[jax.Array,
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean next-token CE in fp32 over labels != -100 (0 when there are none)."""
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    lp = log_softmax(logits.astype(jnp.float32))
     valid = labels != IGNORE_INDEX
     nll = -jnp.take_along_axis(lp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
     n = jnp.sum(valid)

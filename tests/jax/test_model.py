@@ -272,3 +272,25 @@ def test_generate_sampling_is_seeded(model):
     a = generate(model, [[1, 2, 3]], 5, temperature=1.0, top_k=10, top_p=0.9, seed=7)
     assert a == generate(model, [[1, 2, 3]], 5, temperature=1.0, top_k=10, top_p=0.9, seed=7)
     assert all(0 <= t < CFG.vocab_size for t in a[0]) and len(a[0]) == 5
+
+
+
+@pytest.mark.parametrize("width", [256, 8448, 100, 48, 7])
+def test_softmax_and_log_softmax_are_jax_nns_bit_for_bit(width):
+    """dsv3_jax.layers.softmax / log_softmax (a row max by halves) equal jax.nn's, values and gradients,
+    bit for bit, jitted: on widths halved to 32 and below it, odd ones, masked (-inf) entries, a fully
+    masked row (NaN either way) and a NaN entry."""
+    from dsv3_jax.layers import log_softmax, row_max, softmax
+
+    x = 4 * jax.random.normal(jax.random.key(width), (3, 5, width), jnp.float32)
+    x = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.3, x.shape), -jnp.inf, x).at[:, :, 0].set(1.0)
+    x = x.at[0, 0].set(-jnp.inf).at[1, 2, width // 2].set(jnp.nan)
+    g = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+    np.testing.assert_array_equal(jax.jit(row_max)(x), jnp.max(x, axis=-1, keepdims=True))
+    for ours, ref in ((softmax, lambda v: jax.nn.softmax(v, axis=-1)),
+                      (log_softmax, lambda v: jax.nn.log_softmax(v, axis=-1))):
+        (y, dx), (y_ref, dx_ref) = (jax.jit(lambda v, f=f: (f(v), jax.vjp(f, v)[1](g)[0]))(x) for f in (ours, ref))
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(dx, dx_ref)
+        assert np.isnan(np.asarray(y)[0, 0]).all() and np.isnan(np.asarray(y)[1, 2]).all()
+        assert np.isfinite(np.asarray(y)[2]).any()
