@@ -216,7 +216,10 @@ class DeepSeekV3(nnx.Module):
         axis on every field (``_unstack_stats`` splits it); caches: one per layer or per stack."""
         T = tokens.shape[1]
         h = self.embed(tokens.astype(jnp.int32))
-        cos, sin = self.rope(start_pos + jnp.arange(T) if positions is None else positions, self.dtype)
+        if positions is None:  # static positions from a Python start: tables computed once (RotaryEmbedding)
+            static = isinstance(start_pos, (int, np.integer))
+            positions = np.arange(start_pos, start_pos + T) if static else start_pos + jnp.arange(T)
+        cos, sin = self.rope(positions, self.dtype)
         args = (cos, sin, start_pos, mask, valid)
         # unrolled: one Block per layer; scanned: one lax.scan per layer stack (same outputs, stacked)
         run, units = (_scan_stack, self._stacks()) if self.scan_layers else (_call_block, self.layers)

@@ -66,7 +66,18 @@ class RotaryEmbedding(nnx.Module):
         self.cfg = cfg
         self.attention_factor = float(cfg.rope_attention_factor)
 
-    def __call__(self, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, positions: jax.Array | np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [..., R/2] of ``positions``. Static (numpy) positions are computed at once, by the same
+        XLA ops, even under a trace: the tables then enter the compiled program as constants. Traced, XLA
+        fused the cos and sin into every kernel that reads them (the RoPE of q and k and their gradients)
+        and computed them again for every element: 20 of each in a peer-small training step, ~6 ms of its
+        kernel time (docs/bench/README.md, "Measured choices in the code")."""
+        if isinstance(positions, np.ndarray):
+            with jax.ensure_compile_time_eval():
+                return self._tables(jnp.asarray(positions), dtype)
+        return self._tables(positions, dtype)
+
+    def _tables(self, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         theta = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.cfg))  # fp32 angles
         f = jnp.float32(self.attention_factor)
         return (jnp.cos(theta) * f).astype(dtype), (jnp.sin(theta) * f).astype(dtype)
