@@ -18,6 +18,9 @@ ONLY_IN = {
         "dense": "XLA:CPU runs a matmul's backward on [B, T, D] much slower than on the flattened 2-D rows",
         "normal_init": "Flax initialises in the constructors (torch: DeepSeekV3.reset_parameters)",
         "const": "a host-placed constant for the Flax initialisers (no per-shape compile)",
+        "row_max": "XLA:CPU's split reduce-window max is 2-4x slower than a max by halves (torch's max is fast)",
+        "softmax": "jax.nn.softmax with the row max of row_max, bit for bit (torch: F.softmax / SDPA)",
+        "log_softmax": "jax.nn.log_softmax with the row max of row_max, bit for bit (torch: F.cross_entropy)",
     },
     ("moe", "jax"): {
         "RouterBias": "an nnx.Variable type keeps the bias out of nnx.Param (torch: a registered buffer)",
@@ -36,6 +39,8 @@ ONLY_IN = {
     ("train", "torch"): {
         "compile_loss": "torch.compile of the loss with the row counts captured as symbols (JAX: nnx.jit)",
         "adamw": "torch.optim.AdamW with its fused kernel (JAX: make_tx, the optax optimizer)",
+        "sum_of_squares": "the gradient norm's sum of squares as chunked dot products, no squared temporary "
+                          "(JAX: optax.clip_by_global_norm, fused by XLA)",
     },
     ("train", "jax"): {
         "scale_by_lr_arg": "optax transform taking the learning rate per step (torch: param_groups lr)",
