@@ -24,8 +24,8 @@ device; the training step sums them over every rank before the bias update.
 ``ExpertParallelExperts`` is the Experts module whose stacked weights are
 DTensors sharded over the expert axis: it runs each LOCAL expert on its rows
 (zero-row experts included, so every rank's weights always receive a gradient
-and the FSDP reduce-scatters match across ranks), in training through
-``dsv3_torch.moe._GroupedSwiGLU`` as the single-device experts do.
+and the FSDP reduce-scatters match across ranks), through
+``dsv3_torch.moe.grouped_swiglu`` as the single-device experts do.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsv3_torch.layers import compute_dtype
-from dsv3_torch.moe import _GroupedSwiGLU
+from dsv3_torch.moe import grouped_swiglu
 
 
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -142,8 +142,8 @@ class ExpertParallelExperts:
         w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
         if len(group_sizes) != w1.shape[0]:
             raise ValueError(f"{len(group_sizes)} group sizes for {w1.shape[0]} local experts")
-        if torch.is_grad_enabled() and compute_dtype(x_sorted) == x_sorted.dtype == w1.dtype:
-            return _GroupedSwiGLU.apply(x_sorted, w1, w2, w3, group_sizes)  # zero-row experts: zero gradients
+        if compute_dtype(x_sorted) == x_sorted.dtype == w1.dtype:
+            return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)  # zero-row experts: zero gradients
         outs = [F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
                 for x, a, b, c in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0))]
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -82,11 +82,12 @@ class Router(nn.Module):
         """[N, E] fp32 scores -> [N, K] expert ids, ascending (bias + group limit)."""
         N, E, G = scores.shape[0], self.cfg.n_routed_experts, self.cfg.n_group
         biased = scores.detach() + self.bias.float()
-        group_score = biased.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)  # [N, G]
-        top_groups = group_score.topk(self.cfg.topk_group, dim=-1).indices
-        keep = torch.zeros(N, G, dtype=torch.bool, device=scores.device).scatter_(1, top_groups, True)
-        # -inf, not 0: a bias trained from zero can go negative (docs/reference.md §4.1).
-        biased = biased.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
+        if self.cfg.topk_group < G:  # else every group is kept
+            group_score = _top2_sum(biased.view(N, G, E // G))  # [N, G]
+            top_groups = group_score.topk(self.cfg.topk_group, dim=-1).indices
+            keep = torch.zeros(N, G, dtype=torch.bool, device=scores.device).scatter_(1, top_groups, True)
+            # -inf, not 0: a bias trained from zero can go negative (docs/reference.md §4.1).
+            biased = biased.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
         idx = biased.topk(self.cfg.num_experts_per_tok, dim=-1).indices
         return idx.sort(dim=-1).values  # fixed slot order for deterministic fp32 sums
 
@@ -98,6 +99,16 @@ class Router(nn.Module):
         if self.cfg.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(scores, idx, w * self.cfg.routed_scaling_factor)
+
+
+def _top2_sum(v: torch.Tensor) -> torch.Tensor:
+    """v [..., n] (n >= 2) -> [...]: the sum of each row's two largest values, ``v.topk(2).values.sum(-1)``
+    bit for bit (a sum of two values; a tied maximum counts twice, as in topk), by two max reductions,
+    the first's position set to -inf for the second. topk over many short rows is slow on the CPU: on
+    [2048, 4, 4] 0.28 ms against 0.10, on V3's [2048, 8, 32] 2.7 ms against 0.9 (docs/bench/README.md)."""
+    first, at = v.max(dim=-1, keepdim=True)
+    second = v.scatter(-1, at, float("-inf")).amax(dim=-1, keepdim=True)
+    return (first + second).squeeze(-1)
 
 
 class Dispatch(NamedTuple):
@@ -191,10 +202,10 @@ class Experts(nn.Module):
     slice/index loop, a block-padded bmm and ``torch._grouped_mm`` (whose CPU
     fp32 backward raises in torch 2.13); all agree exactly with the loop in
     fp32 and bf16 (figures: docs/bench/README.md, "Measured choices in the code").
-    Where a gradient is recorded in eager mode with the weights' own dtype (fp32 training), the same
-    per-expert products run in ``_GroupedSwiGLU``, which writes them into whole [M, *] and [E, *, *]
-    buffers: autograd's loop would cat the experts' outputs and input gradients and stack each weight's
-    per-expert gradients, a copy of every weight gradient each step.
+    In eager mode with the weights' own dtype (fp32 training and inference) the same per-expert products
+    run in ``grouped_swiglu``, which writes them into whole [M, *] and [E, *, *] buffers: autograd's loop
+    would cat the experts' outputs and input gradients and stack each weight's per-expert gradients, a
+    copy of every weight gradient each step (and the outputs' cat without a gradient).
     """
 
     def __init__(self, cfg: ModelConfig, dtype=torch.float32, device=None):
@@ -217,8 +228,8 @@ class Experts(nn.Module):
         w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
         pad = LOW_PRECISION_ROW_MULTIPLE if (not compiling and x_sorted.device.type == "cpu"
                                              and dtype in (torch.bfloat16, torch.float16)) else 1
-        if not compiling and pad == 1 and dtype == x_sorted.dtype and torch.is_grad_enabled():
-            return _GroupedSwiGLU.apply(x_sorted, w1, w2, w3, group_sizes)
+        if not compiling and pad == 1 and dtype == x_sorted.dtype:
+            return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)
         outs = [_swiglu(x, w1_, w2_, w3_, pad)
                 for x, w1_, w2_, w3_, n in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0),
                                                w3.unbind(0), group_sizes) if compiling or n]
@@ -247,6 +258,39 @@ def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tenso
     return _swiglu(F.pad(x, (0, 0, 0, pad)), w1, w2, w3)[:n]
 
 
+def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                   sizes: list[int]) -> torch.Tensor:
+    """The per-expert SwiGLU of x [M, D] grouped by expert (sizes [E] host ints) with stacked w1, w3
+    [E, F, D] and w2 [E, D, F], all of one dtype, in eager mode -> y [M, D], written into one buffer by
+    slice: recording a gradient, by ``_GroupedSwiGLU``; without one (inference, prefill, decoding), by the
+    same products with nothing kept. Both equal autograd's loop over ``_swiglu`` bit for bit (tested)."""
+    if torch.is_grad_enabled():
+        return _GroupedSwiGLU.apply(x, w1, w2, w3, sizes)
+    return _swiglu_into_buffers(x, w1, w2, w3, sizes, keep=False)[0]
+
+
+def _swiglu_into_buffers(x, w1, w2, w3, sizes, keep: bool):
+    """-> (y [M, D], x w1ᵀ [M, F], x w3ᵀ [M, F]), the last two only if ``keep`` (else None): each expert's
+    products written into its rows. Without ``keep`` the SiLU and the product run in place on the
+    expert's own temporary (the same kernels, the same values)."""
+    M, F_ = x.shape[0], w1.shape[1]
+    y = x.new_empty(x.shape)
+    a_all, b_all = (x.new_empty(M, F_), x.new_empty(M, F_)) if keep else (None, None)
+    start = 0
+    for e, n in enumerate(sizes):
+        if n:
+            r = slice(start, start + n)
+            if keep:
+                a, b = torch.mm(x[r], w1[e].t(), out=a_all[r]), torch.mm(x[r], w3[e].t(), out=b_all[r])
+                h = F.silu(a) * b
+            else:
+                h = F.silu(torch.mm(x[r], w1[e].t()), inplace=True).mul_(torch.mm(x[r], w3[e].t()))
+            torch.mm(h, w2[e].t(), out=y[r])
+            start += n
+    y[start:].zero_()  # rows past the experts' (none where sizes sum to M)
+    return y, a_all, b_all
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     """x_sorted [M, D] grouped by expert, stacked w1, w3 [E, F, D] and w2 [E, D, F], group_sizes [E]
     (host ints) -> y_sorted [M, D]: ``Experts.forward``'s per-expert SwiGLU, the same products in the
@@ -259,16 +303,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, sizes):
-        M, F_ = x.shape[0], w1.shape[1]
-        y, a_all, b_all = x.new_empty(x.shape), x.new_empty(M, F_), x.new_empty(M, F_)
-        start = 0
-        for e, n in enumerate(sizes):
-            if n:
-                r = slice(start, start + n)
-                a, b = torch.mm(x[r], w1[e].t(), out=a_all[r]), torch.mm(x[r], w3[e].t(), out=b_all[r])
-                torch.mm(F.silu(a) * b, w2[e].t(), out=y[r])
-                start += n
-        y[start:].zero_()  # rows past the experts' (none where sizes sum to M)
+        y, a_all, b_all = _swiglu_into_buffers(x, w1, w2, w3, sizes, keep=True)
         ctx.sizes = sizes
         ctx.save_for_backward(x, w1, w2, w3, a_all, b_all)
         return y

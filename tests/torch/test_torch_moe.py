@@ -131,6 +131,28 @@ def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, wei
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_experts_without_gradient_write_the_loops_outputs(context):
+    """Without a gradient (inference, prefill, decoding) the fp32 experts write each expert's SwiGLU
+    into one output buffer (``grouped_swiglu``, no cat): bit for bit autograd's loop over ``_swiglu``,
+    the expert without rows included, and nothing recorded for a backward."""
+    from dsv3_torch import moe as moe_mod
+
+    sizes = [7, 0, 12, 1, 4, 0, 9, 3]
+    ex = moe_mod.Experts(CFG.replace(n_routed_experts=len(sizes)))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(sum(sizes), CFG.hidden_size)
+    with context():
+        y = ex(x, sizes)
+    assert y.grad_fn is None and not y.requires_grad
+    ref = torch.cat([moe_mod._swiglu(xe, a, b, c) for xe, a, b, c, n in
+                     zip(x.split(sizes), ex.w1.unbind(0), ex.w2.unbind(0), ex.w3.unbind(0), sizes) if n])
+    torch.testing.assert_close(y, ref.detach(), rtol=0, atol=0)
+
+
 def test_grouped_swiglu_gives_only_the_gradients_asked_for():
     """_GroupedSwiGLU with frozen weights or a constant input: the other side's gradients equal autograd's
     loop bit for bit, and none is made for what needs none."""
@@ -203,6 +225,22 @@ def test_selected_experts_never_leave_the_top_groups():
     assert in_top(r.indices).all()
     assert not in_top(unlimited).all()  # the limit actually changed some selections
     assert (r.indices.diff(dim=-1) > 0).all()  # fixed ascending slot order
+
+
+@pytest.mark.parametrize("per", [2, 4, 32])
+def test_group_score_is_topk_two_summed_bit_for_bit(per):
+    """The router's group score (two max reductions) equals ``topk(2).values.sum(-1)`` exactly, with
+    tied maxima (which count twice, as in topk) and -inf entries (a group's masked experts)."""
+    from dsv3_torch.moe import _top2_sum
+
+    torch.manual_seed(per)
+    v = torch.rand(300, 8, per)
+    tied = (torch.rand(300, 8, per) * 3).round()  # many rows with a repeated maximum
+    tied[0, 0] = float("-inf")
+    tied[1, 0, 1:] = float("-inf")
+    for t in (v, tied):
+        assert torch.equal(_top2_sum(t), t.topk(2, dim=-1).values.sum(-1))
+    assert (tied.amax(-1) == tied.topk(2, dim=-1).values[..., 1]).any()  # ties present
 
 
 def test_forward_reports_counts_and_never_changes_the_bias():
