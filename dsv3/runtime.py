@@ -13,11 +13,15 @@ CPU, fp32); the measured effects are in ``docs/bench/README.md``.
 * **Transparent huge pages for malloc** (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``,
   ``restart_with_hugepages``): glibc then asks the kernel for 2 MiB pages
   (``madvise(MADV_HUGEPAGE)``) for the memory it maps. XLA:CPU maps a fresh
-  buffer for each execution of a jitted step (532 MiB for the peer-small
-  training step) and unmaps it after: with 4 KiB pages that is ~138,000 page
-  faults a step, a third of a core's time. glibc reads its tunables only when
-  a process starts, so the ``dsv3`` command re-executes itself once with the
-  tunable added (same interpreter, arguments and process id) where the kernel
+  buffer for each execution of a jitted step (354 MiB for the peer-small
+  training step, 532 MiB in earlier model code) and unmaps it after: with 4 KiB
+  pages that is 90,000-138,000 page faults a step, a third of a core's time.
+  Huge pages still leave the kernel zeroing the buffer each step (~40 ms);
+  glibc has no setting that keeps it mapped short of one arena for all
+  threads, which costs more (docs/bench/README.md, "Tried and not kept").
+  glibc reads its tunables only when a process starts, so the ``dsv3``
+  command re-executes itself once with the tunable added (same interpreter,
+  arguments and process id) where the kernel
   offers transparent huge pages on request.
 * **XLA:CPU without the YNNPACK dot fusions**
   (``--xla_cpu_experimental_ynn_fusion_type=``): jaxlib 0.10 routes dots
