@@ -67,9 +67,15 @@ def visible_mask(keys: torch.Tensor, start_pos: int, S: int) -> torch.Tensor:
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """-inf where mask is False, softmax over the last axis in fp32, cast to `dtype`."""
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    """-inf where mask is False, softmax over the last axis in fp32, cast to `dtype`.
+
+    The -inf is added (a 0 / -inf bias of the mask's own shape, in the scores' dtype) rather than filled
+    in: for finite scores the same values, and a backward that passes the gradient through where a fill
+    masks it again (the softmax's gradient is already 0 where its output is). torch's CPU masked_fill with
+    a broadcast mask is slow: a [8, 8, 128, 256] block's forward + backward 7.3 ms against 3.0 in fp32,
+    7.2 against 4.6 in bf16, outputs and gradients bit-identical (docs/bench/README.md)."""
+    bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~mask, float("-inf"))
+    return F.softmax(scores + bias, dim=-1, dtype=torch.float32).to(dtype)
 
 
 # The most score entries (B*H*S*T, 256 MiB in fp32) an fp32 call attends to by the explicit matmuls under

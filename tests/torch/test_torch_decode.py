@@ -125,6 +125,29 @@ def test_bf16_attends_in_causal_query_blocks(monkeypatch):
         assert ((g.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_masked_softmax_adds_the_mask_with_a_fills_values_and_gradients(dtype):
+    """masked_softmax adds a 0 / -inf bias instead of filling -inf: probabilities and score gradients
+    equal the fill's bit for bit, for a causal [S, T] mask after cached keys and a per-row [B, 1, S, T]
+    padding mask, and masked keys get probability 0 and gradient 0."""
+    from dsv3_torch.mla import causal_mask, masked_softmax
+
+    torch.manual_seed(5)
+    S, T = 6, 9
+    row_mask = causal_mask(T - S, S, T, "cpu") & (torch.rand(2, 1, 1, T) > 0.3)
+    row_mask[..., torch.arange(S), T - S + torch.arange(S)] = True  # a query always sees itself
+    for mask in (causal_mask(T - S, S, T, "cpu"), row_mask):
+        scores = (torch.randn(2, 3, S, T) * 4).to(dtype).requires_grad_()
+        dp = torch.randn(2, 3, S, T).to(dtype)
+        p = masked_softmax(scores, mask, dtype)
+        (g,) = torch.autograd.grad(p, scores, dp)
+        ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1, dtype=torch.float32).to(dtype)
+        (g_ref,) = torch.autograd.grad(ref, scores, dp)
+        assert p.dtype == dtype and torch.equal(p, ref) and torch.equal(g, g_ref)
+        hidden = ~mask.expand_as(p)
+        assert (p[hidden] == 0).all() and (g[hidden] == 0).all()
+
+
 def test_latent_and_naive_agree_in_bf16():
     m = _model(dtype=torch.bfloat16)
     x = torch.randint(0, m.cfg.vocab_size, (2, 12))
