@@ -23,6 +23,26 @@ def _moe(cfg=CFG, seed=0):
     return moe
 
 
+def _experts(sizes, seed, dtype=torch.float32):
+    """Experts for len(sizes) experts with N(0, 0.2) weights."""
+    from dsv3_torch.moe import Experts
+
+    ex = Experts(CFG.replace(n_routed_experts=len(sizes)), dtype=dtype)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(0, 0.2)
+    return ex
+
+
+def _loop_reference(x, sizes, w1, w2, w3):
+    """Autograd's loop over the experts with rows: _swiglu on each expert's slice, then cat."""
+    from dsv3_torch.moe import _swiglu
+
+    return torch.cat([_swiglu(xe, a, b, c) for xe, a, b, c, n in
+                      zip(x.split(sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0), sizes) if n])
+
+
 def _reference_route(s, bias, cfg):
     """Per-token python loops: group scores, kept groups, top-K, unbiased weights."""
     E, G, K = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
@@ -98,11 +118,7 @@ def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, wei
     m = moe_mod.LOW_PRECISION_ROW_MULTIPLE
     sizes = [m + 5, 3, 0, 2 * m, 3 * m - 1, m, 1, m + 1]
     low = weights == torch.bfloat16 or autocast
-    ex = moe_mod.Experts(CFG.replace(n_routed_experts=len(sizes)), dtype=weights)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in ex.parameters():
-            p.normal_(0, 0.2)
+    ex = _experts(sizes, seed=1, dtype=weights)
     x = torch.randn(sum(sizes), CFG.hidden_size, dtype=ex.w1.dtype, requires_grad=True)
     dy = torch.randn(sum(sizes), CFG.hidden_size)
 
@@ -122,8 +138,7 @@ def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, wei
     ex.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         w1, w2, w3 = (w.to(torch.bfloat16 if low else weights) for w in (ex.w1, ex.w2, ex.w3))
-        ref = torch.cat([moe_mod._swiglu(xe, a, b, c) for xe, a, b, c, n in
-                         zip(x.split(sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0), sizes) if n])
+        ref = _loop_reference(x, sizes, w1, w2, w3)
     (ref.float() * dy).sum().backward()
     want = [ref.detach(), x.grad] + [p.grad for p in ex.parameters()]
     for a, b in zip(got, want):
@@ -136,34 +151,21 @@ def test_experts_without_gradient_write_the_loops_outputs(context):
     """Without a gradient (inference, prefill, decoding) the fp32 experts write each expert's SwiGLU
     into one output buffer (``grouped_swiglu``, no cat): bit for bit autograd's loop over ``_swiglu``,
     the expert without rows included, and nothing recorded for a backward."""
-    from dsv3_torch import moe as moe_mod
-
     sizes = [7, 0, 12, 1, 4, 0, 9, 3]
-    ex = moe_mod.Experts(CFG.replace(n_routed_experts=len(sizes)))
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for p in ex.parameters():
-            p.normal_(0, 0.2)
+    ex = _experts(sizes, seed=4)
     x = torch.randn(sum(sizes), CFG.hidden_size)
     with context():
         y = ex(x, sizes)
     assert y.grad_fn is None and not y.requires_grad
-    ref = torch.cat([moe_mod._swiglu(xe, a, b, c) for xe, a, b, c, n in
-                     zip(x.split(sizes), ex.w1.unbind(0), ex.w2.unbind(0), ex.w3.unbind(0), sizes) if n])
+    ref = _loop_reference(x, sizes, ex.w1, ex.w2, ex.w3)
     torch.testing.assert_close(y, ref.detach(), rtol=0, atol=0)
 
 
 def test_grouped_swiglu_gives_only_the_gradients_asked_for():
     """_GroupedSwiGLU with frozen weights or a constant input: the other side's gradients equal autograd's
     loop bit for bit, and none is made for what needs none."""
-    from dsv3_torch import moe as moe_mod
-
     sizes = [5, 0, 9, 2, 0, 4, 1, 3]
-    ex = moe_mod.Experts(CFG.replace(n_routed_experts=len(sizes)))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in ex.parameters():
-            p.normal_(0, 0.2)
+    ex = _experts(sizes, seed=3)
     x0, dy = torch.randn(sum(sizes), CFG.hidden_size), torch.randn(sum(sizes), CFG.hidden_size)
     for frozen in (True, False):
         x = x0.clone().requires_grad_(frozen)
@@ -173,8 +175,7 @@ def test_grouped_swiglu_gives_only_the_gradients_asked_for():
         got = [x.grad] + [p.grad for p in ex.parameters()]
         x.grad = None
         ex.zero_grad(set_to_none=True)
-        ref = torch.cat([moe_mod._swiglu(xe, a, b, c) for xe, a, b, c, n in
-                         zip(x.split(sizes), ex.w1.unbind(0), ex.w2.unbind(0), ex.w3.unbind(0), sizes) if n])
+        ref = _loop_reference(x, sizes, ex.w1, ex.w2, ex.w3)
         (ref * dy).sum().backward()
         want = [x.grad] + [p.grad for p in ex.parameters()]
         assert [g is None for g in got] == [g is None for g in want] == [not frozen] + [frozen] * 3
