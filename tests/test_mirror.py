@@ -35,6 +35,8 @@ ONLY_IN = {
     ("moe", "torch"): {
         "group_sizes": "split() takes host ints; under torch.compile they are data-dependent symbols "
                        "(JAX: the counts stay an array for the block-sparse matmul)",
+        "grouped_swiglu": "eager per-expert products written into whole buffers, shared with the expert-parallel "
+                          "experts (JAX: the expert loop, a custom VJP inside the compiled step)",
     },
     ("train", "torch"): {
         "compile_loss": "torch.compile of the loss with the row counts captured as symbols (JAX: nnx.jit)",
