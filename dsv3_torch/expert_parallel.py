@@ -34,10 +34,9 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dsv3_torch.layers import compute_dtype
-from dsv3_torch.moe import grouped_swiglu
+from dsv3_torch.moe import _swiglu, grouped_swiglu
 
 
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -144,6 +143,6 @@ class ExpertParallelExperts:
             raise ValueError(f"{len(group_sizes)} group sizes for {w1.shape[0]} local experts")
         if compute_dtype(x_sorted) == x_sorted.dtype == w1.dtype:
             return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)  # zero-row experts: zero gradients
-        outs = [F.linear(F.silu(F.linear(x, a)) * F.linear(x, c), b)
+        outs = [_swiglu(x, a, b, c)
                 for x, a, b, c in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0))]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
