@@ -17,8 +17,9 @@
   classic emitters compile slower (the peer-small train step: 29-31 s against 16-17 s) and run no
   faster; the JAX profile test (tests/test_bench.py) runs its training steps with those defaults.
 - fp32 matmuls at full precision (docs/reference.md §9.2.7; a no-op on CPU, needed on GPU/TPU).
-- ``dsv3.runtime.configure()`` and ``GLIBC_TUNABLES`` with ``glibc.malloc.hugetlb=1``: the settings the
-  ``dsv3`` command runs with.
+- ``dsv3.runtime.configure()`` (with jax imported, so JAX's synchronous CPU dispatch is set before any
+  test computes) and ``GLIBC_TUNABLES`` with ``glibc.malloc.hugetlb=1``: the settings the ``dsv3`` command
+  runs with.
 - ``OMP_WAIT_POLICY=PASSIVE`` (before torch loads): idle OpenMP threads sleep rather than spin (see below).
 
 This root conftest is loaded before any test module or sub-directory conftest,
@@ -57,6 +58,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # left by earlier runs): every run compiles what it uses, as on a fresh machine.
 TORCHINDUCTOR_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"dsv3-tests-inductor-cache-{_cache_owner}")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", TORCHINDUCTOR_CACHE_DIR)
+
+import jax  # noqa: E402,F401  (imported before configure(): it sets JAX's CPU dispatch at once, before any test computes)
 
 from dsv3 import runtime  # noqa: E402
 

@@ -7,22 +7,27 @@ CPU, fp32); the measured effects are in ``docs/bench/README.md``.
 * **glibc malloc keeps freed memory** (``mallopt``): by default blocks above
   a dynamic threshold come from ``mmap`` and go back to the OS when freed, so
   a step's multi-MB temporaries can be fresh pages, faulted in 4 KiB at a
-  time. Blocks up to 32 MiB (the largest threshold glibc allows) are kept on
-  a heap that is never trimmed. (XLA's own preallocated buffer of a whole
-  step is larger than 32 MiB and is still mapped per call: the next setting.)
+  time. The main heap serves blocks of any size (``M_MMAP_MAX`` 0) and is
+  never trimmed; other threads' arenas serve blocks up to their 64 MiB heaps
+  and map larger ones.
 * **Transparent huge pages for malloc** (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``,
   ``restart_with_hugepages``): glibc then asks the kernel for 2 MiB pages
-  (``madvise(MADV_HUGEPAGE)``) for the memory it maps. XLA:CPU maps a fresh
-  buffer for each execution of a jitted step (354 MiB for the peer-small
-  training step, 532 MiB in earlier model code) and unmaps it after: with 4 KiB
-  pages that is 90,000-138,000 page faults a step, a third of a core's time.
-  Huge pages still leave the kernel zeroing the buffer each step (~40 ms);
-  glibc has no setting that keeps it mapped short of one arena for all
-  threads, which costs more (docs/bench/README.md, "Tried and not kept").
-  glibc reads its tunables only when a process starts, so the ``dsv3``
-  command re-executes itself once with the tunable added (same interpreter,
-  arguments and process id) where the kernel
-  offers transparent huge pages on request.
+  (``madvise(MADV_HUGEPAGE)``) for the memory it maps, 512 times fewer page
+  faults for fresh memory. glibc reads its tunables only when a process
+  starts, so the ``dsv3`` command re-executes itself once with the tunable
+  added (same interpreter, arguments and process id) where the kernel offers
+  transparent huge pages on request.
+* **JAX dispatches single-device CPU calls synchronously**
+  (``jax_cpu_enable_async_dispatch`` off, with the malloc settings only; set
+  when ``dsv3_jax`` is imported, ``configure_jax_dispatch``):
+  XLA:CPU allocates one buffer for a jitted call's temporaries each time it
+  runs (354 MiB for the peer-small training step) and frees it after. Run
+  asynchronously, the call allocates it on an XLA worker thread, whose arena
+  maps it afresh every call: the kernel zeroes 354 MiB a step, 40-70 ms of
+  system time. Run on the calling (main) thread, it comes from the main heap,
+  which keeps it: the step's page faults go from ~570 to ~0 and its system
+  time to ~10 ms (docs/bench/README.md, "Process settings"). Calls on several
+  devices run on XLA's threads either way.
 * **XLA:CPU without the YNNPACK dot fusions**
   (``--xla_cpu_experimental_ynn_fusion_type=``): jaxlib 0.10 routes dots
   through YNNPACK; XLA's own dot emitters run this model's steps faster.
@@ -47,9 +52,11 @@ from typing import Optional
 
 XLA_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-MALLOC_SETTINGS = {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30, "top_pad": 64 << 20}
+MALLOC_SETTINGS = {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30, "top_pad": 64 << 20, "mmap_max": 0}
+_MALLOPT = {"trim_threshold": -1, "top_pad": -2, "mmap_threshold": -3, "mmap_max": -4}  # M_* in glibc's malloc.h
+# Turned off, it puts XLA:CPU's per-call buffer on the main heap (module docstring); with MALLOC_SETTINGS
+# only, since without them the main heap would map the buffer afresh each call as well.
+JAX_DISPATCH_FLAG = "jax_cpu_enable_async_dispatch"
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -76,7 +83,8 @@ def _user_malloc_settings(environ) -> bool:
 
 
 def configure_malloc() -> dict:
-    """glibc: keep freed blocks up to 32 MiB on the heap and never trim it.
+    """glibc: the main heap serves blocks of any size and is never trimmed; blocks up to 32 MiB stay on
+    the threads' heaps too.
 
     Skipped (returns {}) off glibc or when the user set MALLOC_* or malloc tunables (the hugetlb tunable
     alone does not count: it is what ``restart_with_hugepages`` adds)."""
@@ -87,10 +95,19 @@ def configure_malloc() -> dict:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return {}
-    ok = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, MALLOC_SETTINGS["mmap_threshold"]),
-                                              (_M_TRIM_THRESHOLD, MALLOC_SETTINGS["trim_threshold"]),
-                                              (_M_TOP_PAD, MALLOC_SETTINGS["top_pad"])))
+    ok = all(mallopt(_MALLOPT[k], v) == 1 for k, v in MALLOC_SETTINGS.items())
     return dict(MALLOC_SETTINGS) if ok else {}
+
+
+def configure_jax_dispatch() -> bool:
+    """Where ``configure()`` applied the malloc settings in this process: JAX runs single-device CPU calls
+    on the calling thread (``JAX_DISPATCH_FLAG`` off; module docstring). JAX reads the flag when its CPU
+    backend starts; ``dsv3_jax`` calls this when it is imported, ``configure()`` where jax is imported
+    already, so runs that never import jax do not pay for importing it. Returns whether the flag was set."""
+    if not _applied.get("jax_sync_dispatch") or "jax" not in sys.modules:
+        return False
+    sys.modules["jax"].config.update(JAX_DISPATCH_FLAG, False)
+    return True
 
 
 def thp_mode() -> str:
@@ -137,11 +154,14 @@ def restart_with_hugepages() -> None:
 
 
 def configure() -> dict:
-    """The XLA flags and malloc settings, once per process; returns what is in effect (for reports), with
-    GLIBC_TUNABLES (huge pages come from ``restart_with_hugepages``, at process start)."""
+    """The XLA flags, malloc settings and (with them) JAX's synchronous CPU dispatch, once per process;
+    returns what is in effect (for reports), with GLIBC_TUNABLES (huge pages come from
+    ``restart_with_hugepages``, at process start)."""
     if not _applied:
         _applied["xla_flags_added"] = configure_xla()
         _applied["malloc"] = configure_malloc()
+        _applied["jax_sync_dispatch"] = bool(_applied["malloc"])
+        configure_jax_dispatch()
         _applied["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
         _applied["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
     return dict(_applied)

@@ -5,6 +5,7 @@
     logits = model(tokens)                       # int32 [B, T] -> [B, T, V]
 """
 
+from dsv3 import runtime as _runtime
 from dsv3.types import LossOutput, Routing
 from dsv3_jax.block import Block
 from dsv3_jax.generate import generate
@@ -14,6 +15,8 @@ from dsv3_jax.moe import MLP, Experts, LocalDispatcher, MoE, MoEOutput, Router, 
 from dsv3_jax.mtp import MTPModule
 from dsv3_jax.norm import RMSNorm
 from dsv3_jax.rope import RotaryEmbedding, apply_rope, rope_inv_freq
+
+_runtime.configure_jax_dispatch()  # where the dsv3 command's process settings are applied (dsv3/runtime.py)
 
 __all__ = ["DeepSeekV3", "KVCache", "LossOutput", "Routing", "generate", "MLA", "MLP", "Experts", "LocalDispatcher",
            "MoE", "MoEOutput", "Router", "RouterBias", "sequence_balance_loss", "Block", "MTPModule", "RMSNorm",

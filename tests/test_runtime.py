@@ -40,13 +40,22 @@ def probe() -> dict:
       rather than from the heap (the 32 MiB threshold set by mallopt). None off Linux.
     - ``thp_64MiB``: the kernel may back a 64 MiB malloc (above any mmap threshold, as XLA's per-execution
       buffer is) with transparent huge pages: ``THPeligible`` of its mapping in /proc/self/smaps.
+    - ``jit_buffer_faults``: the minor page faults of a call of a jitted product whose 144 MiB result is a
+      temporary (XLA's per-call buffer), the median of its 3rd to 10th calls: ~37,000 where each call maps
+      that buffer afresh in 4 KiB pages, a few hundred where the main heap keeps it (while the heap grows,
+      a call now and then still gets fresh pages: a small block freed in between can sit where the
+      buffer was).
     """
     import jax
     import jax.numpy as jnp
 
+    import dsv3_jax  # noqa: F401  (as every dsv3 JAX run imports it: it applies the dispatch setting)
+
     a = jnp.ones((64, 64), jnp.float32)
     hlo = jax.jit(lambda x, y: x @ y).lower(a, a).compile().as_text()
-    out = {"ynn_fusion": "__ynn_fusion" in hlo, "mmapped_24MiB": None, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    out = {"ynn_fusion": "__ynn_fusion" in hlo, "mmapped_24MiB": None, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+           "jax_async_dispatch": bool(jax.config.values["jax_cpu_enable_async_dispatch"]),
+           "jit_buffer_faults": _jit_buffer_faults()}
     if sys.platform == "linux":
         import ctypes
 
@@ -66,6 +75,23 @@ def probe() -> dict:
         out["thp_64MiB"] = _thp_eligible(big)
         libc.free(big)
     return out
+
+
+def _jit_buffer_faults() -> int:
+    import resource
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((6144, 16), jnp.float32)
+    product_sum = jax.jit(lambda x: (jnp.sin(x) @ x.T).sum())  # the [6144, 6144] fp32 product: 144 MiB
+    faults = []
+    for _ in range(10):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        product_sum(x).block_until_ready()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return int(statistics.median(faults[2:]))
 
 
 def _started_with(text: str) -> bool:
@@ -108,6 +134,7 @@ def test_test_session_runs_with_the_command_settings():
     assert not got["ynn_fusion"], "XLA:CPU still emits YNNPACK dot fusions in this test session"
     if sys.platform == "linux" and not runtime._user_malloc_settings(os.environ):
         assert got["mmapped_24MiB"] == 0, "glibc malloc still mmaps 24 MiB blocks in this test session"
+        assert not got["jax_async_dispatch"], "JAX still dispatches CPU calls asynchronously in this test session"
     if sys.platform == "linux" and _started_with(runtime.HUGEPAGE_TUNABLE):  # xdist workers (root conftest)
         assert got["thp_64MiB"] == 1, got
 
@@ -132,6 +159,35 @@ def test_dsv3_command_runs_with_the_settings_and_the_probe_sees_their_absence():
         assert command["thp_64MiB"] == 1, command
         if runtime.thp_mode() == "madvise":
             assert bare["thp_64MiB"] == 0, bare
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc mallopt")
+def test_configured_process_keeps_xla_per_call_buffer():
+    """Without huge pages (so each fresh page is one fault): after ``configure()`` a jitted call's 144 MiB
+    temporary comes from the main heap, which keeps it, so the call faults in a few pages, not 36,864;
+    a bare interpreter maps it afresh on every call (unless the kernel backs every mapping with huge
+    pages, THP mode ``always``)."""
+    configured = _subprocess_probe("import json\nfrom dsv3 import runtime\nruntime.configure()\n"
+                                   "from test_runtime import probe\nprint(json.dumps(probe()))\n")
+    assert not configured["jax_async_dispatch"]
+    assert configured["jit_buffer_faults"] < 2000, configured
+    if runtime.thp_mode() != "always":
+        bare = _subprocess_probe("import json\nfrom test_runtime import probe\nprint(json.dumps(probe()))\n")
+        assert bare["jax_async_dispatch"] and bare["jit_buffer_faults"] > 30000, bare
+
+
+def test_jax_dispatch_follows_the_malloc_settings(monkeypatch):
+    import jax
+
+    flag = runtime.JAX_DISPATCH_FLAG
+    monkeypatch.setattr(jax.config, "update", lambda name, value: seen.append((name, value)))
+    seen = []
+    monkeypatch.setattr(runtime, "_applied", {"malloc": {}, "jax_sync_dispatch": False})  # user malloc settings
+    assert runtime.configure_jax_dispatch() is False and seen == []
+    monkeypatch.setattr(runtime, "_applied", {"malloc": dict(runtime.MALLOC_SETTINGS), "jax_sync_dispatch": True})
+    assert runtime.configure_jax_dispatch() is True and seen == [(flag, False)]
+    monkeypatch.delitem(sys.modules, "jax")  # not imported yet: dsv3_jax sets it on import
+    assert runtime.configure_jax_dispatch() is False and seen == [(flag, False)]
 
 
 def test_hugepage_env_adds_the_tunable_once_and_respects_the_user(monkeypatch):

@@ -279,6 +279,7 @@ def _make_ctx(args, cfg):
     env = environment(args.device)
     settings = runtime.configure()
     env["malloc"], env["GLIBC_TUNABLES"] = settings["malloc"], settings["GLIBC_TUNABLES"]
+    env["jax_sync_dispatch"] = settings["jax_sync_dispatch"]
     env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper() if args.omp_wait_policy else os.environ.get("OMP_WAIT_POLICY")
     ctx = Ctx(args=args, cfg=cfg, device=args.device, dtype=args.dtype, batch=args.batch, seq=args.seq,
               contexts=_contexts(args, cfg, DECODE_STEPS), decode_batch=args.decode_batch or args.batch,

@@ -183,7 +183,7 @@ def _f(x, fmt="{:.1f}", none="–"):
 def _malloc(settings) -> str:
     if not settings:
         return "default"
-    return ", ".join(f"{k} {v >> 20} MiB" for k, v in settings.items())
+    return ", ".join(f"{k} {v >> 20} MiB" if v >= 1 << 20 else f"{k} {v}" for k, v in settings.items())
 
 
 def markdown(res: dict) -> str:
@@ -221,6 +221,7 @@ def _header(res: dict) -> list[str]:
           f"jax {m['versions'].get('jax')} · transformers {m['versions'].get('transformers')} · "
           f"load avg start {env.get('loadavg_start')} end {m.get('loadavg_end')} · {env.get('time_utc')}"
           f" · XLA_FLAGS `{env.get('XLA_FLAGS') or ''}` · malloc {_malloc(env.get('malloc'))}"
+          f" · JAX CPU dispatch {'synchronous' if env.get('jax_sync_dispatch') else 'asynchronous'}"
           f" · GLIBC_TUNABLES `{env.get('GLIBC_TUNABLES') or ''}`"
           + (f" · commit {m['git']['commit'][:10]}{' (dirty)' if m['git'].get('dirty') else ''}"
              if m.get("git", {}).get("commit") else ""), ""]
