@@ -155,6 +155,7 @@ def test_dsv3_command_runs_with_the_settings_and_the_probe_sees_their_absence():
     assert not command["ynn_fusion"] and bare["ynn_fusion"]
     if sys.platform == "linux":
         assert command["mmapped_24MiB"] == 0 and bare["mmapped_24MiB"] == 1
+        assert not command["jax_async_dispatch"] and bare["jax_async_dispatch"]
     if runtime.hugepage_env({}) is not None:  # glibc, and the kernel gives huge pages on request
         assert command["thp_64MiB"] == 1, command
         if runtime.thp_mode() == "madvise":
