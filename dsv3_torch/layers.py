@@ -1,4 +1,4 @@
-"""Layer helpers shared by the modules: bias-free Linear construction and numpy conversion.
+"""Layer helpers shared by the modules: the bias-free Linear and numpy conversion.
 
 Shape legend: D_in, D_out the layer's input and output widths. torch weights are [out, in].
 """
@@ -10,10 +10,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from dsv3_torch import cpu_matmul
 
-def linear(d_in: int, d_out: int, dtype: torch.dtype = torch.float32, device=None) -> nn.Linear:
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose product is ``cpu_matmul.linear`` (oneDNN for fp32 on CPUs where MKL
+    runs below the vector width, else F.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_matmul.linear(x, self.weight)
+
+
+def linear(d_in: int, d_out: int, dtype: torch.dtype = torch.float32, device=None) -> Linear:
     """Bias-free Linear, weight [d_out, d_in]; initialised N(0, initializer_range) by DeepSeekV3.reset_parameters."""
-    return nn.Linear(d_in, d_out, bias=False, dtype=dtype, device=device)
+    return Linear(d_in, d_out, bias=False, dtype=dtype, device=device)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -37,6 +37,8 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.types import Routing
+from dsv3_torch import cpu_matmul
+from dsv3_torch.cpu_matmul import mm
 from dsv3_torch.layers import compute_dtype, linear
 
 COMBINES = ("grouped", "eager")
@@ -93,7 +95,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x [N, D] (any dtype) -> Routing, all fp32."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        scores = cpu_matmul.linear(x.float(), self.weight.float()).sigmoid()
         idx = self.select(scores)
         w = scores.gather(1, idx)
         if self.cfg.norm_topk_prob:
@@ -226,9 +228,9 @@ class Experts(nn.Module):
         # Under autocast each stacked weight is cast once, not once per expert slice (a slice is no
         # leaf, so autocast's cast cache would not hold it) with a cast-back per slice in backward.
         w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
-        pad = LOW_PRECISION_ROW_MULTIPLE if (not compiling and x_sorted.device.type == "cpu"
-                                             and dtype in (torch.bfloat16, torch.float16)) else 1
-        if not compiling and pad == 1 and dtype == x_sorted.dtype:
+        pad = 1 if compiling else cpu_matmul.row_multiple(x_sorted, dtype)
+        # bf16 / fp16 on the CPU (autocast or low-precision weights) stay on autograd's padded loop
+        if not compiling and dtype == x_sorted.dtype and (pad == 1 or dtype == torch.float32):
             return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)
         outs = [_swiglu(x, w1_, w2_, w3_, pad)
                 for x, w1_, w2_, w3_, n in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0),
@@ -238,13 +240,6 @@ class Experts(nn.Module):
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-# Rows of an expert are padded to a multiple of this where its matmuls run in bf16/fp16 on the CPU.
-# Those go to oneDNN, which builds (JIT-compiles) a kernel per new shape: about 1 ms, 8x a
-# 323 x 256 x 128 product itself. Routing gives every expert a new row count each step, so unpadded
-# nearly every per-expert product paid it (docs/bench/README.md, "bf16"). fp32 goes to MKL: no padding.
-LOW_PRECISION_ROW_MULTIPLE = 32
-
-
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, multiple: int = 1) -> torch.Tensor:
     """One expert on its rows x [n, D] -> [n, D]; more than ``multiple`` rows are computed zero-padded
     to a multiple of it (fewer: as they are, at most ``multiple`` shapes).
@@ -252,10 +247,15 @@ def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tenso
     The pad rows' outputs are cut off, so their output gradients are zero and they add nothing to the
     weight gradients; the real rows' products are those of the unpadded call."""
     n = x.shape[0]
-    pad = -n % multiple if multiple > 1 and n > multiple else 0  # multiple 1 (compiling): n is no host int
+    pad = _row_padding(n, multiple) if multiple > 1 else 0  # multiple 1 (compiling): n is no host int
     if not pad:
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+        return cpu_matmul.linear(F.silu(cpu_matmul.linear(x, w1)) * cpu_matmul.linear(x, w3), w2)
     return _swiglu(F.pad(x, (0, 0, 0, pad)), w1, w2, w3)[:n]
+
+
+def _row_padding(n: int, multiple: int) -> int:
+    """The zero rows an expert of n rows is computed with: up to a multiple of ``multiple`` above it."""
+    return -n % multiple if n > multiple else 0
 
 
 def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
@@ -263,7 +263,26 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torc
     """The per-expert SwiGLU of x [M, D] grouped by expert (sizes [E] host ints) with stacked w1, w3
     [E, F, D] and w2 [E, D, F], all of one dtype, in eager mode -> y [M, D], written into one buffer by
     slice: recording a gradient, by ``_GroupedSwiGLU``; without one (inference, prefill, decoding), by the
-    same products with nothing kept. Both equal autograd's loop over ``_swiglu`` bit for bit (tested)."""
+    same products with nothing kept. Both equal autograd's loop over ``_swiglu`` bit for bit (tested).
+
+    Where oneDNN computes the products (``cpu_matmul.row_multiple``), an expert's rows are laid out
+    zero-padded as ``_swiglu`` pads them, in one padded buffer, and the real rows read back from it."""
+    multiple = cpu_matmul.row_multiple(x)
+    padded = [n + _row_padding(n, multiple) for n in sizes]
+    if padded != sizes and sum(sizes) == x.shape[0]:
+        # each real row's place in the padded buffer: its index shifted by the padding before its expert
+        # (a CPU path: multiple > 1 only there)
+        pads = torch.tensor(padded) - torch.tensor(sizes)
+        rows = torch.arange(x.shape[0]) + (pads.cumsum(0) - pads).repeat_interleave(torch.tensor(sizes),
+                                                                                   output_size=x.shape[0])
+        xp = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, rows, x)
+        return _grouped_swiglu_rows(xp, w1, w2, w3, padded).index_select(0, rows)
+    return _grouped_swiglu_rows(x, w1, w2, w3, sizes)
+
+
+def _grouped_swiglu_rows(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                        sizes: list[int]) -> torch.Tensor:
+    """``grouped_swiglu`` on the rows as they are."""
     if torch.is_grad_enabled():
         return _GroupedSwiGLU.apply(x, w1, w2, w3, sizes)
     return _swiglu_into_buffers(x, w1, w2, w3, sizes, keep=False)[0]
@@ -281,11 +300,11 @@ def _swiglu_into_buffers(x, w1, w2, w3, sizes, keep: bool):
         if n:
             r = slice(start, start + n)
             if keep:
-                a, b = torch.mm(x[r], w1[e].t(), out=a_all[r]), torch.mm(x[r], w3[e].t(), out=b_all[r])
+                a, b = mm(x[r], w1[e].t(), out=a_all[r]), mm(x[r], w3[e].t(), out=b_all[r])
                 h = F.silu(a) * b
             else:
-                h = F.silu(torch.mm(x[r], w1[e].t()), inplace=True).mul_(torch.mm(x[r], w3[e].t()))
-            torch.mm(h, w2[e].t(), out=y[r])
+                h = F.silu(mm(x[r], w1[e].t()), inplace=True).mul_(mm(x[r], w3[e].t()))
+            mm(h, w2[e].t(), out=y[r])
             start += n
     y[start:].zero_()  # rows past the experts' (none where sizes sum to M)
     return y, a_all, b_all
@@ -324,14 +343,14 @@ class _GroupedSwiGLU(torch.autograd.Function):
             r = slice(start, start + n)
             a, b, g_e = a_all[r], b_all[r], gy[r]
             sa = F.silu(a)
-            dh = g_e.mm(w2[e])
+            dh = mm(g_e, w2[e])
             da, db = torch.ops.aten.silu_backward(dh * b, a), dh * sa
             if need_w:
-                torch.mm(g_e.t(), sa * b, out=g2[e])
-                torch.mm(da.t(), x[r], out=g1[e])
-                torch.mm(db.t(), x[r], out=g3[e])
+                mm(g_e.t(), sa * b, out=g2[e])
+                mm(da.t(), x[r], out=g1[e])
+                mm(db.t(), x[r], out=g3[e])
             if need_x:
-                torch.add(da.mm(w1[e]), db.mm(w3[e]), out=gx[r])
+                torch.add(mm(da, w1[e]), mm(db, w3[e]), out=gx[r])
             start += n
         if need_x:
             gx[start:].zero_()

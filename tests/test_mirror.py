@@ -31,6 +31,8 @@ ONLY_IN = {
     },
     ("layers", "torch"): {
         "compute_dtype": "the dtype torch.autocast computes a matmul in (JAX: dtypes are explicit)",
+        "Linear": "nn.Linear whose fp32 CPU product is dsv3_torch.cpu_matmul's (oneDNN where MKL runs AVX2 "
+                  "on AVX-512 units; JAX: XLA:CPU picks its own kernels)",
     },
     ("moe", "torch"): {
         "group_sizes": "split() takes host ints; under torch.compile they are data-dependent symbols "

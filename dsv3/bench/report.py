@@ -240,6 +240,7 @@ def _header(res: dict) -> list[str]:
 def _peak(k: str, v: dict) -> str:
     return (f"{k} {v['peak_gflops']:.1f} GFLOP/s at {'×'.join(map(str, v['peak_shape']))}"
             + (f" ({v['peak_layout']})" if v.get("peak_layout") else "")
+            + (f" ({'oneDNN' if v['cpu_matmul'] == 'onednn' else 'MKL'})" if v.get("cpu_matmul") else "")
             + (f" (sweep at start {v['peak_gflops_start']:.1f}, at end {v['peak_gflops_end']:.1f}; MFU uses the higher)"
                if "peak_gflops_end" in v else ""))
 

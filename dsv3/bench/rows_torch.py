@@ -98,11 +98,13 @@ class TorchAdapter(Adapter):
     def moe_and_dense(self, x, dense_w, dy):
         import torch.nn.functional as F
 
+        from dsv3_torch.cpu_matmul import linear
+
         moe = self.first_moe(self.build().train())
         w1, w2, w3 = (self.tensor(w.T, requires_grad=True) for w in dense_w)  # nn.Linear layout [out, in]
 
         def dense(xx):
-            return F.linear(F.silu(F.linear(xx, w1)) * F.linear(xx, w3), w2)
+            return linear(F.silu(linear(xx, w1)) * linear(xx, w3), w2)  # the model's MLP products
 
         x, dy = self.tensor(x), self.tensor(dy).float()
         return {"moe": self._fwd_bwd(lambda xx: moe(xx)[0], x, list(moe.parameters()), dy),
@@ -131,7 +133,9 @@ class TorchAdapter(Adapter):
                 for s in operand_shapes(b, M, K, N, layout))
         x, y = (a.mT if layout == "tn" else a), (w.mT if layout == "nt" else w)
         c = torch.empty(*x.shape[:-1], N, device=self.ctx.device, dtype=self.dtype)
-        mm = torch.bmm if b > 1 else torch.mm
+        from dsv3_torch.cpu_matmul import mm as mm2  # the model's own 2-D products (MKL or oneDNN)
+
+        mm = torch.bmm if b > 1 else mm2
         call = lambda: mm(x, y, out=c)  # noqa: E731
         call.operands = (a, w)
         return call
@@ -139,4 +143,9 @@ class TorchAdapter(Adapter):
     def peak_info(self):
         import torch
 
-        return {"device": self.ctx.device, "threads": torch.get_num_threads()}
+        from dsv3_torch import cpu_matmul
+
+        info = {"device": self.ctx.device, "threads": torch.get_num_threads()}
+        if self.ctx.device == "cpu" and self.dtype == torch.float32:
+            info["cpu_matmul"] = cpu_matmul.backend()
+        return info

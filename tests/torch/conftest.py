@@ -23,3 +23,16 @@ def tiny() -> ModelConfig:
     """Every feature on: q LoRA, n_group > topk_group > 1, a dense layer, a shared
     expert, YaRN with factor > 1 (m != 1), one MTP depth."""
     return ModelConfig.preset("tiny")
+
+
+@pytest.fixture(params=["mkl", "onednn"])
+def cpu_matmul_backend(request):
+    """The test run once with each fp32 CPU matmul library (``dsv3_torch.cpu_matmul``), whichever this
+    machine's default is."""
+    from dsv3_torch import cpu_matmul
+
+    if request.param == "onednn" and not cpu_matmul.onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    with cpu_matmul.use(request.param):
+        yield request.param
+

@@ -56,7 +56,7 @@ def _reference_route(s, bias, cfg):
     return idx, [wi / total * cfg.routed_scaling_factor for wi in w]
 
 
-def test_dropless_grouped_moe_equals_per_token_reference():
+def test_dropless_grouped_moe_equals_per_token_reference(cpu_matmul_backend):
     moe = _moe()
     x = torch.randn(2, 9, CFG.hidden_size)
     with torch.no_grad():
@@ -92,30 +92,33 @@ def test_experts_run_only_on_their_own_tokens():
 
 
 class _ForwardMatmulRows(TorchDispatchMode):
-    """Records the rows of every matmul dispatched while active (F.linear and torch.mm both reach aten.mm)."""
+    """Records the rows of every matmul dispatched while active: aten.mm (F.linear and torch.mm), or under
+    ``cpu_matmul``'s oneDNN backend oneDNN's linear (the forward's products: rows first)."""
 
     def __enter__(self):
         self.rows = []
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket is torch.ops.aten.mm:
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.mkldnn._linear_pointwise):
             self.rows.append(args[0].shape[0])
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
                          ids=["bf16-weights", "bf16-autocast", "fp32"])
-def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights, autocast):
-    """In bf16 on the CPU an expert's rows beyond LOW_PRECISION_ROW_MULTIPLE are computed zero-padded to
-    a multiple of it (a bounded set of matmul shapes; fp32 is not padded); its outputs and all gradients
-    equal the unpadded computation's, expert by expert, bit for bit (the pad rows' outputs are cut off,
-    so their zero output gradients add nothing to the weight gradients). fp32 training runs the experts in
-    ``_GroupedSwiGLU`` (whole buffers, no cat or stack): the same products, outputs and gradients as
-    autograd's loop bit for bit, the expert without rows getting zero weight gradients."""
+def test_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights, autocast, cpu_matmul_backend):
+    """Where oneDNN multiplies on the CPU (bf16; fp32 under the oneDNN backend) an expert's rows beyond
+    cpu_matmul.ROW_MULTIPLE are computed zero-padded to a multiple of it (a bounded set of matmul shapes;
+    fp32 under MKL is not padded); its outputs and all gradients equal the unpadded computation's, expert
+    by expert, bit for bit (the pad rows' outputs are cut off, so their zero output gradients add nothing
+    to the weight gradients). fp32 training runs the experts in ``_GroupedSwiGLU`` (whole buffers, no cat
+    or stack; padded, in one padded buffer): the same products, outputs and gradients as autograd's
+    unpadded loop bit for bit, the expert without rows getting zero weight gradients."""
+    from dsv3_torch import cpu_matmul
     from dsv3_torch import moe as moe_mod
 
-    m = moe_mod.LOW_PRECISION_ROW_MULTIPLE
+    m = cpu_matmul.ROW_MULTIPLE
     sizes = [m + 5, 3, 0, 2 * m, 3 * m - 1, m, 1, m + 1]
     low = weights == torch.bfloat16 or autocast
     ex = _experts(sizes, seed=1, dtype=weights)
@@ -131,8 +134,9 @@ def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, wei
     assert bool(used) == (not low)
     (y.float() * dy).sum().backward()
     got = [y.detach(), x.grad] + [p.grad for p in ex.parameters()]
-    # bf16: m + 1, m + 5 -> 2m; 3m - 1 -> 3m; up to m rows as they are
-    assert sorted(set(rows)) == ([1, 3, m, 2 * m, 3 * m] if low else sorted(set(sizes) - {0}))
+    # padded: m + 1, m + 5 -> 2m; 3m - 1 -> 3m; up to m rows as they are
+    padded = low or cpu_matmul_backend == "onednn"
+    assert sorted(set(rows)) == ([1, 3, m, 2 * m, 3 * m] if padded else sorted(set(sizes) - {0}))
 
     x.grad = None
     ex.zero_grad()
@@ -147,7 +151,7 @@ def test_bf16_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, wei
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
-def test_experts_without_gradient_write_the_loops_outputs(context):
+def test_experts_without_gradient_write_the_loops_outputs(context, cpu_matmul_backend):
     """Without a gradient (inference, prefill, decoding) the fp32 experts write each expert's SwiGLU
     into one output buffer (``grouped_swiglu``, no cat): bit for bit autograd's loop over ``_swiglu``,
     the expert without rows included, and nothing recorded for a backward."""
@@ -161,7 +165,7 @@ def test_experts_without_gradient_write_the_loops_outputs(context):
     torch.testing.assert_close(y, ref.detach(), rtol=0, atol=0)
 
 
-def test_grouped_swiglu_gives_only_the_gradients_asked_for():
+def test_grouped_swiglu_gives_only_the_gradients_asked_for(cpu_matmul_backend):
     """_GroupedSwiGLU with frozen weights or a constant input: the other side's gradients equal autograd's
     loop bit for bit, and none is made for what needs none."""
     sizes = [5, 0, 9, 2, 0, 4, 1, 3]
