@@ -4,9 +4,9 @@ torch's CPU build multiplies fp32 matrices with MKL, and MKL runs its AVX-512 ke
 only: on an AMD CPU with AVX-512 it runs its AVX2 kernels. oneDNN, in the same build (it already does
 torch's bf16 products), runs AVX-512 kernels on any CPU that has them. Where the CPU executes 512-bit
 vectors at full width (AMD Zen 5, CPU family 26) that halves every fp32 product's time: on a 2-core Zen 5
-EPYC VM, MKL reached 185-214 GFLOP/s on this model's products and oneDNN 230-475 (1.3-2.3x; the
-transposed-operand weight gradients gain least), and the peer-small fp32 training step ran 1.36x faster
-(docs/bench/README.md, "Measured choices in the code"). On Zen 4 (family 25), whose AVX-512 runs as two
+EPYC VM, MKL reached 172-214 GFLOP/s on this model's products and oneDNN 148-475 (1.9-2.3x on the
+forward and input-gradient layouts; the transposed-operand weight gradients 0.86-1.74x), and the
+peer-small fp32 training step ran 1.195x faster (docs/bench/README.md, "Measured choices in the code"). On Zen 4 (family 25), whose AVX-512 runs as two
 256-bit halves, the two libraries' kernels have the same width; there, on Intel CPUs (where MKL runs
 AVX-512) and on CPUs without AVX-512, torch's own path is kept.
 
@@ -111,6 +111,10 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
+def _records_grad(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+
+
 def _onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x·(w as a Linear weight) takes oneDNN's path."""
     if torch.compiler.is_compiling():  # first: Dynamo then traces nothing of the rest
@@ -156,7 +160,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) without bias: x [..., K], w [N, K] -> [..., N]."""
     if not _onednn(x, w):
         return F.linear(x, w)
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+    if _records_grad(x, w):
         return _OneDNNLinear.apply(x, w)
     return _lp(x, w)
 
@@ -165,7 +169,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> 
     """torch.mm(a, b, out=out) for 2-D a [M, K], b [K, N]: a custom autograd function's products
     (where a gradient is recorded, torch.mm's own). oneDNN writes a new tensor; with ``out`` it is
     copied there."""
-    if a.dim() != 2 or not _onednn(a, b) or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+    if a.dim() != 2 or not _onednn(a, b) or _records_grad(a, b):
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
     y = _lp(a, b.t())
     return y if out is None else out.copy_(y)

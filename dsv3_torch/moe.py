@@ -228,7 +228,7 @@ class Experts(nn.Module):
         # Under autocast each stacked weight is cast once, not once per expert slice (a slice is no
         # leaf, so autocast's cast cache would not hold it) with a cast-back per slice in backward.
         w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
-        pad = 1 if compiling else cpu_matmul.row_multiple(x_sorted, dtype)
+        pad = cpu_matmul.row_multiple(x_sorted, dtype)  # 1 when compiling
         # bf16 / fp16 on the CPU (autocast or low-precision weights) stay on autograd's padded loop
         if not compiling and dtype == x_sorted.dtype and (pad == 1 or dtype == torch.float32):
             return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)

@@ -133,9 +133,9 @@ class TorchAdapter(Adapter):
                 for s in operand_shapes(b, M, K, N, layout))
         x, y = (a.mT if layout == "tn" else a), (w.mT if layout == "nt" else w)
         c = torch.empty(*x.shape[:-1], N, device=self.ctx.device, dtype=self.dtype)
-        from dsv3_torch.cpu_matmul import mm as mm2  # the model's own 2-D products (MKL or oneDNN)
+        from dsv3_torch import cpu_matmul
 
-        mm = torch.bmm if b > 1 else mm2
+        mm = torch.bmm if b > 1 else cpu_matmul.mm  # the model's own 2-D products (MKL or oneDNN)
         call = lambda: mm(x, y, out=c)  # noqa: E731
         call.operands = (a, w)
         return call
