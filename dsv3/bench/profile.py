@@ -3,7 +3,7 @@
 Profiles the same training step ``dsv3 bench`` times (the training backend's
 ``train_step`` on the bench's weights and batch) and prints a table:
 
-* torch: ``torch.profiler`` self CPU time per ATen op, per step;
+* torch: ``torch.profiler`` self CPU time per ATen op (and oneDNN product, autograd node), per step;
 * jax: ``jax.profiler`` time per XLA:CPU kernel, per step (each kernel's median call
   duration times its calls, so one call delayed by the load does not count in full),
   grouped by the model component its HLO metadata names (the jitted step is dumped to a temporary
@@ -72,8 +72,9 @@ def profile_torch(step, steps: int, rows: int) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    avg = [e for e in prof.key_averages() if e.key.startswith("aten::") or "Backward" in e.key
-           or e.key.startswith("Optimizer")]
+    # ATen's ops, oneDNN's products (``dsv3_torch.cpu_matmul``), autograd nodes and the optimizer
+    avg = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::", "Optimizer"))
+           or "Backward" in e.key]
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) / steps / 1e3
     avg.sort(key=lambda e: -e.self_cpu_time_total)
     lines = [f"self CPU time per step: {total:.1f} ms", "", "| op | ms / step | calls / step |", "|---|--:|--:|"]
