@@ -265,65 +265,98 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torc
     slice: recording a gradient, by ``_GroupedSwiGLU``; without one (inference, prefill, decoding), by the
     same products with nothing kept. Both equal autograd's loop over ``_swiglu`` bit for bit (tested).
 
-    Where oneDNN computes the products (``cpu_matmul.row_multiple``), an expert's rows are laid out
-    zero-padded as ``_swiglu`` pads them, in one padded buffer, and the real rows read back from it."""
-    multiple = cpu_matmul.row_multiple(x)
-    padded = [n + _row_padding(n, multiple) for n in sizes]
-    if padded != sizes and sum(sizes) == x.shape[0]:
-        # each real row's place in the padded buffer: its index shifted by the padding before its expert
-        # (a CPU path: multiple > 1 only there)
-        pads = torch.tensor(padded) - torch.tensor(sizes)
-        rows = torch.arange(x.shape[0]) + (pads.cumsum(0) - pads).repeat_interleave(torch.tensor(sizes),
-                                                                                   output_size=x.shape[0])
-        xp = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, rows, x)
-        return _grouped_swiglu_rows(xp, w1, w2, w3, padded).index_select(0, rows)
-    return _grouped_swiglu_rows(x, w1, w2, w3, sizes)
-
-
-def _grouped_swiglu_rows(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                        sizes: list[int]) -> torch.Tensor:
-    """``grouped_swiglu`` on the rows as they are."""
+    Where oneDNN computes the products (``cpu_matmul.row_multiple``), each expert's products have the
+    row count ``_swiglu`` pads them to (``_expert_windows``)."""
+    windows = _expert_windows(sizes, cpu_matmul.row_multiple(x))
     if torch.is_grad_enabled():
-        return _GroupedSwiGLU.apply(x, w1, w2, w3, sizes)
-    return _swiglu_into_buffers(x, w1, w2, w3, sizes, keep=False)[0]
+        return _GroupedSwiGLU.apply(x, w1, w2, w3, windows)
+    return _swiglu_into_buffers(x, w1, w2, w3, windows, keep=False)[0]
 
 
-def _swiglu_into_buffers(x, w1, w2, w3, sizes, keep: bool):
+class _Window(NamedTuple):
+    """One expert's rows [start, start + n) of the expert-sorted rows, computed on ``rows`` rows."""
+    expert: int
+    start: int
+    n: int
+    rows: int  # n + _row_padding(n, multiple)
+
+
+def _expert_windows(sizes: list[int], multiple: int) -> list[_Window]:
+    """The experts with rows, in ascending order, each with the row count its products are computed on."""
+    out, start = [], 0
+    for e, n in enumerate(sizes):
+        if n:
+            out.append(_Window(e, start, n, n + _row_padding(n, multiple)))
+            start += n
+    return out
+
+
+def _window_rows(t: torch.Tensor, w: _Window) -> torch.Tensor:
+    """The ``w.rows`` rows an expert's products take from t [M, *]: its own rows and the ones after them
+    (a later expert's, or rows of no expert) where those exist, a view; else (the last experts') its own
+    rows zero-padded, a copy. The rows past the expert's own are don't-care: each product's row depends on
+    its own row only, and the backward zeroes their factors before any sum over rows."""
+    if w.start + w.rows <= t.shape[0]:
+        return t[w.start:w.start + w.rows]
+    return F.pad(t[w.start:w.start + w.n], (0, 0, 0, w.rows - w.n))
+
+
+def _put(buf: torch.Tensor, w: _Window, a: torch.Tensor, b=None) -> None:
+    """Write an expert's result rows into buf [M, *] at its own rows: a (or a + b), of its window's rows."""
+    r = slice(w.start, w.start + w.n)
+    if b is not None:
+        torch.add(a[:w.n], b[:w.n], out=buf[r])
+    else:
+        buf[r].copy_(a[:w.n])
+
+
+def _product_into(buf: torch.Tensor, w: _Window, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [rows, K] · b [K, N] written into buf's rows of the expert; returns the whole product (written by
+    mm itself where the window is the expert's rows)."""
+    if w.rows == w.n:
+        return mm(a, b, out=buf[w.start:w.start + w.n])
+    y = mm(a, b)
+    _put(buf, w, y)
+    return y
+
+
+def _swiglu_into_buffers(x, w1, w2, w3, windows, keep: bool):
     """-> (y [M, D], x w1ᵀ [M, F], x w3ᵀ [M, F]), the last two only if ``keep`` (else None): each expert's
     products written into its rows. Without ``keep`` the SiLU and the product run in place on the
     expert's own temporary (the same kernels, the same values)."""
     M, F_ = x.shape[0], w1.shape[1]
     y = x.new_empty(x.shape)
     a_all, b_all = (x.new_empty(M, F_), x.new_empty(M, F_)) if keep else (None, None)
-    start = 0
-    for e, n in enumerate(sizes):
-        if n:
-            r = slice(start, start + n)
-            if keep:
-                a, b = mm(x[r], w1[e].t(), out=a_all[r]), mm(x[r], w3[e].t(), out=b_all[r])
-                h = F.silu(a) * b
-            else:
-                h = F.silu(mm(x[r], w1[e].t()), inplace=True).mul_(mm(x[r], w3[e].t()))
-            mm(h, w2[e].t(), out=y[r])
-            start += n
-    y[start:].zero_()  # rows past the experts' (none where sizes sum to M)
+    for w in windows:
+        e, xe = w.expert, _window_rows(x, w)
+        if keep:
+            a, b = _product_into(a_all, w, xe, w1[e].t()), _product_into(b_all, w, xe, w3[e].t())
+            h = F.silu(a) * b
+        else:
+            h = F.silu(mm(xe, w1[e].t()), inplace=True).mul_(mm(xe, w3[e].t()))
+        _product_into(y, w, h, w2[e].t())
+    y[sum(w.n for w in windows):].zero_()  # rows past the experts' (none where sizes sum to M)
     return y, a_all, b_all
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
-    """x_sorted [M, D] grouped by expert, stacked w1, w3 [E, F, D] and w2 [E, D, F], group_sizes [E]
-    (host ints) -> y_sorted [M, D]: ``Experts.forward``'s per-expert SwiGLU, the same products in the
-    same order (outputs and gradients bit-identical to autograd's loop, tested), written into whole
+    """x_sorted [M, D] grouped by expert, stacked w1, w3 [E, F, D] and w2 [E, D, F], the experts'
+    ``_expert_windows`` -> y_sorted [M, D]: ``Experts.forward``'s per-expert SwiGLU, the same products in
+    the same order (outputs and gradients bit-identical to autograd's loop, tested), written into whole
     buffers by slice instead of cat and stack.
 
     forward keeps x w1 and x w3 of every row [M, F] for the backward (autograd's loop kept those and
     silu(x w1) and the SwiGLU product besides); backward recomputes silu and the product from them.
-    An expert without rows gets zero weight gradients, as from autograd's stack."""
+    In a window longer than the expert, the backward zeroes the extra rows of the SwiGLU product and of
+    the gradients of x w1 and x w3 before the weight-gradient products, so they add exact zeros (a
+    non-finite row of x or of the output gradient there would still reach the expert's weight gradients:
+    such a step's loss is not finite either). An expert without rows gets zero weight gradients, as from
+    autograd's stack."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, w3, sizes):
-        y, a_all, b_all = _swiglu_into_buffers(x, w1, w2, w3, sizes, keep=True)
-        ctx.sizes = sizes
+    def forward(ctx, x, w1, w2, w3, windows):
+        y, a_all, b_all = _swiglu_into_buffers(x, w1, w2, w3, windows, keep=True)
+        ctx.windows = windows
         ctx.save_for_backward(x, w1, w2, w3, a_all, b_all)
         return y
 
@@ -333,27 +366,28 @@ class _GroupedSwiGLU(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
         gx = torch.empty_like(x) if need_x else None
         g1, g2, g3 = (torch.empty_like(w) for w in (w1, w2, w3)) if need_w else (None, None, None)
-        start = 0
-        for e, n in enumerate(ctx.sizes):
-            if not n:
-                if need_w:
-                    for g in (g1, g2, g3):
-                        g[e].zero_()
-                continue
-            r = slice(start, start + n)
-            a, b, g_e = a_all[r], b_all[r], gy[r]
+        if need_w:
+            for e in sorted(set(range(w1.shape[0])) - {w.expert for w in ctx.windows}):
+                for g in (g1, g2, g3):
+                    g[e].zero_()
+        for w in ctx.windows:
+            e = w.expert
+            a, b, g_e, x_e = (_window_rows(t, w) for t in (a_all, b_all, gy, x))
             sa = F.silu(a)
             dh = mm(g_e, w2[e])
             da, db = torch.ops.aten.silu_backward(dh * b, a), dh * sa
             if need_w:
-                mm(g_e.t(), sa * b, out=g2[e])
-                mm(da.t(), x[r], out=g1[e])
-                mm(db.t(), x[r], out=g3[e])
+                h = sa * b
+                if w.rows > w.n:  # the window's rows past the expert's own add nothing
+                    for t in (h, da, db):
+                        t[w.n:].zero_()
+                mm(g_e.t(), h, out=g2[e])
+                mm(da.t(), x_e, out=g1[e])
+                mm(db.t(), x_e, out=g3[e])
             if need_x:
-                torch.add(mm(da, w1[e]), mm(db, w3[e]), out=gx[r])
-            start += n
+                _put(gx, w, mm(da, w1[e]), mm(db, w3[e]))
         if need_x:
-            gx[start:].zero_()
+            gx[sum(w.n for w in ctx.windows):].zero_()
         return gx, g1, g2, g3, None
 
 

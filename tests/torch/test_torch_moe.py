@@ -113,7 +113,7 @@ def test_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights,
     fp32 under MKL is not padded); its outputs and all gradients equal the unpadded computation's, expert
     by expert, bit for bit (the pad rows' outputs are cut off, so their zero output gradients add nothing
     to the weight gradients). fp32 training runs the experts in ``_GroupedSwiGLU`` (whole buffers, no cat
-    or stack; padded, in one padded buffer): the same products, outputs and gradients as autograd's
+    or stack; padded, on windows of the sorted rows): the same products, outputs and gradients as autograd's
     unpadded loop bit for bit, the expert without rows getting zero weight gradients."""
     from dsv3_torch import cpu_matmul
     from dsv3_torch import moe as moe_mod
