@@ -63,6 +63,33 @@ THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _applied: dict = {}
 
 
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_info(path: str = CPUINFO) -> dict:
+    """The first processor's fields of /proc/cpuinfo (vendor_id, cpu family, flags, ...); {} where there is none."""
+    fields = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return {}
+    return fields
+
+
+def cpu_has_bf16(path: str = CPUINFO) -> Optional[bool]:
+    """Whether the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX-BF16 in its flags); None where
+    /proc/cpuinfo lists no flags (another OS, another architecture)."""
+    flags = cpu_info(path).get("flags")
+    if flags is None:
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
 def configure_xla() -> list[str]:
     """Add XLA_CPU_FLAGS to XLA_FLAGS (each unless the user set that flag).
 

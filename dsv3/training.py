@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from dsv3 import runtime
 from dsv3.config import ModelConfig
 from dsv3.fileio import atomic_write_json
 from dsv3.flops import param_counts
@@ -244,6 +245,26 @@ def _announce(tcfg: TrainConfig, cfg: ModelConfig, corpus, quiet: bool) -> None:
              f"lambda={cfg.mtp_loss_weight}, {tcfg.dtype} -> {tcfg.out}", quiet)
 
 
+BF16_WITHOUT_HARDWARE = (
+    "dsv3 train: warning: --dtype bfloat16 on a CPU without AVX-512 BF16 or AMX (its /proc/cpuinfo flags): its "
+    "bf16 products have no hardware support, and a bf16 step can take many times an fp32 one (a peer-small "
+    "torch step took 11 s against 0.45 s in fp32 on such a CPU, docs/bench/README.md); --dtype float32 "
+    "trains faster here")
+
+
+def bf16_without_hardware(tcfg: TrainConfig, backend=None) -> bool:
+    """Whether this run computes in bf16 on a CPU that has no bf16 arithmetic (``runtime.cpu_has_bf16``):
+    dsv3_torch's single-device backend computes on the CPU, its sharded one on ``backend.device``, dsv3_jax
+    on JAX's default backend."""
+    if tcfg.dtype != "bfloat16" or runtime.cpu_has_bf16() is not False:
+        return False
+    if tcfg.framework == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    return str(getattr(backend, "device", "cpu")).startswith("cpu")
+
+
 # ------------------------------------------------------------------- driver
 class _Run:
     """One run in progress: the backend, data, metrics log, progress bar and last results."""
@@ -462,6 +483,8 @@ def _train_locked(tcfg: TrainConfig, make_backend, resume: bool, overwrite: bool
         atomic_write_json(os.path.join(tcfg.out, "train_config.json"), tcfg.to_dict(), indent=2)
     _announce(tcfg, cfg, corpus, quiet)
     backend = make_backend(cfg, tcfg)
+    if bf16_without_hardware(tcfg, backend):
+        _message(BF16_WITHOUT_HARDWARE, quiet)
     if point is not None:
         _restore(backend, point)
         why = "".join(f"; skipped the newer {os.path.basename(d)}: {r}" for d, r in point.skipped)

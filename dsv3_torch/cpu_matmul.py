@@ -31,9 +31,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dsv3.runtime import CPUINFO, cpu_info
+
 ENV = "DSV3_TORCH_CPU_MATMUL"
 BACKENDS = ("auto", "mkl", "onednn")
-CPUINFO = "/proc/cpuinfo"
 ONEDNN_FIRST_AMD_FAMILY = 26  # Zen 5: full-width 512-bit vector units
 
 # Rows of a product whose row count changes from call to call (a routed expert's) are padded to a multiple of
@@ -45,21 +46,6 @@ ROW_MULTIPLE = 32
 _backend: Optional[str] = None  # resolved "mkl" | "onednn", or None until first asked
 
 
-def _cpu_fields(path: str = CPUINFO) -> dict:
-    """The first processor's vendor_id, cpu family and flags from /proc/cpuinfo ({} where there is none)."""
-    fields = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        return {}
-    return fields
-
-
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -67,7 +53,7 @@ def onednn_available() -> bool:
 def auto_backend(path: str = CPUINFO) -> str:
     """The default choice on this CPU: "onednn" where MKL would run AVX2 kernels on full-width AVX-512
     units (AMD, family >= 26, avx512f), else "mkl"."""
-    cpu = _cpu_fields(path)
+    cpu = cpu_info(path)
     try:
         family = int(cpu.get("cpu family", "0"))
     except ValueError:

@@ -218,3 +218,15 @@ def test_our_hugepage_tunable_alone_keeps_the_malloc_settings(monkeypatch):
     assert runtime.configure_malloc() == runtime.MALLOC_SETTINGS
     monkeypatch.setenv("GLIBC_TUNABLES", runtime.HUGEPAGE_TUNABLE + ":glibc.malloc.top_pad=0")
     assert runtime.configure_malloc() == {}
+
+
+@pytest.mark.parametrize("flags,want", [("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True),
+                                        ("fpu avx2 avx512f avx512_vnni", False), (None, None)])
+def test_cpu_has_bf16_reads_the_cpuinfo_flags(tmp_path, flags, want):
+    """AVX-512 BF16 or AMX-BF16 in the first processor's flags: bf16 arithmetic in hardware; no flags line
+    (another architecture's cpuinfo) or no file at all: unknown."""
+    p = tmp_path / "cpuinfo"
+    p.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n" + (f"flags\t\t: {flags}\n" if flags else "")
+                 + "\nprocessor\t: 1\nflags\t\t: avx512_bf16\n")
+    assert runtime.cpu_has_bf16(str(p)) is want
+    assert runtime.cpu_has_bf16(str(tmp_path / "missing")) is None

@@ -233,3 +233,37 @@ def test_driver_resume_reproduces_uninterrupted_run(tmp_path, small_corpus, monk
     cut = read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_s")} for r in rs]
     assert strip(cut) == strip(full)
+
+
+@pytest.mark.parametrize("dtype,hardware,warned", [("bfloat16", False, True), ("bfloat16", True, False),
+                                                   ("bfloat16", None, False), ("float32", False, False)])
+def test_driver_warns_of_bf16_on_a_cpu_without_bf16_arithmetic(tmp_path, small_corpus, monkeypatch, capsys,
+                                                               dtype, hardware, warned):
+    """--dtype bfloat16 on a CPU whose /proc/cpuinfo flags have neither AVX-512 BF16 nor AMX-BF16 (False)
+    prints a warning at the start of the run, before the first step; with the hardware, with an unknown CPU
+    (None, no cpuinfo) or in fp32 it does not. The run trains either way."""
+    from dsv3 import runtime
+    from dsv3.training import BF16_WITHOUT_HARDWARE
+
+    monkeypatch.setattr("dsv3.training.model_config", lambda t: TINY)
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: hardware)
+    train(_tcfg(tmp_path / "run", dtype=dtype, steps=2, eval_every=2, save_every=2), _make, corpus=small_corpus,
+          quiet=False)
+    err = capsys.readouterr().err
+    assert (BF16_WITHOUT_HARDWARE in err) == warned
+    assert "done: step 2" in err
+
+
+def test_bf16_warning_follows_the_backends_device(monkeypatch):
+    """The torch backends compute where their ``device`` is (the single-device one has none: the CPU): a
+    sharded run on CUDA gets no CPU warning."""
+    from types import SimpleNamespace
+
+    from dsv3 import runtime
+    from dsv3.training import bf16_without_hardware
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    t = _tcfg("unused", dtype="bfloat16")
+    assert bf16_without_hardware(t, object())
+    assert bf16_without_hardware(t, SimpleNamespace(device="cpu"))
+    assert not bf16_without_hardware(t, SimpleNamespace(device="cuda:0"))
