@@ -204,7 +204,7 @@ class Experts(nn.Module):
     slice/index loop, a block-padded bmm and ``torch._grouped_mm`` (whose CPU
     fp32 backward raises in torch 2.13); all agree exactly with the loop in
     fp32 and bf16 (figures: docs/bench/README.md, "Measured choices in the code").
-    In eager mode with the weights' own dtype (fp32 training and inference) the same per-expert products
+    In eager mode (training and inference, in any dtype, also under autocast) the same per-expert products
     run in ``grouped_swiglu``, which writes them into whole [M, *] and [E, *, *] buffers: autograd's loop
     would cat the experts' outputs and input gradients and stack each weight's per-expert gradients, a
     copy of every weight gradient each step (and the outputs' cat without a gradient).
@@ -228,10 +228,9 @@ class Experts(nn.Module):
         # Under autocast each stacked weight is cast once, not once per expert slice (a slice is no
         # leaf, so autocast's cast cache would not hold it) with a cast-back per slice in backward.
         w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
-        pad = cpu_matmul.row_multiple(x_sorted, dtype)  # 1 when compiling
-        # bf16 / fp16 on the CPU (autocast or low-precision weights) stay on autograd's padded loop
-        if not compiling and dtype == x_sorted.dtype and (pad == 1 or dtype == torch.float32):
+        if not compiling:
             return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)
+        pad = cpu_matmul.row_multiple(x_sorted, dtype)  # 1 when compiling
         outs = [_swiglu(x, w1_, w2_, w3_, pad)
                 for x, w1_, w2_, w3_, n in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0),
                                                w3.unbind(0), group_sizes) if compiling or n]
@@ -261,16 +260,18 @@ def _row_padding(n: int, multiple: int) -> int:
 def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                    sizes: list[int]) -> torch.Tensor:
     """The per-expert SwiGLU of x [M, D] grouped by expert (sizes [E] host ints) with stacked w1, w3
-    [E, F, D] and w2 [E, D, F], all of one dtype, in eager mode -> y [M, D], written into one buffer by
-    slice: recording a gradient, by ``_GroupedSwiGLU``; without one (inference, prefill, decoding), by the
-    same products with nothing kept. Both equal autograd's loop over ``_swiglu`` bit for bit (tested).
+    [E, F, D] and w2 [E, D, F] of one dtype, in eager mode -> y [M, D] in the weights' dtype, written into
+    one buffer by slice: recording a gradient, by ``_GroupedSwiGLU``; without one (inference, prefill,
+    decoding), by the same products with nothing kept. Both equal autograd's loop over ``_swiglu`` bit for
+    bit (tested), also where x is fp32 and the weights bf16 (autocast): x's rows are cast once, where each
+    of the loop's products casts its own.
 
     Where oneDNN computes the products (``cpu_matmul.row_multiple``), each expert's products have the
     row count ``_swiglu`` pads them to (``_expert_windows``)."""
-    windows = _expert_windows(sizes, cpu_matmul.row_multiple(x))
+    windows = _expert_windows(sizes, cpu_matmul.row_multiple(x, w1.dtype))
     if torch.is_grad_enabled():
         return _GroupedSwiGLU.apply(x, w1, w2, w3, windows)
-    return _swiglu_into_buffers(x, w1, w2, w3, windows, keep=False)[0]
+    return _swiglu_into_buffers(x.to(w1.dtype), w1, w2, w3, windows, keep=False)[0]
 
 
 class _Window(NamedTuple):
@@ -302,12 +303,16 @@ def _window_rows(t: torch.Tensor, w: _Window) -> torch.Tensor:
 
 
 def _put(buf: torch.Tensor, w: _Window, a: torch.Tensor, b=None) -> None:
-    """Write an expert's result rows into buf [M, *] at its own rows: a (or a + b), of its window's rows."""
+    """Write an expert's result rows into buf [M, *] at its own rows: a (or a + b), of its window's rows.
+    A wider buf (fp32 for bf16 products) gets a + b added in its own dtype, as autograd adds the
+    gradients of two casts of one input."""
     r = slice(w.start, w.start + w.n)
-    if b is not None:
+    if b is None:
+        buf[r].copy_(a[:w.n])
+    elif a.dtype == buf.dtype:
         torch.add(a[:w.n], b[:w.n], out=buf[r])
     else:
-        buf[r].copy_(a[:w.n])
+        buf[r].copy_(a[:w.n]).add_(b[:w.n])
 
 
 def _product_into(buf: torch.Tensor, w: _Window, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -345,6 +350,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
     the same order (outputs and gradients bit-identical to autograd's loop, tested), written into whole
     buffers by slice instead of cat and stack.
 
+    x may be wider than the weights (fp32 rows, bf16 weights under autocast): its rows are cast once, and
+    its gradient comes back in its own dtype, each expert's two input-gradient products added there (as
+    autograd adds the gradients of the loop's two casts of each slice).
+
     forward keeps x w1 and x w3 of every row [M, F] for the backward (autograd's loop kept those and
     silu(x w1) and the SwiGLU product besides); backward recomputes silu and the product from them.
     In a window longer than the expert, the backward zeroes the extra rows of the SwiGLU product and of
@@ -355,8 +364,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, windows):
+        ctx.windows, ctx.x_dtype = windows, x.dtype
+        x = x.to(w1.dtype)
         y, a_all, b_all = _swiglu_into_buffers(x, w1, w2, w3, windows, keep=True)
-        ctx.windows = windows
         ctx.save_for_backward(x, w1, w2, w3, a_all, b_all)
         return y
 
@@ -364,7 +374,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
     def backward(ctx, gy):
         x, w1, w2, w3, a_all, b_all = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
-        gx = torch.empty_like(x) if need_x else None
+        gx = torch.empty_like(x, dtype=ctx.x_dtype) if need_x else None
         g1, g2, g3 = (torch.empty_like(w) for w in (w1, w2, w3)) if need_w else (None, None, None)
         if need_w:
             for e in sorted(set(range(w1.shape[0])) - {w.expert for w in ctx.windows}):

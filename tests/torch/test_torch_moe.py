@@ -112,8 +112,8 @@ def test_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights,
     cpu_matmul.ROW_MULTIPLE are computed zero-padded to a multiple of it (a bounded set of matmul shapes;
     fp32 under MKL is not padded); its outputs and all gradients equal the unpadded computation's, expert
     by expert, bit for bit (the pad rows' outputs are cut off, so their zero output gradients add nothing
-    to the weight gradients). fp32 training runs the experts in ``_GroupedSwiGLU`` (whole buffers, no cat
-    or stack; padded, on windows of the sorted rows): the same products, outputs and gradients as autograd's
+    to the weight gradients). Training runs the experts in ``_GroupedSwiGLU`` in every dtype (whole buffers,
+    no cat or stack; padded, on windows of the sorted rows): the same products, outputs and gradients as autograd's
     unpadded loop bit for bit, the expert without rows getting zero weight gradients."""
     from dsv3_torch import cpu_matmul
     from dsv3_torch import moe as moe_mod
@@ -131,7 +131,7 @@ def test_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights,
     with _ForwardMatmulRows() as mm, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = ex(x, sizes)
     rows = mm.rows
-    assert bool(used) == (not low)
+    assert used  # eager training: whole buffers in every dtype
     (y.float() * dy).sum().backward()
     got = [y.detach(), x.grad] + [p.grad for p in ex.parameters()]
     # padded: m + 1, m + 5 -> 2m; 3m - 1 -> 3m; up to m rows as they are
@@ -150,19 +150,26 @@ def test_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights,
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
+                         ids=["bf16-weights", "bf16-autocast", "fp32"])
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
-def test_experts_without_gradient_write_the_loops_outputs(context, cpu_matmul_backend):
-    """Without a gradient (inference, prefill, decoding) the fp32 experts write each expert's SwiGLU
-    into one output buffer (``grouped_swiglu``, no cat): bit for bit autograd's loop over ``_swiglu``,
-    the expert without rows included, and nothing recorded for a backward."""
-    sizes = [7, 0, 12, 1, 4, 0, 9, 3]
-    ex = _experts(sizes, seed=4)
-    x = torch.randn(sum(sizes), CFG.hidden_size)
-    with context():
+def test_experts_without_gradient_write_the_loops_outputs(context, weights, autocast, cpu_matmul_backend):
+    """Without a gradient (inference, prefill, decoding) the experts write each expert's SwiGLU into one
+    output buffer (``grouped_swiglu``, no cat), in every dtype: bit for bit autograd's loop over
+    ``_swiglu``, the expert without rows included, and nothing recorded for a backward."""
+    from dsv3_torch import cpu_matmul
+
+    m = cpu_matmul.ROW_MULTIPLE
+    sizes = [7, 0, m + 12, 1, 4, 0, 9, 2 * m + 3]
+    ex = _experts(sizes, seed=4, dtype=weights)
+    x = torch.randn(sum(sizes), CFG.hidden_size, dtype=weights)
+    with context(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = ex(x, sizes)
+        w1, w2, w3 = (w.to(torch.bfloat16 if autocast else weights) for w in (ex.w1, ex.w2, ex.w3))
+        ref = _loop_reference(x, sizes, w1, w2, w3)
     assert y.grad_fn is None and not y.requires_grad
-    ref = _loop_reference(x, sizes, ex.w1, ex.w2, ex.w3)
-    torch.testing.assert_close(y, ref.detach(), rtol=0, atol=0)
+    assert y.dtype == ref.dtype == (torch.bfloat16 if autocast else weights)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
 
 
 def test_grouped_swiglu_gives_only_the_gradients_asked_for(cpu_matmul_backend):
