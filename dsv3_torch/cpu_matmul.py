@@ -112,12 +112,15 @@ def _onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def row_multiple(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> int:
     """ROW_MULTIPLE where products of x's rows in ``dtype`` (default x's) go to oneDNN on the CPU (bf16 and
-    fp16 always, fp32 under the oneDNN backend), else 1; 1 under torch.compile (no host row counts)."""
-    if torch.compiler.is_compiling() or x.device.type != "cpu":
+    fp16 always, also under torch.compile; fp32 under the oneDNN backend outside torch.compile, whose graph
+    keeps torch's fp32 products), else 1. In a compiled graph the row counts are symbols and every new one
+    was a new oneDNN kernel: a bf16 expert product took ~2 ms a call there (docs/bench/README.md, "bf16")."""
+    if x.device.type != "cpu":
         return 1
     dtype = dtype or x.dtype
-    low = dtype in (torch.bfloat16, torch.float16)
-    return ROW_MULTIPLE if low or (dtype == torch.float32 and backend() == "onednn") else 1
+    if dtype in (torch.bfloat16, torch.float16):
+        return ROW_MULTIPLE
+    return ROW_MULTIPLE if dtype == torch.float32 and backend() == "onednn" and not torch.compiler.is_compiling() else 1
 
 
 def _lp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -230,7 +230,7 @@ class Experts(nn.Module):
         w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
         if not compiling:
             return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)
-        pad = cpu_matmul.row_multiple(x_sorted, dtype)  # 1 when compiling
+        pad = cpu_matmul.row_multiple(x_sorted, dtype)
         outs = [_swiglu(x, w1_, w2_, w3_, pad)
                 for x, w1_, w2_, w3_, n in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0),
                                                w3.unbind(0), group_sizes) if compiling or n]
@@ -246,10 +246,10 @@ def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tenso
     The pad rows' outputs are cut off, so their output gradients are zero and they add nothing to the
     weight gradients; the real rows' products are those of the unpadded call."""
     n = x.shape[0]
-    pad = _row_padding(n, multiple) if multiple > 1 else 0  # multiple 1 (compiling): n is no host int
-    if not pad:
-        return cpu_matmul.linear(F.silu(cpu_matmul.linear(x, w1)) * cpu_matmul.linear(x, w3), w2)
-    return _swiglu(F.pad(x, (0, 0, 0, pad)), w1, w2, w3)[:n]
+    # Under torch.compile n is a symbol: every expert is padded, however few its rows (no branch on n).
+    if multiple > 1 and (torch.compiler.is_compiling() or _row_padding(n, multiple)):
+        return _swiglu(F.pad(x, (0, 0, 0, -n % multiple)), w1, w2, w3)[:n]
+    return cpu_matmul.linear(F.silu(cpu_matmul.linear(x, w1)) * cpu_matmul.linear(x, w3), w2)
 
 
 def _row_padding(n: int, multiple: int) -> int:

@@ -223,6 +223,7 @@ def test_targets_and_markdown_from_synthetic_results(tmp_path):
         _row("train", "HF eager-experts", "hf", 1.1, mtp=False, variant="eager"),
         _row("train", "HF grouped_mm-experts", "hf", 1.3, mtp=False, variant="grouped_mm"),
         _row("train", "torch eager bf16", "torch", 0.5, mtp=False, variant="eager", dtype="bf16", mfu=0.9),
+        _row("train", "torch compile bf16", "torch", 0.7, mtp=False, variant="compile", dtype="bf16", mfu=0.9),
         _row("decode", "torch latent @1024", "torch", 0.01, kind="latent", context=1024,
              cache_values_per_token_per_layer=80.0, cache_bytes_per_token_per_layer=320.0),
         _row("decode", "torch naive @1024", "torch", 0.02, kind="naive", context=1024,
@@ -259,6 +260,8 @@ def test_targets_and_markdown_from_synthetic_results(tmp_path):
     assert t["torch eager bf16 step >= 1.5x its fp32 step (MTP off)"]["value"] == 2.0
     assert t["torch eager bf16 step >= 1.5x its fp32 step (MTP off)"]["status"] == "pass"
     assert "jax jit bf16 step >= 1.5x its fp32 step (MTP off)" in t  # n/a: no JAX bf16 row
+    # a compiled bf16 row without its fp32 step: n/a (a run with neither would leave the target out)
+    assert t["torch compile bf16 step >= 1.5x its fp32 step (MTP off)"]["status"] == "n/a"
     assert t["torch: absorbed decoding beats naive from 1024 up"]["status"] == "pass"
     assert t["torch: latent cache = C + R values/token/layer"]["status"] == "pass"
     assert t["torch: MoE layer forward <= 1.3x dense"]["status"] == "miss"  # 1.4

@@ -2,8 +2,8 @@
 reference) on the same config, the same weights and the same batch.
 
 Rows: training step (torch eager, torch.compile, JAX jit; MTP on and off; HF
-eager attention with each experts backend; with ``--bf16-rows`` torch eager and
-JAX jit in bf16 too), prefill forward, decoding tokens/s
+eager attention with each experts backend; with ``--bf16-rows`` torch eager,
+torch.compile and JAX jit in bf16 too), prefill forward, decoding tokens/s
 at several context lengths with the absorbed latent cache and the naive
 expanded cache, and the MoE layer alone against a dense SwiGLU of the same
 active FLOPs. Utilisation is model FLOPs (``dsv3/flops.py``) over the matmul
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "clipped to the model's positions)")
     parser.add_argument("--long-new", type=int, default=64, help="tokens generated after the long prompt")
     parser.add_argument("--bf16-rows", action="store_true",
-                        help="with --dtype fp32: also torch eager and JAX jit training steps in bf16 (bf16 "
+                        help="with --dtype fp32: also torch eager, torch.compile (unless skipped) and JAX jit training steps in bf16 (bf16 "
                              "compute, fp32 master weights), MTP off, against their own bf16 matmul peak and floor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-foreach", action="store_true",

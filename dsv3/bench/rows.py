@@ -65,10 +65,10 @@ class Adapter:
     def peak_key(self) -> str:
         return framework_peak_key(self.framework, None if self.dtype_name == self.ctx.dtype else self.dtype_name)
 
-    def extra_dtype_train_rows(self, name: str, variant: str):
+    def extra_dtype_train_rows(self, name: str, variant: str, compile_: bool = False):
         """--bf16-rows: the training step in each extra dtype, MTP off."""
         for dt in self.ctx.extra_dtypes:
-            yield Row(f"{name} {dt}", partial(backend_train_step, self.ctx, self.framework, False, dtype=dt),
+            yield Row(f"{name} {dt}", partial(backend_train_step, self.ctx, self.framework, False, compile_, dt),
                       {"variant": variant, "mtp": False, "dtype": dt})
 
     def scope(self):

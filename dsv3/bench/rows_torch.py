@@ -83,7 +83,8 @@ class TorchAdapter(Adapter):
                 yield Row(f"torch {variant}" + (" +MTP" if mtp else ""),
                           partial(backend_train_step, ctx, "torch", mtp, variant == "compile"),
                           {"variant": variant, "mtp": mtp})
-        yield from self.extra_dtype_train_rows("torch eager", "eager")
+        for variant in variants:
+            yield from self.extra_dtype_train_rows(f"torch {variant}", variant, compile_=variant == "compile")
 
     def prefill_rows(self):
         def make():
