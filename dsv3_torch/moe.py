@@ -200,7 +200,7 @@ class Experts(nn.Module):
     """E SwiGLU experts stacked: w1, w3 [E, F, D], w2 [E, D, F].
 
     forward runs each expert only on its own contiguous rows: a loop of
-    per-expert matmuls over split() slices. It was measured against a
+    per-expert matmuls over their slices. It was measured against a
     slice/index loop, a block-padded bmm and ``torch._grouped_mm`` (whose CPU
     fp32 backward raises in torch 2.13); all agree exactly with the loop in
     fp32 and bf16 (figures: docs/bench/README.md, "Measured choices in the code").
@@ -218,36 +218,31 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, F_, D, dtype=dtype, device=device))
 
     def forward(self, x_sorted: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
-        """x_sorted [M, D] grouped by expert, group_sizes [E] (host ints) -> y_sorted [M, D].
+        """x_sorted [M, D] grouped by expert, group_sizes [E] (host ints; symbols under torch.compile)
+        -> y_sorted [M, D].
 
-        split/unbind rather than slicing and indexing: their backward is one
-        cat/stack, where E slices would each allocate a full-size zero gradient.
+        Under torch.compile, autograd's loop over every expert's split() slice (unbind for the weights):
+        their backward is one cat/stack, where E slices would each allocate a full-size zero gradient.
         """
-        compiling = torch.compiler.is_compiling()
         dtype = compute_dtype(x_sorted)
         # Under autocast each stacked weight is cast once, not once per expert slice (a slice is no
         # leaf, so autocast's cast cache would not hold it) with a cast-back per slice in backward.
         w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
-        if not compiling:
+        if not torch.compiler.is_compiling():
             return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)
         pad = cpu_matmul.row_multiple(x_sorted, dtype)
-        outs = [_swiglu(x, w1_, w2_, w3_, pad)
-                for x, w1_, w2_, w3_, n in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0),
-                                               w3.unbind(0), group_sizes) if compiling or n]
-        if not outs:
-            return x_sorted.new_zeros(x_sorted.shape)
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return torch.cat([_swiglu(x, w1_, w2_, w3_, pad) for x, w1_, w2_, w3_ in
+                          zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0))])
 
 
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, multiple: int = 1) -> torch.Tensor:
-    """One expert on its rows x [n, D] -> [n, D]; more than ``multiple`` rows are computed zero-padded
-    to a multiple of it (fewer: as they are, at most ``multiple`` shapes).
+    """One expert on its rows x [n, D] -> [n, D], computed zero-padded to a multiple of ``multiple`` rows
+    (under torch.compile, where n is a symbol: every expert, however few its rows).
 
     The pad rows' outputs are cut off, so their output gradients are zero and they add nothing to the
     weight gradients; the real rows' products are those of the unpadded call."""
-    n = x.shape[0]
-    # Under torch.compile n is a symbol: every expert is padded, however few its rows (no branch on n).
-    if multiple > 1 and (torch.compiler.is_compiling() or _row_padding(n, multiple)):
+    if multiple > 1:
+        n = x.shape[0]
         return _swiglu(F.pad(x, (0, 0, 0, -n % multiple)), w1, w2, w3)[:n]
     return cpu_matmul.linear(F.silu(cpu_matmul.linear(x, w1)) * cpu_matmul.linear(x, w3), w2)
 
