@@ -120,7 +120,9 @@ def row_multiple(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> int:
     dtype = dtype or x.dtype
     if dtype in (torch.bfloat16, torch.float16):
         return ROW_MULTIPLE
-    return ROW_MULTIPLE if dtype == torch.float32 and backend() == "onednn" and not torch.compiler.is_compiling() else 1
+    if torch.compiler.is_compiling():  # before backend(): its first call reads /proc/cpuinfo, a graph break
+        return 1
+    return ROW_MULTIPLE if dtype == torch.float32 and backend() == "onednn" else 1
 
 
 def _lp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

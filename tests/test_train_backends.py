@@ -335,11 +335,13 @@ def test_torch_clipping_in_the_adamw_pass_equals_clipping_the_gradients(config_d
 
 
 @pytest.mark.slow
-def test_torch_compile_trains_like_eager_in_one_graph_compiled_once():
+def test_torch_compile_trains_like_eager_in_one_graph_compiled_once(monkeypatch):
     """compile=True: the same losses as eager, the loss (forward and backward, MoE and MTP blocks
     included) one graph without a graph break, and no recompile on later steps although the
     per-expert row counts change every step (they are data-dependent symbols in the graph:
-    ``dsv3_torch.train.compile_loss``, ``dsv3_torch.moe.group_sizes``).
+    ``dsv3_torch.train.compile_loss``, ``dsv3_torch.moe.group_sizes``). The compiled run starts with the
+    fp32 matmul library unresolved, as a ``dsv3 train --compile`` process does (resolving it reads
+    /proc/cpuinfo, which Dynamo cannot trace).
 
     Compilation is the whole cost, so the model is the tiny preset cut to one layer: a dense layer
     and the MoE block of the MTP depth, i.e. both kinds of block and a router; and 4 routed experts
@@ -360,6 +362,7 @@ def test_torch_compile_trains_like_eager_in_one_graph_compiled_once():
     import torch._inductor.config
 
     from dsv3.bench import random_state
+    from dsv3_torch import cpu_matmul
 
     make_backend = _backend("torch")
     cfg = ModelConfig.preset("tiny").replace(num_hidden_layers=1, n_routed_experts=4, n_group=2, topk_group=1,
@@ -371,6 +374,8 @@ def test_torch_compile_trains_like_eager_in_one_graph_compiled_once():
     counters = torch._dynamo.utils.counters
     losses, graphs, breaks = {}, [], []
     for compile_ in (False, True):
+        if compile_:
+            monkeypatch.setattr(cpu_matmul, "_backend", None)
         b = make_backend(cfg, TrainConfig(framework="torch", batch_size=4, seq_len=32, progress=False,
                                           plots=False, compile=compile_))
         b.load_canonical_state(state)
