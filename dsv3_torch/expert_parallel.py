@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3_torch.layers import compute_dtype
-from dsv3_torch.moe import _swiglu, grouped_swiglu
+from dsv3_torch.moe import grouped_swiglu
 
 
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -141,8 +141,6 @@ class ExpertParallelExperts:
         w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
         if len(group_sizes) != w1.shape[0]:
             raise ValueError(f"{len(group_sizes)} group sizes for {w1.shape[0]} local experts")
-        if compute_dtype(x_sorted) == x_sorted.dtype == w1.dtype:
-            return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)  # zero-row experts: zero gradients
-        outs = [_swiglu(x, a, b, c)
-                for x, a, b, c in zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0))]
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        dtype = compute_dtype(x_sorted)  # under autocast: each local weight cast once, as Experts.forward does
+        w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (w1, w2, w3))
+        return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)  # zero-row experts: zero gradients

@@ -152,6 +152,43 @@ def test_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights,
 
 @pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
                          ids=["bf16-weights", "bf16-autocast", "fp32"])
+def test_expert_parallel_experts_compute_like_autograds_loop(weights, autocast, cpu_matmul_backend):
+    """An expert-parallel rank's experts (``ExpertParallelExperts``: its local experts, here plain tensors,
+    as ``to_local`` gives them) run the same grouped products as the single-device experts, in every dtype
+    (under bf16 autocast too, their rows padded where oneDNN multiplies): outputs and gradients equal
+    autograd's loop bit for bit."""
+    from dsv3_torch import cpu_matmul
+    from dsv3_torch.expert_parallel import ExpertParallelExperts
+    from dsv3_torch.moe import Experts
+
+    m = cpu_matmul.ROW_MULTIPLE
+    sizes = [m + 5, 3, 0, 2 * m, 3 * m - 1, m, 1, m + 1]
+    ex = _experts(sizes, seed=6, dtype=weights)
+    ex.__class__ = ExpertParallelExperts.subclass_of(Experts)
+    x = torch.randn(sum(sizes), CFG.hidden_size, dtype=weights, requires_grad=True)
+    dy = torch.randn(sum(sizes), CFG.hidden_size)
+    results = []
+    for ours in (True, False):
+        x.grad = None
+        ex.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if ours:
+                with _ForwardMatmulRows() as mm:
+                    y = ex(x, sizes)
+            else:
+                y = _loop_reference(x, sizes, *(w.to(torch.bfloat16 if autocast else weights)
+                                                for w in (ex.w1, ex.w2, ex.w3)))
+        (y.float() * dy).sum().backward()
+        results.append([y.detach(), x.grad] + [p.grad for p in ex.parameters()])
+    padded = weights == torch.bfloat16 or autocast or cpu_matmul_backend == "onednn"
+    assert sorted(set(mm.rows)) == ([1, 3, m, 2 * m, 3 * m] if padded else sorted(set(sizes) - {0}))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
+                         ids=["bf16-weights", "bf16-autocast", "fp32"])
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 def test_experts_without_gradient_write_the_loops_outputs(context, weights, autocast, cpu_matmul_backend):
     """Without a gradient (inference, prefill, decoding) the experts write each expert's SwiGLU into one
