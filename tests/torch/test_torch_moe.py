@@ -43,6 +43,12 @@ def _loop_reference(x, sizes, w1, w2, w3):
                       zip(x.split(sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0), sizes) if n])
 
 
+# the experts' dtypes: bf16 weights, fp32 weights under bf16 autocast, fp32
+DTYPE_MODES = pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True),
+                                                           (torch.float32, False)],
+                                      ids=["bf16-weights", "bf16-autocast", "fp32"])
+
+
 def _reference_route(s, bias, cfg):
     """Per-token python loops: group scores, kept groups, top-K, unbiased weights."""
     E, G, K = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
@@ -105,8 +111,7 @@ class _ForwardMatmulRows(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
-                         ids=["bf16-weights", "bf16-autocast", "fp32"])
+@DTYPE_MODES
 def test_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights, autocast, cpu_matmul_backend):
     """Where oneDNN multiplies on the CPU (bf16; fp32 under the oneDNN backend) an expert's rows beyond
     cpu_matmul.ROW_MULTIPLE are computed zero-padded to a multiple of it (a bounded set of matmul shapes;
@@ -150,8 +155,7 @@ def test_experts_padded_to_a_row_multiple_compute_the_same(monkeypatch, weights,
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
-                         ids=["bf16-weights", "bf16-autocast", "fp32"])
+@DTYPE_MODES
 def test_expert_parallel_experts_compute_like_autograds_loop(weights, autocast, cpu_matmul_backend):
     """An expert-parallel rank's experts (``ExpertParallelExperts``: its local experts, here plain tensors,
     as ``to_local`` gives them) run the same grouped products as the single-device experts, in every dtype
@@ -187,8 +191,7 @@ def test_expert_parallel_experts_compute_like_autograds_loop(weights, autocast, 
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)],
-                         ids=["bf16-weights", "bf16-autocast", "fp32"])
+@DTYPE_MODES
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 def test_experts_without_gradient_write_the_loops_outputs(context, weights, autocast, cpu_matmul_backend):
     """Without a gradient (inference, prefill, decoding) the experts write each expert's SwiGLU into one
