@@ -35,8 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from dsv3_torch.layers import compute_dtype
-from dsv3_torch.moe import grouped_swiglu
+from dsv3_torch.moe import grouped_swiglu, weights_for
 
 
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -138,9 +137,7 @@ class ExpertParallelExperts:
 
     def forward(self, x_sorted: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
         """x_sorted [R, D] grouped by LOCAL expert, group_sizes [E_local] -> y_sorted [R, D]."""
-        w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = weights_for(x_sorted, *(_local(w) for w in (self.w1, self.w2, self.w3)))
         if len(group_sizes) != w1.shape[0]:
             raise ValueError(f"{len(group_sizes)} group sizes for {w1.shape[0]} local experts")
-        dtype = compute_dtype(x_sorted)  # under autocast: each local weight cast once, as Experts.forward does
-        w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (w1, w2, w3))
         return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)  # zero-row experts: zero gradients

@@ -224,15 +224,20 @@ class Experts(nn.Module):
         Under torch.compile, autograd's loop over every expert's split() slice (unbind for the weights):
         their backward is one cat/stack, where E slices would each allocate a full-size zero gradient.
         """
-        dtype = compute_dtype(x_sorted)
-        # Under autocast each stacked weight is cast once, not once per expert slice (a slice is no
-        # leaf, so autocast's cast cache would not hold it) with a cast-back per slice in backward.
-        w1, w2, w3 = (w if w.dtype == dtype else w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = weights_for(x_sorted, self.w1, self.w2, self.w3)
         if not torch.compiler.is_compiling():
             return grouped_swiglu(x_sorted, w1, w2, w3, group_sizes)
-        pad = cpu_matmul.row_multiple(x_sorted, dtype)
+        pad = cpu_matmul.row_multiple(x_sorted, w1.dtype)
         return torch.cat([_swiglu(x, w1_, w2_, w3_, pad) for x, w1_, w2_, w3_ in
                           zip(x_sorted.split(group_sizes), w1.unbind(0), w2.unbind(0), w3.unbind(0))])
+
+
+def weights_for(x: torch.Tensor, *weights: torch.Tensor) -> tuple:
+    """The stacked expert weights in the dtype a matmul on x computes in (``compute_dtype``). Under autocast
+    each is cast once, not once per expert slice (a slice is no leaf, so autocast's cast cache would not
+    hold it) with a cast-back per slice in backward."""
+    dtype = compute_dtype(x)
+    return tuple(w if w.dtype == dtype else w.to(dtype) for w in weights)
 
 
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, multiple: int = 1) -> torch.Tensor:
