@@ -409,8 +409,9 @@ def test_compiled_bf16_experts_multiply_padded_rows():
     ex = _experts([0] * 8, seed=5)
     step = torch.compile(lambda x, counts: ex(x, group_sizes(counts, x.shape[0])), backend="aot_eager",
                          fullgraph=True)
-    rows, results = set(), {}
-    for sizes in ([m + 3, 5, 0, 2 * m - 1, 1, 0, 7, m], [1, m + 9, m, 3, 0, 2, 2 * m + 1, 4]):
+    rows, results, graphs = set(), {}, []
+    # two routings of the same rows (M = N·K is fixed in the model)
+    for sizes in ([m + 3, 5, 0, 2 * m - 1, 1, 0, 7, m], [1, m + 9, m, 1, 0, 2, 2 * m + 1, 1]):
         x0 = torch.randn(sum(sizes), CFG.hidden_size)
         counts = torch.tensor(sizes)
         for compiled in (True, False):
@@ -422,9 +423,11 @@ def test_compiled_bf16_experts_multiply_padded_rows():
                 y = step(x, counts) if compiled else ex(x, sizes)
             (y.float() ** 2).sum().backward()
             results[compiled] = [y.detach(), x.grad] + [p.grad for p in ex.parameters()]
-            if compiled:  # the products' row counts, where the profiler recorded their shapes
+            if compiled:  # the graphs compiled so far; the products' row counts, where the profiler recorded them
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
                 rows |= {e.input_shapes[0][0] for e in prof.key_averages(group_by_input_shape=True)
                          if e.key == "aten::mm" and e.input_shapes and e.input_shapes[0]}
         for a, b in zip(results[True], results[False]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert {m, 2 * m, 3 * m} <= rows and all(r % m == 0 for r in rows), rows  # 5, 1, 7 rows: padded to m
+    assert graphs[1] == graphs[0], graphs  # the second sizes: no recompile
