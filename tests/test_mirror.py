@@ -39,6 +39,8 @@ ONLY_IN = {
                        "(JAX: the counts stay an array for the block-sparse matmul)",
         "grouped_swiglu": "eager per-expert products written into whole buffers, shared with the expert-parallel "
                           "experts (JAX: the expert loop, a custom VJP inside the compiled step)",
+        "weights_for": "the stacked expert weights cast once to torch.autocast's compute dtype, shared with the "
+                       "expert-parallel experts (JAX: dtypes are explicit)",
     },
     ("train", "torch"): {
         "compile_loss": "torch.compile of the loss with the row counts captured as symbols (JAX: nnx.jit)",
